@@ -1,0 +1,135 @@
+//! The command line, and nothing else: clap types live here and stop here.
+//!
+//! Every relay flag can also come from a `KVMI_RELAY_*` environment variable so that one
+//! systemd `EnvironmentFile=` configures one instance. `config::Config::try_from(RelayArgs)`
+//! is the border: nothing past it knows about clap.
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// Access-controlled, zero-copy relay for one VM's KVMi introspection socket.
+///
+/// Listens on one endpoint, admits a peer only after checking who it is, dials the other
+/// endpoint and moves bytes both ways with splice(2). Endpoints: unix:PATH, tcp:IP:PORT,
+/// tcp:[IPv6]:PORT, vsock:CID:PORT (connect), vsock:PORT (listen on any local CID).
+#[derive(Debug, Parser)]
+#[command(name = "kvmi-relay", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub relay: RelayArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The relay's own flags (also used by `--check`).
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// Endpoint to listen on: unix:PATH, tcp:IP:PORT, tcp:[IPv6]:PORT, vsock:PORT or vsock:CID:PORT.
+    #[arg(long, env = "KVMI_RELAY_LISTEN", value_name = "ENDPOINT")]
+    pub listen: Option<String>,
+
+    /// Endpoint to dial for each admitted peer: unix:PATH, tcp:IP:PORT, vsock:CID:PORT.
+    #[arg(long, env = "KVMI_RELAY_CONNECT", value_name = "ENDPOINT")]
+    pub connect: Option<String>,
+
+    /// UNIX listener: admit peers whose SO_PEERCRED uid is one of these (names or numbers, comma-separated).
+    #[arg(long, env = "KVMI_RELAY_ALLOW_UID", value_name = "USER", value_delimiter = ',')]
+    pub allow_uid: Vec<String>,
+
+    /// UNIX listener: admit peers whose SO_PEERCRED gid is one of these (names or numbers, comma-separated).
+    #[arg(long, env = "KVMI_RELAY_ALLOW_GID", value_name = "GROUP", value_delimiter = ',')]
+    pub allow_gid: Vec<String>,
+
+    /// TCP listener: admit peers whose source address is inside one of these CIDRs (comma-separated).
+    #[arg(long, env = "KVMI_RELAY_ALLOW_IP", value_name = "CIDR", value_delimiter = ',')]
+    pub allow_ip: Vec<String>,
+
+    /// vsock listener: admit peers with one of these CIDs (comma-separated).
+    #[arg(long, env = "KVMI_RELAY_ALLOW_CID", value_name = "CID", value_delimiter = ',')]
+    pub allow_cid: Vec<String>,
+
+    /// TCP listener: admit any source address (an explicit opt-out of --allow-ip).
+    #[arg(long, env = "KVMI_RELAY_ALLOW_ANY_IP", action = ArgAction::SetTrue)]
+    pub allow_any_ip: bool,
+
+    /// vsock listener: admit any CID (an explicit opt-out of --allow-cid).
+    #[arg(long, env = "KVMI_RELAY_ALLOW_ANY_CID", action = ArgAction::SetTrue)]
+    pub allow_any_cid: bool,
+
+    /// Mode of the listening UNIX socket file (octal; world-writable modes are refused).
+    #[arg(long, env = "KVMI_RELAY_SOCKET_MODE", value_name = "OCTAL", default_value = "0660")]
+    pub socket_mode: String,
+
+    /// Group owning the listening UNIX socket file (name or number).
+    #[arg(long, env = "KVMI_RELAY_SOCKET_GROUP", value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Most sessions relayed at once; one more is refused and logged.
+    #[arg(long, env = "KVMI_RELAY_MAX_CONNS", value_name = "N", default_value = "1")]
+    pub max_conns: String,
+
+    /// How long dialling the far side may take before the admitted peer is closed.
+    #[arg(long, env = "KVMI_RELAY_CONNECT_TIMEOUT_MS", value_name = "MS", default_value = "5000")]
+    pub connect_timeout_ms: String,
+
+    /// Kernel pipe size per direction in bytes (set with F_SETPIPE_SZ, the kernel's answer is used).
+    #[arg(long, env = "KVMI_RELAY_PIPE_SIZE", value_name = "BYTES", default_value = "65536")]
+    pub pipe_size: String,
+
+    /// How bytes move: splice with a per-direction copy fallback (auto), or plain copies only (copy).
+    #[arg(long, env = "KVMI_RELAY_MOVE", value_name = "HOW", default_value = "auto")]
+    pub r#move: MoveArg,
+
+    /// Keep polling without sleeping for this long after the last activity (0 = always sleep).
+    #[arg(long, env = "KVMI_RELAY_POLL_WINDOW_US", value_name = "US", default_value = "0")]
+    pub poll_window_us: String,
+
+    /// Set SO_BUSY_POLL on the relay's sockets (microseconds; 0 = off).
+    #[arg(long, env = "KVMI_RELAY_BUSY_POLL_US", value_name = "US", default_value = "0")]
+    pub busy_poll_us: String,
+
+    /// Pin the relay to this CPU.
+    #[arg(long, env = "KVMI_RELAY_CPU", value_name = "CPU")]
+    pub cpu: Option<String>,
+
+    /// How long SIGTERM/SIGINT waits for bytes already in the pipes to be delivered.
+    #[arg(long, env = "KVMI_RELAY_SHUTDOWN_TIMEOUT_MS", value_name = "MS", default_value = "3000")]
+    pub shutdown_timeout_ms: String,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG is used when unset.
+    #[arg(long, env = "KVMI_RELAY_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Name used in logs and metrics (the VM), e.g. one-7.
+    #[arg(long, env = "KVMI_RELAY_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Validate the configuration exactly as start-up would, report every problem, bind nothing.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub check: bool,
+}
+
+/// How the data path moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MoveArg {
+    /// splice(2) through a kernel pipe; a direction whose sockets refuse splice falls back to copies.
+    Auto,
+    /// read/write copies only (splice forced off).
+    Copy,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fake hypervisor (QEMU+KVM side of KVMi): dials ENDPOINT, sends the handshake, serves commands.
+    #[command(hide = true)]
+    FakeHypervisor(crate::peers::cli::FakeHypervisorArgs),
+    /// Fake introspector (libkvmi side): listens on ENDPOINT, runs a passive and an active burst.
+    #[command(hide = true)]
+    FakeIntrospector(crate::peers::cli::FakeIntrospectorArgs),
+    /// Test peers for the test suite, benches and the guest: bulk, echo, ping-pong.
+    #[command(hide = true)]
+    Peer(crate::peers::cli::PeerArgs),
+    /// The network flavor end to end on this machine: fake hypervisor → relay → TCP → relay → fake introspector.
+    #[command(hide = true)]
+    Demo(crate::demo::DemoArgs),
+}

@@ -1,0 +1,512 @@
+//! The border between the command line and the relay: `Config::try_from(RelayArgs)`.
+//!
+//! Every value is checked here, before anything is bound or created, and every problem is
+//! reported (not only the first) as one line naming the flag and its environment variable.
+//! `--check` runs exactly this and nothing else.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use nix::unistd::{Group, Uid, User};
+
+use crate::access::{Policy, canonical_net};
+use crate::cli::{MoveArg, RelayArgs};
+use crate::endpoint::{Endpoint, VSOCK_CID_ANY};
+
+/// Smallest and largest pipe size accepted for `--pipe-size`.
+const PIPE_SIZE_MIN_BYTES: usize = 4096;
+const PIPE_SIZE_MAX_BYTES: usize = 16 << 20;
+
+/// How a direction moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveMode {
+    /// splice, falling back to copies per direction when the sockets refuse it.
+    Auto,
+    /// copies only.
+    Copy,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Endpoint,
+    pub connect: Endpoint,
+    pub policy: Policy,
+    /// Mode bits of the listening UNIX socket file.
+    pub socket_mode: u32,
+    pub socket_gid: Option<u32>,
+    pub max_conns: usize,
+    pub connect_timeout: Duration,
+    pub pipe_size_bytes: usize,
+    pub move_mode: MoveMode,
+    pub poll_window: Duration,
+    pub busy_poll_us: u32,
+    pub cpu: Option<usize>,
+    pub shutdown_timeout: Duration,
+    pub log_level: Option<String>,
+    /// The VM this instance serves, for logs and metrics.
+    pub name: String,
+}
+
+/// One problem with one flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.flag, self.env, self.problem)
+    }
+}
+
+/// Every problem found, one per line.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn add(&mut self, flag: &'static str, env: &'static str, problem: impl Into<String>) {
+        self.0.push(ConfigError { flag, env, problem: problem.into() });
+    }
+}
+
+macro_rules! flag {
+    (listen) => {
+        ("--listen", "KVMI_RELAY_LISTEN")
+    };
+    (connect) => {
+        ("--connect", "KVMI_RELAY_CONNECT")
+    };
+    (allow_uid) => {
+        ("--allow-uid", "KVMI_RELAY_ALLOW_UID")
+    };
+    (allow_gid) => {
+        ("--allow-gid", "KVMI_RELAY_ALLOW_GID")
+    };
+    (allow_ip) => {
+        ("--allow-ip", "KVMI_RELAY_ALLOW_IP")
+    };
+    (allow_cid) => {
+        ("--allow-cid", "KVMI_RELAY_ALLOW_CID")
+    };
+    (allow_any_ip) => {
+        ("--allow-any-ip", "KVMI_RELAY_ALLOW_ANY_IP")
+    };
+    (allow_any_cid) => {
+        ("--allow-any-cid", "KVMI_RELAY_ALLOW_ANY_CID")
+    };
+    (socket_mode) => {
+        ("--socket-mode", "KVMI_RELAY_SOCKET_MODE")
+    };
+    (socket_group) => {
+        ("--socket-group", "KVMI_RELAY_SOCKET_GROUP")
+    };
+    (max_conns) => {
+        ("--max-conns", "KVMI_RELAY_MAX_CONNS")
+    };
+    (connect_timeout_ms) => {
+        ("--connect-timeout-ms", "KVMI_RELAY_CONNECT_TIMEOUT_MS")
+    };
+    (pipe_size) => {
+        ("--pipe-size", "KVMI_RELAY_PIPE_SIZE")
+    };
+    (poll_window_us) => {
+        ("--poll-window-us", "KVMI_RELAY_POLL_WINDOW_US")
+    };
+    (busy_poll_us) => {
+        ("--busy-poll-us", "KVMI_RELAY_BUSY_POLL_US")
+    };
+    (cpu) => {
+        ("--cpu", "KVMI_RELAY_CPU")
+    };
+    (shutdown_timeout_ms) => {
+        ("--shutdown-timeout-ms", "KVMI_RELAY_SHUTDOWN_TIMEOUT_MS")
+    };
+    (log_level) => {
+        ("--log-level", "KVMI_RELAY_LOG_LEVEL")
+    };
+}
+
+macro_rules! problem {
+    ($p:expr, $f:ident, $($arg:tt)*) => {{
+        let (flag, env) = flag!($f);
+        $p.add(flag, env, format!($($arg)*));
+    }};
+}
+
+fn number<T: std::str::FromStr>(p: &mut Problems, (flag, env): (&'static str, &'static str), text: &str) -> Option<T> {
+    match text.trim().parse::<T>() {
+        Ok(v) => Some(v),
+        Err(_) => {
+            p.add(flag, env, format!("'{text}' is not a valid number"));
+            None
+        }
+    }
+}
+
+fn resolve_uid(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    match User::from_name(name) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("unknown user '{name}'")),
+        Err(e) => Err(format!("cannot look up user '{name}': {e}")),
+    }
+}
+
+fn resolve_gid(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    match Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("unknown group '{name}'")),
+        Err(e) => Err(format!("cannot look up group '{name}': {e}")),
+    }
+}
+
+/// Values given as a comma list through the environment may carry spaces and empty items.
+fn items(list: &[String]) -> impl Iterator<Item = &str> {
+    list.iter().map(|s| s.trim()).filter(|s| !s.is_empty())
+}
+
+impl TryFrom<RelayArgs> for Config {
+    type Error = ConfigErrors;
+
+    fn try_from(a: RelayArgs) -> Result<Config, ConfigErrors> {
+        let mut p = Problems(Vec::new());
+
+        let listen = match a.listen.as_deref() {
+            None => {
+                problem!(p, listen, "missing: say where to listen (unix:PATH, tcp:IP:PORT, vsock:PORT)");
+                None
+            }
+            Some(text) => match Endpoint::parse(text) {
+                Ok(ep) => Some(ep),
+                Err(e) => {
+                    problem!(p, listen, "{e}");
+                    None
+                }
+            },
+        };
+        if let Some(Endpoint::Unix(path)) = &listen {
+            let parent = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !parent.is_dir() {
+                problem!(p, listen, "parent directory {} of the socket does not exist", parent.display());
+            } else if path.exists() && !is_socket(path) {
+                problem!(p, listen, "{} exists and is not a socket; refusing to replace it", path.display());
+            }
+        }
+
+        let connect = match a.connect.as_deref() {
+            None => {
+                problem!(p, connect, "missing: say where to dial (unix:PATH, tcp:IP:PORT, vsock:CID:PORT)");
+                None
+            }
+            Some(text) => match Endpoint::parse(text) {
+                Ok(Endpoint::Vsock { cid: VSOCK_CID_ANY, .. }) => {
+                    problem!(p, connect, "'{text}' has no CID; dialling vsock needs vsock:CID:PORT");
+                    None
+                }
+                Ok(Endpoint::Tcp(addr)) if addr.ip().is_unspecified() || addr.port() == 0 => {
+                    problem!(p, connect, "'{text}' is not an address a peer can be dialled at");
+                    None
+                }
+                Ok(ep) => Some(ep),
+                Err(e) => {
+                    problem!(p, connect, "{e}");
+                    None
+                }
+            },
+        };
+
+        let mut policy = Policy::default();
+        for u in items(&a.allow_uid) {
+            match resolve_uid(u) {
+                Ok(uid) => policy.uids.push(uid),
+                Err(e) => problem!(p, allow_uid, "{e}"),
+            }
+        }
+        for g in items(&a.allow_gid) {
+            match resolve_gid(g) {
+                Ok(gid) => policy.gids.push(gid),
+                Err(e) => problem!(p, allow_gid, "{e}"),
+            }
+        }
+        for n in items(&a.allow_ip) {
+            // A bare address means exactly that host.
+            let parsed = n.parse::<IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => policy.nets.push(canonical_net(net.trunc())),
+                Err(_) => problem!(p, allow_ip, "'{n}' is not a CIDR like 192.0.2.0/24 or 2001:db8::/32"),
+            }
+        }
+        for c in items(&a.allow_cid) {
+            match c.parse::<u32>() {
+                Ok(cid) => policy.cids.push(cid),
+                Err(_) => problem!(p, allow_cid, "'{c}' is not a vsock CID"),
+            }
+        }
+        policy.any_ip = a.allow_any_ip;
+        policy.any_cid = a.allow_any_cid;
+
+        // Allow-lists only mean something for the listener they guard; a rule for another kind
+        // is a mistake the operator should hear about, not a silent no-op.
+        let kind = listen.as_ref().map(Endpoint::kind);
+        if let Some(kind) = kind {
+            if kind != "unix" {
+                if !a.allow_uid.is_empty() {
+                    problem!(p, allow_uid, "only applies to a unix listener, not {kind}");
+                }
+                if !a.allow_gid.is_empty() {
+                    problem!(p, allow_gid, "only applies to a unix listener, not {kind}");
+                }
+                if a.socket_group.is_some() {
+                    problem!(p, socket_group, "only applies to a unix listener, not {kind}");
+                }
+            }
+            if kind != "tcp" {
+                if !a.allow_ip.is_empty() {
+                    problem!(p, allow_ip, "only applies to a tcp listener, not {kind}");
+                }
+                if a.allow_any_ip {
+                    problem!(p, allow_any_ip, "only applies to a tcp listener, not {kind}");
+                }
+            }
+            if kind != "vsock" {
+                if !a.allow_cid.is_empty() {
+                    problem!(p, allow_cid, "only applies to a vsock listener, not {kind}");
+                }
+                if a.allow_any_cid {
+                    problem!(p, allow_any_cid, "only applies to a vsock listener, not {kind}");
+                }
+            }
+            match kind {
+                "tcp" if policy.nets.is_empty() && !policy.any_ip => problem!(
+                    p,
+                    allow_ip,
+                    "a tcp listener needs an allow-list (--allow-ip CIDR), or --allow-any-ip to admit every address"
+                ),
+                "tcp" if !policy.nets.is_empty() && policy.any_ip => {
+                    problem!(p, allow_any_ip, "contradicts --allow-ip; give one or the other")
+                }
+                "vsock" if policy.cids.is_empty() && !policy.any_cid => problem!(
+                    p,
+                    allow_cid,
+                    "a vsock listener needs an allow-list (--allow-cid CID), or --allow-any-cid to admit every CID"
+                ),
+                "vsock" if !policy.cids.is_empty() && policy.any_cid => {
+                    problem!(p, allow_any_cid, "contradicts --allow-cid; give one or the other")
+                }
+                "unix" if policy.uids.is_empty() && policy.gids.is_empty() => {
+                    policy.uids.push(Uid::effective().as_raw());
+                }
+                _ => {}
+            }
+        }
+
+        let socket_mode = match u32::from_str_radix(a.socket_mode.trim().trim_start_matches("0o"), 8) {
+            Ok(m) if m > 0o777 => {
+                problem!(p, socket_mode, "'{}' has bits outside 0777", a.socket_mode);
+                0
+            }
+            Ok(m) if m & 0o002 != 0 => {
+                problem!(p, socket_mode, "'{}' is world-writable; anyone could introspect the VM", a.socket_mode);
+                0
+            }
+            Ok(m) => m,
+            Err(_) => {
+                problem!(p, socket_mode, "'{}' is not an octal mode like 0660", a.socket_mode);
+                0
+            }
+        };
+        let socket_gid = a.socket_group.as_deref().and_then(|g| match resolve_gid(g.trim()) {
+            Ok(gid) => Some(gid),
+            Err(e) => {
+                problem!(p, socket_group, "{e}");
+                None
+            }
+        });
+
+        let max_conns = number::<usize>(&mut p, flag!(max_conns), &a.max_conns).unwrap_or(1);
+        if max_conns == 0 {
+            problem!(p, max_conns, "must be at least 1");
+        }
+        let connect_timeout_ms = number::<u64>(&mut p, flag!(connect_timeout_ms), &a.connect_timeout_ms).unwrap_or(1);
+        if connect_timeout_ms == 0 {
+            problem!(p, connect_timeout_ms, "must be at least 1");
+        }
+        let pipe_size_bytes = number::<usize>(&mut p, flag!(pipe_size), &a.pipe_size).unwrap_or(PIPE_SIZE_MIN_BYTES);
+        if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&pipe_size_bytes) {
+            problem!(p, pipe_size, "{pipe_size_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}");
+        }
+        let poll_window_us = number::<u64>(&mut p, flag!(poll_window_us), &a.poll_window_us).unwrap_or(0);
+        if poll_window_us > 1_000_000 {
+            problem!(p, poll_window_us, "{poll_window_us} µs is more than a second of spinning; at most 1000000");
+        }
+        let busy_poll_us = number::<u32>(&mut p, flag!(busy_poll_us), &a.busy_poll_us).unwrap_or(0);
+        let cpu = a.cpu.as_deref().and_then(|c| number::<usize>(&mut p, flag!(cpu), c));
+        if let Some(c) = cpu {
+            if !Path::new(&format!("/sys/devices/system/cpu/cpu{c}")).exists() {
+                problem!(p, cpu, "CPU {c} does not exist on this machine");
+            }
+        }
+        let shutdown_timeout_ms =
+            number::<u64>(&mut p, flag!(shutdown_timeout_ms), &a.shutdown_timeout_ms).unwrap_or(0);
+        if let Some(level) = &a.log_level {
+            if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+                problem!(p, log_level, "'{level}' is not a level (error, warn, info, debug, trace) or filter");
+            }
+        }
+
+        if !p.0.is_empty() {
+            return Err(ConfigErrors(p.0));
+        }
+        let (Some(listen), Some(connect)) = (listen, connect) else {
+            unreachable!("a missing endpoint is always recorded as a problem");
+        };
+        let name = a.name.clone().unwrap_or_else(|| default_name(&listen));
+        Ok(Config {
+            listen,
+            connect,
+            policy,
+            socket_mode,
+            socket_gid,
+            max_conns,
+            connect_timeout: Duration::from_millis(connect_timeout_ms),
+            pipe_size_bytes,
+            move_mode: match a.r#move {
+                MoveArg::Auto => MoveMode::Auto,
+                MoveArg::Copy => MoveMode::Copy,
+            },
+            poll_window: Duration::from_micros(poll_window_us),
+            busy_poll_us,
+            cpu,
+            shutdown_timeout: Duration::from_millis(shutdown_timeout_ms),
+            log_level: a.log_level,
+            name,
+        })
+    }
+}
+
+fn default_name(listen: &Endpoint) -> String {
+    match listen {
+        Endpoint::Unix(p) => p.file_stem().map_or_else(|| "kvmi".into(), |s| s.to_string_lossy().into_owned()),
+        other => other.to_string(),
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigErrors> {
+        let mut argv = vec!["kvmi-relay"];
+        argv.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("clap accepts the words");
+        Config::try_from(cli.relay)
+    }
+
+    fn problems(args: &[&str]) -> Vec<String> {
+        parse(args).unwrap_err().0.iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn network_flavor_both_hosts() {
+        let c =
+            parse(&["--listen", "unix:/tmp/one-7.sock", "--allow-uid", "0", "--connect", "tcp:203.0.113.9:7"]).unwrap();
+        assert_eq!(c.policy.uids, vec![0]);
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.max_conns, 1);
+        assert_eq!(c.name, "one-7");
+        let m = parse(&["--listen", "tcp:0.0.0.0:7", "--allow-ip", "198.51.100.4/32", "--connect", "unix:/tmp/x.sock"])
+            .unwrap();
+        assert_eq!(m.policy.nets, vec!["198.51.100.4/32".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn unix_listener_defaults_to_own_uid() {
+        let c = parse(&["--listen", "unix:/tmp/a.sock", "--connect", "unix:/tmp/b.sock"]).unwrap();
+        assert_eq!(c.policy.uids, vec![Uid::effective().as_raw()]);
+    }
+
+    #[test]
+    fn tcp_and_vsock_listeners_need_an_allow_list() {
+        let e = problems(&["--listen", "tcp:127.0.0.1:7", "--connect", "unix:/tmp/b"]);
+        assert!(e[0].starts_with("--allow-ip (KVMI_RELAY_ALLOW_IP): a tcp listener needs"), "{e:?}");
+        let e = problems(&["--listen", "vsock:5000", "--connect", "unix:/tmp/b"]);
+        assert!(e[0].starts_with("--allow-cid (KVMI_RELAY_ALLOW_CID): a vsock listener needs"), "{e:?}");
+        assert!(parse(&["--listen", "tcp:127.0.0.1:7", "--allow-any-ip", "--connect", "unix:/tmp/b"]).is_ok());
+        assert!(parse(&["--listen", "vsock:5000", "--allow-any-cid", "--connect", "unix:/tmp/b"]).is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_flag() {
+        let e = problems(&[
+            "--listen",
+            "tcp:127.0.0.1:7",
+            "--allow-ip",
+            "10.0.0.0/33",
+            "--connect",
+            "vsock:9",
+            "--socket-mode",
+            "0666",
+            "--max-conns",
+            "0",
+            "--allow-uid",
+            "no-such-user-kvmi",
+        ]);
+        let joined = e.join("\n");
+        for needle in [
+            "--allow-ip (KVMI_RELAY_ALLOW_IP): '10.0.0.0/33' is not a CIDR",
+            "--connect (KVMI_RELAY_CONNECT): 'vsock:9' has no CID",
+            "--socket-mode (KVMI_RELAY_SOCKET_MODE): '0666' is world-writable",
+            "--max-conns (KVMI_RELAY_MAX_CONNS): must be at least 1",
+            "--allow-uid (KVMI_RELAY_ALLOW_UID): unknown user 'no-such-user-kvmi'",
+            "--allow-uid (KVMI_RELAY_ALLOW_UID): only applies to a unix listener",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
+        }
+    }
+
+    #[test]
+    fn missing_parent_directory_is_refused() {
+        let e = problems(&["--listen", "unix:/nonexistent-kvmi-dir/x.sock", "--connect", "unix:/tmp/b"]);
+        assert!(e[0].contains("parent directory /nonexistent-kvmi-dir of the socket does not exist"), "{e:?}");
+    }
+
+    #[test]
+    fn a_bare_address_means_that_host() {
+        let c = parse(&["--listen", "tcp:[::]:7", "--allow-ip", "127.0.0.2,::1", "--connect", "unix:/tmp/b"]).unwrap();
+        assert_eq!(c.policy.nets, vec!["127.0.0.2/32".parse::<IpNet>().unwrap(), "::1/128".parse().unwrap()]);
+    }
+}

@@ -1,0 +1,42 @@
+//! Start-up errors: one variant per failing operation, each naming the flag or path at fault
+//! and carrying the OS error. Per-connection errors never come here: the event loop logs them,
+//! closes that connection and keeps serving.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::config::ConfigErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("--listen {endpoint}: {} is a live socket (something still answers there); refusing to replace it", path.display())]
+    LiveSocket { endpoint: String, path: PathBuf },
+    #[error("--listen {endpoint}: cannot tell whether {} is still in use: {source}", path.display())]
+    ProbeSocket { endpoint: String, path: PathBuf, source: io::Error },
+    #[error("--listen {endpoint}: {} exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket { endpoint: String, path: PathBuf },
+    #[error("--listen {endpoint}: cannot remove the stale socket {}: {source}", path.display())]
+    RemoveStale { endpoint: String, path: PathBuf, source: io::Error },
+    #[error("--listen {endpoint}: cannot create the socket: {source}")]
+    Socket { endpoint: String, source: io::Error },
+    #[error("--listen {endpoint}: cannot bind: {source}")]
+    Bind { endpoint: String, source: io::Error },
+    #[error("--listen {endpoint}: cannot listen: {source}")]
+    Listen { endpoint: String, source: io::Error },
+    #[error("--socket-mode {mode:04o}: cannot chmod {}: {source}", path.display())]
+    Chmod { mode: u32, path: PathBuf, source: io::Error },
+    #[error("--socket-group {gid}: cannot chown {}: {source}", path.display())]
+    Chown { gid: u32, path: PathBuf, source: io::Error },
+    #[error("--cpu {cpu}: cannot pin the relay to it: {source}")]
+    Pin { cpu: usize, source: io::Error },
+    #[error("cannot create the event loop: {0}")]
+    Poll(io::Error),
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("cannot ignore SIGPIPE: {0}")]
+    SigPipe(io::Error),
+    #[error("event loop failed: {0}")]
+    Loop(io::Error),
+}

@@ -1,0 +1,71 @@
+//! kvmi-relay: an access-controlled, zero-copy relay for one VM's KVMi introspection socket.
+//!
+//! Where things are:
+//! - bytes move in `pump.rs` (splice or copy, one pump per direction) driven by `conn.rs`
+//!   (one session's state machine) and `relay.rs` (the event loop, the only poller user);
+//! - access is decided in `access.rs` (pure functions), identities are gathered in
+//!   `listener.rs`; dialling is `dial.rs`;
+//! - `unsafe` lives in `sys.rs` only;
+//! - the command line stops at `cli.rs`; `config.rs` is the border to everything else;
+//! - `peers/` holds the fake KVMi peers and test peers; `demo.rs` is `make demo`.
+
+pub mod access;
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod demo;
+pub mod dial;
+pub mod endpoint;
+pub mod error;
+pub mod listener;
+pub mod metrics;
+pub mod peers;
+pub mod pump;
+pub mod relay;
+pub mod sys;
+
+use std::io::IsTerminal;
+
+use crate::config::Config;
+use crate::error::StartError;
+
+/// Sets up `tracing` on stderr: level from `--log-level`, else RUST_LOG, else info. Under
+/// systemd (JOURNAL_STREAM set) the journal stamps lines itself, so no timestamps are printed.
+pub fn init_logging(level: Option<&str>) {
+    let filter = match level {
+        Some(l) => tracing_subscriber::EnvFilter::new(l),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Everything start-up does after the configuration is valid: bind, set up the loop, run.
+pub fn serve(cfg: Config) -> Result<(), StartError> {
+    sys::ignore_sigpipe().map_err(StartError::SigPipe)?;
+    if let Some(cpu) = cfg.cpu {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).map_err(|e| StartError::Pin { cpu, source: e.into() })?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+            .map_err(|e| StartError::Pin { cpu, source: e.into() })?;
+    }
+    let listener = listener::Listener::bind(&cfg)?;
+    tracing::info!(
+        name = %cfg.name,
+        listen = %cfg.listen,
+        connect = %cfg.connect,
+        max_conns = cfg.max_conns,
+        "listening"
+    );
+    let mut relay = relay::Relay::new(cfg, listener)?;
+    relay.run()
+}

@@ -1,0 +1,172 @@
+//! The listening socket: created (or inherited) at start-up, accepted from by the event loop.
+//!
+//! Access is not decided here: `accept` only gathers the peer's identity (SO_PEERCRED on
+//! UNIX, the peer CID on vsock, the source address on TCP) for `access::decide`.
+//!
+//! UNIX socket files: created with the operator's mode and group, never world-writable and
+//! never briefly more open than asked (the umask is narrowed around bind). A stale file left by
+//! a dead instance (connect says ECONNREFUSED) is replaced; a path where something answers is
+//! refused; anything that is not a socket is never touched. The file is removed when the
+//! `Listener` is dropped, only if it is still the one this process bound.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::stat::{Mode, umask};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::access::Peer;
+use crate::config::Config;
+use crate::endpoint::Endpoint;
+use crate::error::StartError;
+
+/// Pending connections the kernel queues for us.
+const LISTEN_BACKLOG: i32 = 64;
+
+pub struct Listener {
+    socket: Socket,
+    /// The socket file to remove on drop (only for sockets this process bound).
+    /// Held for its Drop: removes the file this process created.
+    _file: Option<SocketFile>,
+}
+
+/// A UNIX socket file this process created, identified by device and inode.
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        // Only remove the file if it is still ours: an operator may have started another
+        // instance that replaced it.
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.dev() == self.dev && m.ino() == self.ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+impl Listener {
+    /// Binds the listener `cfg.listen` names.
+    pub fn bind(cfg: &Config) -> Result<Listener, StartError> {
+        let endpoint = cfg.listen.to_string();
+        match &cfg.listen {
+            Endpoint::Unix(path) => bind_unix(cfg, &endpoint, path),
+            Endpoint::Tcp(addr) => {
+                let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)
+                    .map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
+                s.set_reuse_address(true)
+                    .map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
+                if addr.is_ipv6() && addr.ip().is_unspecified() {
+                    // [::] serves IPv4 too; mapped sources are judged as the IPv4 they carry.
+                    s.set_only_v6(false).map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
+                }
+                s.bind(&SockAddr::from(*addr))
+                    .map_err(|source| StartError::Bind { endpoint: endpoint.clone(), source })?;
+                Listener::finish(s, None, endpoint)
+            }
+            Endpoint::Vsock { cid, port } => {
+                let s = Socket::new(Domain::VSOCK, Type::STREAM, None)
+                    .map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
+                s.bind(&SockAddr::vsock(*cid, *port))
+                    .map_err(|source| StartError::Bind { endpoint: endpoint.clone(), source })?;
+                Listener::finish(s, None, endpoint)
+            }
+        }
+    }
+
+    /// Adopts a listening socket handed over by the service manager (socket activation).
+    /// The file belongs to the socket unit: it is never removed by the relay.
+    pub fn adopt(socket: Socket) -> io::Result<Listener> {
+        socket.set_nonblocking(true)?;
+        Ok(Listener { socket, _file: None })
+    }
+
+    fn finish(s: Socket, file: Option<SocketFile>, endpoint: String) -> Result<Listener, StartError> {
+        s.listen(LISTEN_BACKLOG).map_err(|source| StartError::Listen { endpoint: endpoint.clone(), source })?;
+        s.set_nonblocking(true).map_err(|source| StartError::Listen { endpoint, source })?;
+        Ok(Listener { socket: s, _file: file })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Accepts one pending connection, non-blocking, and says who it is.
+    pub fn accept(&self) -> io::Result<(Socket, Peer)> {
+        let (sock, addr) = self.socket.accept()?;
+        sock.set_nonblocking(true)?;
+        let peer = identify(&sock, &addr)?;
+        Ok((sock, peer))
+    }
+}
+
+fn identify(sock: &Socket, addr: &SockAddr) -> io::Result<Peer> {
+    if let Some(a) = addr.as_socket() {
+        return Ok(Peer::Tcp(a));
+    }
+    if let Some((cid, port)) = addr.as_vsock_address() {
+        return Ok(Peer::Vsock { cid, port });
+    }
+    if addr.domain() == Domain::UNIX {
+        let cred = getsockopt(&sock.as_fd(), sockopt::PeerCredentials).map_err(io::Error::from)?;
+        return Ok(Peer::Unix { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() });
+    }
+    Err(io::Error::other(format!("peer of unknown address family {:?}", addr.domain())))
+}
+
+fn bind_unix(cfg: &Config, endpoint: &str, path: &Path) -> Result<Listener, StartError> {
+    let err_path = || path.to_path_buf();
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err(StartError::NotASocket { endpoint: endpoint.into(), path: err_path() });
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(StartError::LiveSocket { endpoint: endpoint.into(), path: err_path() }),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    std::fs::remove_file(path).map_err(|source| StartError::RemoveStale {
+                        endpoint: endpoint.into(),
+                        path: err_path(),
+                        source,
+                    })?;
+                }
+                Err(source) => {
+                    return Err(StartError::ProbeSocket { endpoint: endpoint.into(), path: err_path(), source });
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(StartError::ProbeSocket { endpoint: endpoint.into(), path: err_path(), source }),
+    }
+
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)
+        .map_err(|source| StartError::Socket { endpoint: endpoint.into(), source })?;
+    let addr = SockAddr::unix(path).map_err(|source| StartError::Socket { endpoint: endpoint.into(), source })?;
+    // The file is born with at most the operator's mode: no window where it is more open.
+    let old = umask(Mode::from_bits_truncate(!cfg.socket_mode & 0o777));
+    let bound = s.bind(&addr);
+    umask(old);
+    bound.map_err(|source| StartError::Bind { endpoint: endpoint.into(), source })?;
+    let meta =
+        std::fs::symlink_metadata(path).map_err(|source| StartError::Bind { endpoint: endpoint.into(), source })?;
+    // From here on the file is ours and removed again if anything below fails.
+    let file = SocketFile { path: path.to_path_buf(), dev: meta.dev(), ino: meta.ino() };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))
+        .map_err(|source| StartError::Chmod { mode: cfg.socket_mode, path: err_path(), source })?;
+    if let Some(gid) = cfg.socket_gid {
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|source| StartError::Chown {
+            gid,
+            path: err_path(),
+            source,
+        })?;
+    }
+    Listener::finish(s, Some(file), endpoint.into())
+}

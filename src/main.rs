@@ -1,0 +1,49 @@
+//! `kvmi-relay`: parse, validate, serve. Start-up problems end here as one line each on
+//! stderr and exit code 2; a clean stop (SIGTERM/SIGINT) exits 0.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kvmi_relay::cli::{Cli, Command};
+use kvmi_relay::config::Config;
+use kvmi_relay::peers::cli as peers;
+
+/// Exit code for bad input and failed start-up (as clap uses for usage errors).
+const EXIT_BAD_START: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Some(Command::FakeHypervisor(a)) => peers::fake_hypervisor(a),
+        Some(Command::FakeIntrospector(a)) => peers::fake_introspector(a),
+        Some(Command::Peer(a)) => peers::peer(a),
+        Some(Command::Demo(a)) => kvmi_relay::demo::run(a),
+        None => return relay(cli),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn relay(cli: Cli) -> ExitCode {
+    let check = cli.relay.check;
+    let cfg = match Config::try_from(cli.relay) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("kvmi-relay: {e}");
+            }
+            return ExitCode::from(EXIT_BAD_START);
+        }
+    };
+    if check {
+        println!("kvmi-relay: configuration ok: listen {} → connect {} ({})", cfg.listen, cfg.connect, cfg.name);
+        return ExitCode::SUCCESS;
+    }
+    kvmi_relay::init_logging(cfg.log_level.as_deref());
+    match kvmi_relay::serve(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvmi-relay: {e}");
+            ExitCode::from(EXIT_BAD_START)
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! Where bytes move: one pump, used for both directions of a connection.
+//!
+//! A pump owns the bytes in flight for one direction: a kernel pipe (splice strategy) or a
+//! user-space buffer (copy strategy). It reads from its source while it has room and writes to
+//! its destination while it holds data. It never touches the poller: the caller tells it which
+//! of its sockets became ready and reads back what it wants next.
+//!
+//! Invariants (relied on by `conn.rs` and the event loop):
+//! - Edge-triggered: a readiness flag is cleared only by `WouldBlock`, so the pump drains until
+//!   the kernel says there is nothing more; a spurious event costs one `WouldBlock`.
+//! - Bytes leave in the order they came, each exactly once: `fill` counts what was taken from
+//!   the source and not yet written, and the only way bytes leave the store is to the
+//!   destination (or, on fallback, from the pipe into the copy buffer, before anything else).
+//! - Fallback from splice to copy happens only when splice is refused (EINVAL, EOPNOTSUPP)
+//!   before any byte has moved that way: EINVAL can also mean a real fault later on.
+//! - Half-close: EOF from the source becomes `shutdown(SHUT_WR)` on the destination once the
+//!   store is empty; the other direction's pump keeps running.
+//! - Backpressure is per direction: a full store stops reads from this source only.
+//! - A store that still holds bytes is dropped with its connection, never reused.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use hdrhistogram::Histogram;
+use tracing::{info, warn};
+
+use crate::config::MoveMode;
+use crate::metrics;
+use crate::sys::{self, Pipe};
+
+/// Most read+write rounds one `run` makes before yielding to other connections and the other
+/// direction; the caller runs the pump again on its next loop turn when `Run::more` is set.
+const PUMP_ROUNDS_MAX: usize = 16;
+
+/// What a pump needs from a socket. Implemented by `socket2::Socket`, and by fakes in tests.
+pub trait Side {
+    /// splice(2) from this socket into `pipe` (its write end).
+    fn splice_to_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
+    /// splice(2) from `pipe` (its read end) into this socket.
+    fn splice_from_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sends without raising SIGPIPE.
+    fn send(&self, buf: &[u8]) -> io::Result<usize>;
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Side for socket2::Socket {
+    fn splice_to_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        sys::splice(self.as_fd(), pipe, len)
+    }
+    fn splice_from_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        sys::splice(pipe, self.as_fd(), len)
+    }
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(&mut &*self, buf)
+    }
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.send_with_flags(buf, libc::MSG_NOSIGNAL)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self.shutdown(std::net::Shutdown::Write) {
+            // The peer is already gone; the half-close has nowhere to go and nothing to lose.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// Per-direction counters, kept for the life of the connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirStats {
+    /// Bytes written to the destination.
+    pub bytes: u64,
+    /// Of those, bytes that went through splice.
+    pub splice_bytes: u64,
+    /// Of those, bytes that went through a user-space copy.
+    pub copy_bytes: u64,
+    /// Successful reads from the source (chunks).
+    pub chunks: u64,
+    /// Most bytes held in the store at once.
+    pub high_water_bytes: usize,
+}
+
+/// What one `run` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Run {
+    pub read_bytes: usize,
+    pub written_bytes: usize,
+    /// The store went from empty to holding bytes during this run.
+    pub started: bool,
+    /// The store held bytes at some point and is empty at the end of this run.
+    pub emptied: bool,
+    /// Stopped at the round cap with work left: run again without waiting for an event.
+    pub more: bool,
+}
+
+enum Store {
+    Pipe(Pipe),
+    /// `buf[start..start + fill]` holds the bytes in flight.
+    Copy {
+        buf: Box<[u8]>,
+        start: usize,
+    },
+}
+
+pub struct Pump {
+    store: Store,
+    capacity_bytes: usize,
+    /// Bytes taken from the source and not yet written to the destination.
+    fill: usize,
+    /// The source may have bytes (or EOF) to read: set by events, cleared by WouldBlock.
+    pub src_readable: bool,
+    /// The destination may take bytes: set by events, cleared by WouldBlock.
+    pub dst_writable: bool,
+    /// A splice into the pipe said WouldBlock while the pipe held bytes: the pipe may be out of
+    /// slots rather than the socket out of data, so read again once the pipe is drained.
+    recheck_src_after_drain: bool,
+    src_eof: bool,
+    dst_shut: bool,
+    /// Name of the direction for the one log line a fallback writes.
+    direction: &'static str,
+    pub stats: DirStats,
+    /// Bytes per successful read from the source.
+    pub chunk_bytes: Histogram<u64>,
+}
+
+/// A fatal error, and which socket it came from.
+#[derive(Debug)]
+pub struct PumpError {
+    /// True when reading the source failed, false when writing (or half-closing) the destination.
+    pub at_source: bool,
+    pub error: io::Error,
+}
+
+impl PumpError {
+    fn src(error: io::Error) -> PumpError {
+        PumpError { at_source: true, error }
+    }
+    fn dst(error: io::Error) -> PumpError {
+        PumpError { at_source: false, error }
+    }
+}
+
+fn splice_refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP))
+}
+
+impl Pump {
+    pub fn new(mode: MoveMode, pipe_size_bytes: usize, direction: &'static str) -> io::Result<Pump> {
+        let (store, capacity_bytes) = match mode {
+            MoveMode::Auto => {
+                let pipe = Pipe::new(pipe_size_bytes)?;
+                let cap = pipe.capacity_bytes;
+                (Store::Pipe(pipe), cap)
+            }
+            MoveMode::Copy => {
+                (Store::Copy { buf: vec![0; pipe_size_bytes].into_boxed_slice(), start: 0 }, pipe_size_bytes)
+            }
+        };
+        Ok(Pump {
+            store,
+            capacity_bytes,
+            fill: 0,
+            src_readable: true,
+            dst_writable: true,
+            recheck_src_after_drain: false,
+            src_eof: false,
+            dst_shut: false,
+            direction,
+            stats: DirStats::default(),
+            chunk_bytes: metrics::chunk_histogram(),
+        })
+    }
+
+    /// Bytes in flight.
+    pub fn fill(&self) -> usize {
+        self.fill
+    }
+
+    pub fn capacity_bytes(&self) -> usize {
+        self.capacity_bytes
+    }
+
+    pub fn uses_splice(&self) -> bool {
+        matches!(self.store, Store::Pipe(_))
+    }
+
+    /// The source said EOF and everything before it reached the destination, which was shut.
+    pub fn finished(&self) -> bool {
+        self.dst_shut
+    }
+
+    /// The source has said EOF.
+    pub fn src_eof(&self) -> bool {
+        self.src_eof
+    }
+
+    /// Waiting for the destination to take bytes: the caller should ask for write readiness.
+    pub fn blocked_on_dst(&self) -> bool {
+        self.fill > 0 && !self.dst_writable
+    }
+
+    /// Moves bytes until both sides would block, the store is full and the destination blocks,
+    /// or the round cap is hit. `may_read` false means drain only (shutdown in progress).
+    /// An error is fatal for the connection (reset, broken pipe, ...).
+    pub fn run(&mut self, src: &impl Side, dst: &impl Side, may_read: bool) -> Result<Run, PumpError> {
+        let mut run = Run::default();
+        let was_empty = self.fill == 0;
+        for _ in 0..PUMP_ROUNDS_MAX {
+            let mut progressed = false;
+
+            if may_read && !self.src_eof && self.src_readable && self.fill < self.capacity_bytes {
+                match self.read_from(src) {
+                    Ok(0) => {
+                        self.src_eof = true;
+                        progressed = true;
+                    }
+                    Ok(n) => {
+                        self.fill += n;
+                        run.read_bytes += n;
+                        self.stats.chunks += 1;
+                        self.chunk_bytes.saturating_record(n as u64);
+                        self.stats.high_water_bytes = self.stats.high_water_bytes.max(self.fill);
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.src_readable = false;
+                        if self.fill > 0 && self.uses_splice() {
+                            self.recheck_src_after_drain = true;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                    Err(e) if splice_refused(&e) && self.uses_splice() && self.stats.bytes == 0 && self.fill == 0 => {
+                        self.fall_back_to_copy(&e).map_err(PumpError::src)?;
+                        progressed = true;
+                    }
+                    Err(e) => return Err(PumpError::src(e)),
+                }
+            }
+
+            if self.fill > 0 && self.dst_writable {
+                match self.write_to(dst) {
+                    Ok(n) => {
+                        self.fill -= n;
+                        run.written_bytes += n;
+                        self.stats.bytes += n as u64;
+                        if self.uses_splice() {
+                            self.stats.splice_bytes += n as u64;
+                        } else {
+                            self.stats.copy_bytes += n as u64;
+                        }
+                        if self.fill == 0 && self.recheck_src_after_drain {
+                            self.recheck_src_after_drain = false;
+                            self.src_readable = true;
+                        }
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dst_writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                    Err(e) if splice_refused(&e) && self.uses_splice() && self.stats.bytes == 0 => {
+                        self.fall_back_to_copy(&e).map_err(PumpError::dst)?;
+                        progressed = true;
+                    }
+                    Err(e) => return Err(PumpError::dst(e)),
+                }
+            }
+
+            if self.src_eof && self.fill == 0 && !self.dst_shut {
+                dst.shutdown_write().map_err(PumpError::dst)?;
+                self.dst_shut = true;
+            }
+
+            if !progressed {
+                return Ok(self.summarize(run, was_empty));
+            }
+        }
+        run.more = true;
+        Ok(self.summarize(run, was_empty))
+    }
+
+    fn summarize(&self, mut run: Run, was_empty: bool) -> Run {
+        run.started = was_empty && run.read_bytes > 0;
+        run.emptied = self.fill == 0 && run.written_bytes > 0;
+        run
+    }
+
+    fn read_from(&mut self, src: &impl Side) -> io::Result<usize> {
+        let room = self.capacity_bytes - self.fill;
+        match &mut self.store {
+            Store::Pipe(pipe) => src.splice_to_pipe(pipe.write.as_fd(), room),
+            Store::Copy { buf, start } => {
+                if *start + self.fill == buf.len() {
+                    buf.copy_within(*start..*start + self.fill, 0);
+                    *start = 0;
+                }
+                let end = *start + self.fill;
+                src.recv(&mut buf[end..])
+            }
+        }
+    }
+
+    fn write_to(&mut self, dst: &impl Side) -> io::Result<usize> {
+        match &mut self.store {
+            Store::Pipe(pipe) => dst.splice_from_pipe(pipe.read.as_fd(), self.fill),
+            Store::Copy { buf, start } => {
+                let n = dst.send(&buf[*start..*start + self.fill])?;
+                *start = if n == self.fill { 0 } else { *start + n };
+                Ok(n)
+            }
+        }
+    }
+
+    /// Switches this direction to copies, carrying over whatever the pipe already holds so that
+    /// no byte is lost or reordered.
+    fn fall_back_to_copy(&mut self, why: &io::Error) -> io::Result<()> {
+        let Store::Pipe(pipe) = &self.store else { return Ok(()) };
+        let mut buf = vec![0u8; self.capacity_bytes].into_boxed_slice();
+        let mut carried = 0;
+        while carried < self.fill {
+            match sys::read(pipe.read.as_fd(), &mut buf[carried..self.fill])? {
+                0 => break,
+                n => carried += n,
+            }
+        }
+        if carried != self.fill {
+            warn!(
+                direction = self.direction,
+                carried,
+                fill = self.fill,
+                "probable bug: pipe held fewer bytes than counted"
+            );
+            return Err(io::Error::other("pipe held fewer bytes than counted"));
+        }
+        info!(direction = self.direction, error = %why, "splice refused; this direction copies from now on");
+        self.store = Store::Copy { buf, start: 0 };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pump against a fake socket that plays back scripted answers.
+
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    /// One scripted answer to a read or a write.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Data(Vec<u8>),
+        Take(usize),
+        WouldBlock,
+        Eof,
+        Err(i32),
+    }
+
+    #[derive(Default)]
+    struct Fake {
+        reads: RefCell<VecDeque<Step>>,
+        writes: RefCell<VecDeque<Step>>,
+        /// What splice-to-pipe answers before falling through to the scripted reads.
+        splice_err: Option<i32>,
+        written: RefCell<Vec<u8>>,
+        shut: RefCell<bool>,
+    }
+
+    impl Fake {
+        fn reading(steps: Vec<Step>) -> Fake {
+            Fake { reads: RefCell::new(steps.into()), ..Fake::default() }
+        }
+        fn writing(steps: Vec<Step>) -> Fake {
+            Fake { writes: RefCell::new(steps.into()), ..Fake::default() }
+        }
+        fn next_read(&self, max: usize) -> io::Result<Vec<u8>> {
+            let step = self.reads.borrow_mut().pop_front().unwrap_or(Step::WouldBlock);
+            match step {
+                Step::Data(mut d) => {
+                    if d.len() > max {
+                        let rest = d.split_off(max);
+                        self.reads.borrow_mut().push_front(Step::Data(rest));
+                    }
+                    Ok(d)
+                }
+                Step::Eof => Ok(Vec::new()),
+                Step::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+                Step::Err(e) => Err(io::Error::from_raw_os_error(e)),
+                Step::Take(_) => unreachable!(),
+            }
+        }
+        fn next_write(&self, offered: usize) -> io::Result<usize> {
+            let step = self.writes.borrow_mut().pop_front().unwrap_or(Step::Take(usize::MAX));
+            match step {
+                Step::Take(n) => Ok(n.min(offered)),
+                Step::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+                Step::Err(e) => Err(io::Error::from_raw_os_error(e)),
+                other => unreachable!("{other:?}"),
+            }
+        }
+    }
+
+    impl Side for Fake {
+        fn splice_to_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+            if let Some(e) = self.splice_err {
+                return Err(io::Error::from_raw_os_error(e));
+            }
+            let d = self.next_read(len)?;
+            if d.is_empty() {
+                return Ok(0);
+            }
+            sys::write(pipe, &d)
+        }
+        fn splice_from_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+            if let Some(e) = self.splice_err {
+                return Err(io::Error::from_raw_os_error(e));
+            }
+            let n = self.next_write(len)?;
+            let mut b = vec![0; n];
+            let got = sys::read(pipe, &mut b)?;
+            self.written.borrow_mut().extend_from_slice(&b[..got]);
+            Ok(got)
+        }
+        fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            let d = self.next_read(buf.len())?;
+            buf[..d.len()].copy_from_slice(&d);
+            Ok(d.len())
+        }
+        fn send(&self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.next_write(buf.len())?;
+            self.written.borrow_mut().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn shutdown_write(&self) -> io::Result<()> {
+            *self.shut.borrow_mut() = true;
+            Ok(())
+        }
+    }
+
+    fn pump(mode: MoveMode) -> Pump {
+        Pump::new(mode, 4096, "test").unwrap()
+    }
+
+    #[test]
+    fn forwards_in_order_and_half_closes_after_draining() {
+        for mode in [MoveMode::Auto, MoveMode::Copy] {
+            let src = Fake::reading(vec![Step::Data(b"hello ".to_vec()), Step::Data(b"world".to_vec()), Step::Eof]);
+            let dst = Fake::default();
+            let mut p = pump(mode);
+            let run = p.run(&src, &dst, true).unwrap();
+            assert_eq!(&*dst.written.borrow(), b"hello world");
+            assert!(*dst.shut.borrow(), "EOF must travel as a half-close");
+            assert!(p.finished());
+            assert!(run.started && run.emptied);
+            assert_eq!(p.stats.bytes, 11);
+            assert_eq!(p.stats.splice_bytes + p.stats.copy_bytes, 11);
+            assert_eq!(p.uses_splice(), mode == MoveMode::Auto);
+        }
+    }
+
+    #[test]
+    fn slow_destination_blocks_only_this_direction_and_keeps_bytes() {
+        for mode in [MoveMode::Auto, MoveMode::Copy] {
+            let src = Fake::reading(vec![Step::Data(vec![7; 3000]), Step::Data(vec![8; 3000]), Step::WouldBlock]);
+            let dst = Fake::writing(vec![Step::Take(1000), Step::WouldBlock]);
+            let mut p = pump(mode);
+            p.run(&src, &dst, true).unwrap();
+            assert!(p.blocked_on_dst());
+            assert_eq!(dst.written.borrow().len(), 1000);
+            // The store is full: the pump must not read more than it can hold.
+            assert_eq!(p.fill(), p.capacity_bytes());
+            // Destination drains: every byte arrives, in order, exactly once.
+            p.dst_writable = true;
+            p.src_readable = true;
+            p.run(&src, &dst, true).unwrap();
+            let w = dst.written.borrow();
+            assert_eq!(w.len(), 6000);
+            assert!(w[..3000].iter().all(|&b| b == 7) && w[3000..].iter().all(|&b| b == 8));
+            assert!(!*dst.shut.borrow());
+        }
+    }
+
+    #[test]
+    fn splice_refused_before_any_byte_falls_back_to_copy() {
+        let mut src = Fake::reading(vec![Step::Data(b"abc".to_vec()), Step::Eof]);
+        src.splice_err = Some(libc::EINVAL);
+        let dst = Fake::default();
+        let mut p = pump(MoveMode::Auto);
+        p.run(&src, &dst, true).unwrap();
+        assert!(!p.uses_splice());
+        assert_eq!(&*dst.written.borrow(), b"abc");
+        assert_eq!(p.stats.copy_bytes, 3);
+        assert_eq!(p.stats.splice_bytes, 0);
+    }
+
+    #[test]
+    fn splice_refused_on_the_write_side_carries_the_pipe_over() {
+        let src = Fake::reading(vec![Step::Data(b"xyz".to_vec()), Step::Eof]);
+        let dst = Fake { splice_err: Some(libc::EINVAL), ..Fake::default() };
+        let mut p = pump(MoveMode::Auto);
+        p.run(&src, &dst, true).unwrap();
+        assert!(!p.uses_splice());
+        assert_eq!(&*dst.written.borrow(), b"xyz", "bytes already in the pipe must not be lost");
+    }
+
+    #[test]
+    fn einval_after_bytes_moved_is_an_error_not_a_fallback() {
+        let src = Fake::reading(vec![Step::Data(b"abc".to_vec()), Step::WouldBlock]);
+        let dst = Fake::default();
+        let mut p = pump(MoveMode::Auto);
+        p.run(&src, &dst, true).unwrap();
+        let src2 = Fake::reading(vec![Step::Err(libc::EINVAL)]);
+        p.src_readable = true;
+        let err = p.run(&src2, &dst, true).unwrap_err();
+        assert!(err.at_source);
+        assert_eq!(err.error.raw_os_error(), Some(libc::EINVAL));
+        assert!(p.uses_splice());
+    }
+
+    #[test]
+    fn reset_is_reported() {
+        let src = Fake::reading(vec![Step::Err(libc::ECONNRESET)]);
+        let mut p = pump(MoveMode::Auto);
+        let err = p.run(&src, &Fake::default(), true).unwrap_err();
+        assert!(err.at_source);
+        assert_eq!(err.error.raw_os_error(), Some(libc::ECONNRESET));
+    }
+
+    #[test]
+    fn drain_only_mode_reads_nothing() {
+        let src = Fake::reading(vec![Step::Data(b"late".to_vec())]);
+        let dst = Fake::default();
+        let mut p = pump(MoveMode::Copy);
+        let run = p.run(&src, &dst, false).unwrap();
+        assert_eq!(run.read_bytes, 0);
+        assert!(dst.written.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_busy_source_yields_at_the_round_cap() {
+        let src = Fake::reading((0..100).map(|_| Step::Data(vec![1; 100])).collect());
+        let dst = Fake::default();
+        let mut p = pump(MoveMode::Auto);
+        let run = p.run(&src, &dst, true).unwrap();
+        assert!(run.more, "a pump with work left must say so instead of starving the loop");
+        assert_eq!(run.written_bytes, PUMP_ROUNDS_MAX * 100);
+    }
+}

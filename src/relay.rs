@@ -1,0 +1,447 @@
+//! The event loop: one thread, mio, edge-triggered. It alone registers, re-registers and
+//! removes fds; connections only say what they want (`Conn::interest`).
+//!
+//! Invariants:
+//! - Edge-triggered readiness: every handler drains until `WouldBlock` (accept loops until
+//!   it would block, pumps until they would block) and tolerates spurious events.
+//! - Access is decided (`access::decide`) right after accept, before the far side is dialled
+//!   and before any byte moves; a refused peer is closed at once and counted.
+//! - Per-connection failures end in "log with the connection's identity, close it, count it,
+//!   keep serving"; only start-up errors leave `run`.
+//! - Out of fds (EMFILE/ENFILE) the loop stops accepting for `ACCEPT_PAUSE_MS` instead of
+//!   spinning on a listener that stays readable, and resumes by itself.
+//! - Timeouts (dial deadlines, the accept pause, the shutdown deadline) are swept once per loop
+//!   turn; there is no timer thread.
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook_mio::v1_0::Signals;
+use tracing::{debug, error, info, warn};
+
+use crate::access::{self, Verdict};
+use crate::config::Config;
+use crate::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, Step};
+use crate::error::StartError;
+use crate::listener::Listener;
+use crate::metrics::percentiles_us;
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+/// Connection tokens: `CONN_TOKEN_BASE + slot * 2 + side`.
+const CONN_TOKEN_BASE: usize = 16;
+/// How long accepting pauses after EMFILE/ENFILE.
+const ACCEPT_PAUSE_MS: u64 = 100;
+const EVENTS_CAPACITY: usize = 256;
+
+/// Counters over the relay's whole life.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub accepted: u64,
+    pub admitted: u64,
+    /// Refused by the access policy.
+    pub refused_access: u64,
+    /// Refused because `--max-conns` sessions were already running.
+    pub refused_busy: u64,
+    pub dial_failed: u64,
+    pub failed: u64,
+    pub closed: u64,
+    /// Times accept hit EMFILE/ENFILE and paused.
+    pub accept_pauses: u64,
+    pub bytes: [u64; 2],
+    pub splice_bytes: [u64; 2],
+    pub copy_bytes: [u64; 2],
+}
+
+struct Slot {
+    conn: Conn,
+    /// The connection's log span: its id and the peer's identity on every line.
+    span: tracing::Span,
+    /// What is registered with the poller for each side.
+    registered: [Option<Interest>; 2],
+}
+
+pub struct Relay {
+    cfg: Config,
+    poll: Poll,
+    listener: Option<Listener>,
+    signals: Signals,
+    slots: Vec<Option<Slot>>,
+    live: usize,
+    next_id: u64,
+    pub totals: Totals,
+    accept_paused_until: Option<Instant>,
+    shutdown_deadline: Option<Instant>,
+    /// Connections to advance again on the next turn without waiting for an event.
+    rerun: VecDeque<usize>,
+    /// Keep polling without sleeping until then (bounded polling, `--poll-window-us`).
+    spin_until: Option<Instant>,
+}
+
+impl Relay {
+    pub fn new(cfg: Config, listener: Listener) -> Result<Relay, StartError> {
+        let poll = Poll::new().map_err(StartError::Poll)?;
+        poll.registry()
+            .register(&mut SourceFd(&listener.raw_fd()), LISTENER, Interest::READABLE)
+            .map_err(StartError::Poll)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]).map_err(StartError::Signals)?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(StartError::Signals)?;
+        Ok(Relay {
+            cfg,
+            poll,
+            listener: Some(listener),
+            signals,
+            slots: Vec::new(),
+            live: 0,
+            next_id: 1,
+            totals: Totals::default(),
+            accept_paused_until: None,
+            shutdown_deadline: None,
+            rerun: VecDeque::new(),
+            spin_until: None,
+        })
+    }
+
+    /// Runs until SIGTERM/SIGINT and the drain that follows; Ok on a clean stop.
+    pub fn run(&mut self) -> Result<(), StartError> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        let mut touched: Vec<usize> = Vec::with_capacity(8);
+        loop {
+            let timeout = self.next_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(StartError::Loop(e));
+            }
+            let now = Instant::now();
+            if !events.is_empty() && !self.cfg.poll_window.is_zero() {
+                self.spin_until = Some(now + self.cfg.poll_window);
+            }
+
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept_all(now),
+                    SIGNALS => self.handle_signals(now),
+                    Token(t) if t >= CONN_TOKEN_BASE => {
+                        let slot = (t - CONN_TOKEN_BASE) / 2;
+                        let side = (t - CONN_TOKEN_BASE) % 2;
+                        if let Some(Some(s)) = self.slots.get_mut(slot) {
+                            // Hang-ups and errors show up as readable/writable so the pump's next
+                            // read or write meets them and reports them with their errno.
+                            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                            let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                            s.conn.on_ready(side, readable, writable);
+                            if !touched.contains(&slot) {
+                                touched.push(slot);
+                            }
+                        }
+                    }
+                    Token(_) => debug!("event for an unknown token"),
+                }
+            }
+
+            let reruns = self.rerun.len();
+            for _ in 0..reruns {
+                if let Some(slot) = self.rerun.pop_front() {
+                    if !touched.contains(&slot) {
+                        touched.push(slot);
+                    }
+                }
+            }
+            for slot in touched.drain(..) {
+                self.advance(slot, now);
+            }
+
+            self.sweep_timeouts(now);
+            if self.shutdown_deadline.is_some() && self.live == 0 {
+                info!(totals = ?self.totals, "stopped");
+                return Ok(());
+            }
+        }
+    }
+
+    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.rerun.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        if let Some(t) = self.spin_until {
+            if t > now {
+                return Some(Duration::ZERO);
+            }
+        }
+        let dial = self.slots.iter().flatten().filter_map(|s| s.conn.deadline());
+        let soonest = dial.chain(self.accept_paused_until).chain(self.shutdown_deadline).min()?;
+        // Round up so that a wake-up lands at or after the deadline, not a hair before it.
+        Some(soonest.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+
+    fn accept_all(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now < t) {
+            return;
+        }
+        self.accept_paused_until = None;
+        loop {
+            let Some(listener) = &self.listener else { return };
+            let (sock, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+                    ) =>
+                {
+                    // The pending peer stays in the backlog; retry once fds are back.
+                    warn!(error = %e, pause_ms = ACCEPT_PAUSE_MS, "cannot accept: out of resources; pausing accept");
+                    self.totals.accept_pauses += 1;
+                    self.accept_paused_until = Some(now + Duration::from_millis(ACCEPT_PAUSE_MS));
+                    return;
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::EINTR) | Some(libc::EPROTO)
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    // Also covers a peer whose identity could not be read: it was accepted and
+                    // is closed here, unadmitted.
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            self.totals.accepted += 1;
+            if let Verdict::Deny(why) = access::decide(&self.cfg.policy, &peer) {
+                self.totals.refused_access += 1;
+                warn!(%peer, reason = why, "refused");
+                continue;
+            }
+            if self.live >= self.cfg.max_conns {
+                self.totals.refused_busy += 1;
+                warn!(%peer, max_conns = self.cfg.max_conns, "refused: --max-conns sessions already running");
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let conn = match Conn::new(id, peer, sock, &self.cfg, now) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.totals.dial_failed += 1;
+                    warn!(id, %peer, target = %self.cfg.connect, error = %e, "cannot dial; closing the peer");
+                    continue;
+                }
+            };
+            self.totals.admitted += 1;
+            let span = tracing::info_span!("conn", id, peer = %peer);
+            span.in_scope(|| info!(target = %self.cfg.connect, "admitted; dialling"));
+            let slot = match self.slots.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.slots.push(None);
+                    self.slots.len() - 1
+                }
+            };
+            self.slots[slot] = Some(Slot { conn, span, registered: [None, None] });
+            self.live += 1;
+            self.advance(slot, now);
+        }
+    }
+
+    fn advance(&mut self, slot: usize, now: Instant) {
+        let draining = self.shutdown_deadline.is_some();
+        let Some(Some(s)) = self.slots.get_mut(slot) else { return };
+        let step = {
+            let _entered = s.span.enter();
+            s.conn.advance(now, draining)
+        };
+        match step {
+            Step::Continue { more } => {
+                if let Err(e) = self.sync_interest(slot) {
+                    self.close(slot, End::Failed { side: LISTEN_SIDE, error: e });
+                    return;
+                }
+                if more && !self.rerun.contains(&slot) {
+                    self.rerun.push_back(slot);
+                }
+            }
+            Step::Close(end) => self.close(slot, end),
+        }
+    }
+
+    /// Brings the poller in line with what the connection wants, touching only what changed.
+    fn sync_interest(&mut self, slot: usize) -> io::Result<()> {
+        let Some(Some(s)) = self.slots.get_mut(slot) else { return Ok(()) };
+        for side in [LISTEN_SIDE, CONNECT_SIDE] {
+            let want = s.conn.interest(side);
+            if want == s.registered[side] {
+                continue;
+            }
+            let fd = s.conn.raw_fd(side);
+            let token = Token(CONN_TOKEN_BASE + slot * 2 + side);
+            let registry = self.poll.registry();
+            match (s.registered[side], want) {
+                (None, Some(i)) => registry.register(&mut SourceFd(&fd), token, i)?,
+                (Some(_), Some(i)) => registry.reregister(&mut SourceFd(&fd), token, i)?,
+                (Some(_), None) => registry.deregister(&mut SourceFd(&fd))?,
+                (None, None) => {}
+            }
+            s.registered[side] = want;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, slot: usize, end: End) {
+        let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else { return };
+        self.live -= 1;
+        self.rerun.retain(|&x| x != slot);
+        for side in [LISTEN_SIDE, CONNECT_SIDE] {
+            if s.registered[side].is_some() {
+                let _ = self.poll.registry().deregister(&mut SourceFd(&s.conn.raw_fd(side)));
+            }
+        }
+        let conn = s.conn;
+        let _entered = s.span.enter();
+        match &end {
+            End::Finished | End::Drained => {}
+            End::DialFailed(e) => {
+                self.totals.dial_failed += 1;
+                warn!(target = %self.cfg.connect, error = %e, "cannot reach the far side; closing the peer");
+            }
+            End::DialTimeout(d) => {
+                self.totals.dial_failed += 1;
+                warn!(target = %self.cfg.connect, after_ms = d.as_millis() as u64, "dial timed out; closing the peer");
+            }
+            End::Failed { side, error } => {
+                self.totals.failed += 1;
+                let who = if *side == LISTEN_SIDE { "listen side" } else { "connect side" };
+                // A peer going away is routine; anything else deserves attention.
+                match error.raw_os_error() {
+                    Some(libc::ECONNRESET) | Some(libc::EPIPE) => {
+                        info!(side = who, error = %error, "peer reset; tearing the pair down")
+                    }
+                    Some(libc::ETIMEDOUT) | Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => {
+                        warn!(side = who, error = %error, "tearing the pair down")
+                    }
+                    _ => error!(side = who, error = %error, "tearing the pair down"),
+                }
+                conn.abort();
+            }
+        }
+        if matches!(end, End::DialFailed(_) | End::DialTimeout(_)) {
+            return;
+        }
+        self.totals.closed += 1;
+        let (a, b) = (conn.pump(0), conn.pump(1));
+        for d in 0..2 {
+            let p = conn.pump(d);
+            self.totals.bytes[d] += p.stats.bytes;
+            self.totals.splice_bytes[d] += p.stats.splice_bytes;
+            self.totals.copy_bytes[d] += p.stats.copy_bytes;
+        }
+        info!(
+            end = end_name(&end),
+            duration_ms = conn.opened.elapsed().as_millis() as u64,
+            l2c_bytes = a.stats.bytes,
+            l2c_splice_bytes = a.stats.splice_bytes,
+            l2c_copy_bytes = a.stats.copy_bytes,
+            l2c_chunks = a.stats.chunks,
+            l2c_high_water = a.stats.high_water_bytes,
+            c2l_bytes = b.stats.bytes,
+            c2l_splice_bytes = b.stats.splice_bytes,
+            c2l_copy_bytes = b.stats.copy_bytes,
+            c2l_chunks = b.stats.chunks,
+            c2l_high_water = b.stats.high_water_bytes,
+            l2c_transit_us = %percentiles_us(&conn.metrics[0].transit_ns),
+            c2l_transit_us = %percentiles_us(&conn.metrics[1].transit_ns),
+            l2c_turnaround_us = %percentiles_us(&conn.metrics[0].turnaround_ns),
+            c2l_turnaround_us = %percentiles_us(&conn.metrics[1].turnaround_ns),
+            "closed"
+        );
+    }
+
+    fn sweep_timeouts(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_all(now);
+        }
+        let expired: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().and_then(|s| s.conn.deadline()).filter(|&d| now >= d).map(|_| i))
+            .collect();
+        for slot in expired {
+            self.advance(slot, now);
+        }
+        if self.shutdown_deadline.is_some_and(|t| now >= t) {
+            let left: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_some()).collect();
+            if !left.is_empty() {
+                warn!(connections = left.len(), "shutdown timeout: closing connections that still hold bytes");
+            }
+            for slot in left {
+                self.close(slot, End::Drained);
+            }
+        }
+    }
+
+    fn handle_signals(&mut self, now: Instant) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGTERM | SIGINT => self.begin_shutdown(now, sig),
+                SIGUSR1 => self.log_live(),
+                SIGHUP => info!("SIGHUP: nothing to reopen"),
+                _ => {}
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, now: Instant, sig: i32) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        info!(signal = sig, live = self.live, "stopping: no new peers, delivering bytes in flight");
+        if let Some(l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&l.raw_fd()));
+            // Dropping the listener closes it and removes the socket file it created.
+        }
+        self.shutdown_deadline = Some(now + self.cfg.shutdown_timeout);
+        let slots: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_some()).collect();
+        for slot in slots {
+            self.advance(slot, now);
+        }
+    }
+
+    fn log_live(&self) {
+        info!(live = self.live, totals = ?self.totals, "SIGUSR1: live connections follow");
+        for s in self.slots.iter().flatten() {
+            let c = &s.conn;
+            let _e = s.span.enter();
+            info!(
+                l2c_bytes = c.pump(0).stats.bytes,
+                c2l_bytes = c.pump(1).stats.bytes,
+                l2c_transit_us = %percentiles_us(&c.metrics[0].transit_ns),
+                c2l_transit_us = %percentiles_us(&c.metrics[1].transit_ns),
+                l2c_turnaround_us = %percentiles_us(&c.metrics[0].turnaround_ns),
+                c2l_turnaround_us = %percentiles_us(&c.metrics[1].turnaround_ns),
+                "live"
+            );
+        }
+    }
+}
+
+fn end_name(end: &End) -> &'static str {
+    match end {
+        End::Finished => "finished",
+        End::Drained => "drained",
+        End::DialFailed(_) => "dial-failed",
+        End::DialTimeout(_) => "dial-timeout",
+        End::Failed { .. } => "failed",
+    }
+}

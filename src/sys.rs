@@ -1,0 +1,90 @@
+//! Where `unsafe` lives: thin syscall wrappers returning `io::Result` and `OwnedFd`.
+//!
+//! Everything else in the crate is safe code. Each block says who owns the fds it touches.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl};
+
+fn io_err(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// A kernel pipe: both ends non-blocking and close-on-exec.
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    /// The capacity the kernel granted (F_GETPIPE_SZ after F_SETPIPE_SZ), in bytes.
+    pub capacity_bytes: usize,
+}
+
+impl Pipe {
+    /// Creates a pipe and asks for `wanted_bytes`; the kernel's answer is the capacity.
+    /// Asking for more than /proc/sys/fs/pipe-max-size fails for unprivileged users: the pipe
+    /// then keeps the size it has, which is still correct, only smaller.
+    pub fn new(wanted_bytes: usize) -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io_err)?;
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(wanted_bytes as libc::c_int));
+        let capacity_bytes = fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_err(io_err)? as usize;
+        Ok(Pipe { read, write, capacity_bytes })
+    }
+}
+
+/// Moves up to `len` bytes between two fds, one of which is a pipe, without copying them
+/// through user space. Never blocks on the pipe; the socket side must itself be O_NONBLOCK
+/// (SPLICE_F_NONBLOCK alone does not make a socket read non-blocking on every kernel).
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    nix::fcntl::splice(from, None, to, None, len, SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK)
+        .map_err(io_err)
+}
+
+/// read(2) on any fd.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    nix::unistd::read(fd, buf).map_err(io_err)
+}
+
+/// write(2) on any fd. Writes to sockets go through `send` in the socket code instead so they
+/// carry MSG_NOSIGNAL; this is for pipes.
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    nix::unistd::write(fd, buf).map_err(io_err)
+}
+
+/// Ignores SIGPIPE process-wide: splice(2) into a closed socket has no MSG_NOSIGNAL, and a
+/// signal must never kill the relay where an EPIPE would do.
+pub fn ignore_sigpipe() -> io::Result<()> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety concern;
+    // it only replaces the disposition of SIGPIPE for this process.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) }.map(|_| ()).map_err(io_err)
+}
+
+/// Takes ownership of an fd handed over by the service manager (LISTEN_FDS).
+///
+/// Returns an error unless `fd` is open. The caller must be the only owner of `fd`: the
+/// service-manager protocol passes each fd once and nothing else in this process holds it.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    fcntl_check_open(fd)?;
+    // SAFETY: the fd is open (checked above) and was passed to this process by the service
+    // manager for it to own; nothing else in the process refers to it, so making it an
+    // OwnedFd transfers the one ownership there is.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fcntl_check_open(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFD reads the descriptor flags and has no effect on the fd or memory;
+    // it fails with EBADF if the fd is not open, which is what we want to learn.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    fcntl(borrowed, FcntlArg::F_GETFD).map(|_| ()).map_err(io_err)
+}
+
+/// Counts this process's open fds (for leak tests and the stats).
+pub fn open_fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
+}
+
+/// Borrow helper so callers can pass `&OwnedFd` or `&Socket` uniformly.
+pub fn fd<T: AsFd>(t: &T) -> BorrowedFd<'_> {
+    t.as_fd()
+}
