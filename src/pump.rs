@@ -409,7 +409,18 @@ mod tests {
             if d.is_empty() {
                 return Ok(0);
             }
-            sys::write(pipe, &d)
+            // Like a socket, bytes the pipe cannot take stay in the source.
+            let n = match sys::write(pipe, &d) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.reads.borrow_mut().push_front(Step::Data(d));
+                    return Err(e);
+                }
+            };
+            if n < d.len() {
+                self.reads.borrow_mut().push_front(Step::Data(d[n..].to_vec()));
+            }
+            Ok(n)
         }
         fn splice_from_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
             if let Some(e) = self.splice_err {
@@ -467,8 +478,9 @@ mod tests {
             p.run(&src, &dst, true).unwrap();
             assert!(p.blocked_on_dst());
             assert_eq!(dst.written.borrow().len(), 1000);
-            // The store is full: the pump must not read more than it can hold.
-            assert_eq!(p.fill(), p.capacity_bytes());
+            // The pump never holds more than its store can (a one-page pipe may also run out of
+            // slots before it runs out of bytes: the pump then waits for the drain).
+            assert!(p.fill() <= p.capacity_bytes() && p.fill() >= 2000);
             // Destination drains: every byte arrives, in order, exactly once.
             p.dst_writable = true;
             p.src_readable = true;
