@@ -304,21 +304,24 @@ impl TryFrom<RelayArgs> for Config {
                     problem!(p, allow_any_cid, "only applies to a vsock listener, not {kind}");
                 }
             }
+            // "Given" rather than "parsed": a rule that failed to parse was already reported.
+            let ip_given = items(&a.allow_ip).next().is_some();
+            let cid_given = items(&a.allow_cid).next().is_some();
             match kind {
-                "tcp" if policy.nets.is_empty() && !policy.any_ip => problem!(
+                "tcp" if !ip_given && !policy.any_ip => problem!(
                     p,
                     allow_ip,
                     "a tcp listener needs an allow-list (--allow-ip CIDR), or --allow-any-ip to admit every address"
                 ),
-                "tcp" if !policy.nets.is_empty() && policy.any_ip => {
+                "tcp" if ip_given && policy.any_ip => {
                     problem!(p, allow_any_ip, "contradicts --allow-ip; give one or the other")
                 }
-                "vsock" if policy.cids.is_empty() && !policy.any_cid => problem!(
+                "vsock" if !cid_given && !policy.any_cid => problem!(
                     p,
                     allow_cid,
                     "a vsock listener needs an allow-list (--allow-cid CID), or --allow-any-cid to admit every CID"
                 ),
-                "vsock" if !policy.cids.is_empty() && policy.any_cid => {
+                "vsock" if cid_given && policy.any_cid => {
                     problem!(p, allow_any_cid, "contradicts --allow-cid; give one or the other")
                 }
                 "unix" if policy.uids.is_empty() && policy.gids.is_empty() => {

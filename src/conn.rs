@@ -60,6 +60,17 @@ pub enum End {
     },
 }
 
+/// Why a session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot configure the accepted socket: {0}")]
+    Socket(io::Error),
+    #[error("cannot reach the far side: {0}")]
+    Dial(io::Error),
+    #[error("cannot create a pipe: {0}")]
+    Pipe(io::Error),
+}
+
 /// What `advance` concluded.
 #[derive(Debug)]
 pub enum Step {
@@ -86,11 +97,11 @@ pub struct Conn {
 
 impl Conn {
     /// Takes an admitted peer and starts dialling the far side.
-    pub fn new(id: u64, peer: Peer, accepted: Socket, cfg: &Config, now: Instant) -> io::Result<Conn> {
+    pub fn new(id: u64, peer: Peer, accepted: Socket, cfg: &Config, now: Instant) -> Result<Conn, SetupError> {
         if peer_is_tcp(&peer) {
-            accepted.set_tcp_nodelay(true)?;
+            accepted.set_tcp_nodelay(true).map_err(SetupError::Socket)?;
         }
-        let dialled = dial::start(&cfg.connect)?;
+        let dialled = dial::start(&cfg.connect).map_err(SetupError::Dial)?;
         if cfg.busy_poll_us > 0 {
             for s in [&accepted, &dialled] {
                 // Best effort: SO_BUSY_POLL is refused on some socket families.
@@ -98,8 +109,8 @@ impl Conn {
             }
         }
         let pumps = [
-            Pump::new(cfg.move_mode, cfg.pipe_size_bytes, DIRECTION_NAMES[0])?,
-            Pump::new(cfg.move_mode, cfg.pipe_size_bytes, DIRECTION_NAMES[1])?,
+            Pump::new(cfg.move_mode, cfg.pipe_size_bytes, DIRECTION_NAMES[0]).map_err(SetupError::Pipe)?,
+            Pump::new(cfg.move_mode, cfg.pipe_size_bytes, DIRECTION_NAMES[1]).map_err(SetupError::Pipe)?,
         ];
         Ok(Conn {
             id,

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::access::{self, Verdict};
 use crate::config::Config;
-use crate::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, Step};
+use crate::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
 use crate::error::StartError;
 use crate::listener::Listener;
 use crate::metrics::percentiles_us;
@@ -233,8 +233,12 @@ impl Relay {
             let conn = match Conn::new(id, peer, sock, &self.cfg, now) {
                 Ok(c) => c,
                 Err(e) => {
-                    self.totals.dial_failed += 1;
-                    warn!(id, %peer, target = %self.cfg.connect, error = %e, "cannot dial; closing the peer");
+                    if matches!(e, SetupError::Dial(_)) {
+                        self.totals.dial_failed += 1;
+                    } else {
+                        self.totals.failed += 1;
+                    }
+                    warn!(id, %peer, target = %self.cfg.connect, "{e}; closing the peer");
                     continue;
                 }
             };

@@ -1,0 +1,369 @@
+//! The data path against real sockets: every pair of endpoint kinds this host can run, 256 MiB
+//! each way at once with random write sizes, checked byte for byte at both ends; splice proven
+//! by the relay's own per-strategy counters; half-close, reset, backpressure, far side down.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::peers::bulk::{self, BulkSpec};
+use kvmi_relay::peers::net;
+use util::*;
+
+const BULK_BYTES: u64 = 256 << 20;
+
+fn allow_args(listen: &Endpoint) -> Vec<String> {
+    match listen {
+        Endpoint::Tcp(_) => vec!["--allow-ip=127.0.0.1/32,::1/128".into()],
+        _ => vec![],
+    }
+}
+
+/// Runs a full bidirectional transfer client → relay → server and returns the relay's close line.
+fn bulk_through(listen: Endpoint, connect: Endpoint, extra: &[&str], bytes: u64) -> String {
+    let server_listener = net::listen(&connect).expect("server listens");
+    let server = std::thread::spawn(move || {
+        let sock = net::accept(&server_listener).expect("server accepts");
+        bulk::run(
+            sock,
+            BulkSpec { send_bytes: bytes, expect_bytes: bytes, send_seed: 2, expect_seed: 1, max_write_bytes: 100_000 },
+        )
+    });
+    let mut args = vec![format!("--listen={listen}"), format!("--connect={connect}")];
+    args.extend(allow_args(&listen));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut relay = Relay::start(&args);
+
+    let client = net::connect(&listen).expect("client dials the relay");
+    let started = Instant::now();
+    let mine = bulk::run(
+        client,
+        BulkSpec { send_bytes: bytes, expect_bytes: bytes, send_seed: 1, expect_seed: 2, max_write_bytes: 100_000 },
+    );
+    let theirs = server.join().expect("server thread");
+    let mine = mine.unwrap_or_else(|e| panic!("client side: {e}\n{}", relay.log()));
+    let theirs = theirs.unwrap_or_else(|e| panic!("server side: {e}\n{}", relay.log()));
+    assert_eq!((mine.sent, mine.received, theirs.sent, theirs.received), (bytes, bytes, bytes, bytes));
+    eprintln!("{listen} -> {connect}: {} MiB each way in {:.2} s", bytes >> 20, started.elapsed().as_secs_f64());
+
+    let log = relay.wait_log("closed", Duration::from_secs(10));
+    let (status, _) = relay.stop();
+    assert!(status.success(), "relay exit {status}:\n{log}");
+    if let Endpoint::Unix(p) = &listen {
+        assert!(!p.exists(), "the listening socket file must be removed on a clean exit");
+    }
+    let closed = closed_lines(&log);
+    assert_eq!(closed.len(), 1, "one session, one close line:\n{log}");
+    let line = closed[0].clone();
+    assert!(line.contains("end=\"finished\""), "{line}");
+    assert_eq!(field_u64(&line, "l2c_bytes"), bytes, "{line}");
+    assert_eq!(field_u64(&line, "c2l_bytes"), bytes, "{line}");
+    line
+}
+
+fn unix(dir: &tempfile::TempDir, name: &str) -> Endpoint {
+    Endpoint::Unix(dir.path().join(name))
+}
+
+fn tcp4() -> Endpoint {
+    Endpoint::Tcp(format!("127.0.0.1:{}", free_port()).parse().unwrap())
+}
+
+fn tcp6() -> Endpoint {
+    let l = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
+    Endpoint::Tcp(l.local_addr().unwrap())
+}
+
+/// The relay's counters say every byte went through splice.
+fn assert_all_spliced(line: &str) {
+    for d in ["l2c", "c2l"] {
+        assert_eq!(field_u64(line, &format!("{d}_splice_bytes")), field_u64(line, &format!("{d}_bytes")), "{line}");
+        assert_eq!(field_u64(line, &format!("{d}_copy_bytes")), 0, "{line}");
+    }
+}
+
+#[test]
+fn unix_to_unix_256mib_each_way_spliced() {
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), unix(&d, "server.sock"), &[], BULK_BYTES);
+    assert_all_spliced(&line);
+}
+
+#[test]
+fn unix_to_tcp4_256mib_each_way_spliced() {
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &[], BULK_BYTES);
+    assert_all_spliced(&line);
+}
+
+#[test]
+fn tcp4_to_unix_256mib_each_way_spliced() {
+    let d = tmpdir();
+    let line = bulk_through(tcp4(), unix(&d, "server.sock"), &[], BULK_BYTES);
+    assert_all_spliced(&line);
+}
+
+#[test]
+fn tcp6_to_tcp4_256mib_each_way_spliced() {
+    let line = bulk_through(tcp6(), tcp4(), &[], BULK_BYTES);
+    assert_all_spliced(&line);
+}
+
+#[test]
+fn tcp4_to_tcp6_256mib_each_way_spliced() {
+    let line = bulk_through(tcp4(), tcp6(), &[], BULK_BYTES);
+    assert_all_spliced(&line);
+}
+
+#[test]
+fn forced_copy_mode_moves_everything_by_copy() {
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &["--move=copy"], 32 << 20);
+    for dir in ["l2c", "c2l"] {
+        assert_eq!(field_u64(&line, &format!("{dir}_copy_bytes")), 32 << 20, "{line}");
+        assert_eq!(field_u64(&line, &format!("{dir}_splice_bytes")), 0, "{line}");
+    }
+}
+
+#[test]
+fn small_pipe_and_tiny_writes_still_deliver_in_order() {
+    // A one-page pipe runs out of slots long before it runs out of bytes: the pump must wait for
+    // the drain and never lose track of bytes still in the socket.
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), unix(&d, "server.sock"), &["--pipe-size=4096"], 16 << 20);
+    assert_all_spliced(&line);
+}
+
+/// Relay unix:relay.sock → unix:server.sock with a server listener the test drives by hand.
+fn manual_pair(d: &tempfile::TempDir) -> (Relay, socket2::Socket, Endpoint) {
+    let server_ep = unix(d, "server.sock");
+    let server_listener = net::listen(&server_ep).unwrap();
+    let relay_ep = unix(d, "relay.sock");
+    let relay = Relay::start(&[&format!("--listen={relay_ep}"), &format!("--connect={server_ep}")]);
+    (relay, server_listener, relay_ep)
+}
+
+#[test]
+fn half_close_travels_and_the_other_direction_keeps_flowing() {
+    let d = tmpdir();
+    let (mut relay, server_listener, relay_ep) = manual_pair(&d);
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+
+    // Client says its piece and half-closes.
+    (&client).write_all(b"request").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    // The server sees the bytes, then EOF...
+    let mut got = Vec::new();
+    (&server).read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"request");
+    // ...and only then answers with 8 MiB: the reverse direction must still flow.
+    let answer: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let s = server.try_clone().unwrap();
+        let a = answer.clone();
+        std::thread::spawn(move || {
+            (&s).write_all(&a).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    (&client).read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == answer, "reverse direction after a half-close lost or changed bytes");
+    let log = relay.wait_log("closed", Duration::from_secs(5));
+    assert!(log.contains("end=\"finished\""), "{log}");
+}
+
+#[test]
+fn half_close_from_the_far_side_travels_back() {
+    let d = tmpdir();
+    let (mut relay, server_listener, relay_ep) = manual_pair(&d);
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    (&server).write_all(b"event").unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    (&client).read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"event");
+    (&client).write_all(b"reply after EOF").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut r = Vec::new();
+    (&server).read_to_end(&mut r).unwrap();
+    assert_eq!(r, b"reply after EOF");
+    relay.wait_log("end=\"finished\"", Duration::from_secs(5));
+}
+
+#[test]
+fn reset_mid_stream_tears_the_pair_down_and_the_next_session_works() {
+    let d = tmpdir();
+    let (mut relay, server_listener, relay_ep) = manual_pair(&d);
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    (&client).write_all(&[1u8; 1000]).unwrap();
+    let mut buf = [0u8; 1000];
+    (&server).read_exact(&mut buf).unwrap();
+    // A UNIX socket closed with unread data resets its peer.
+    (&server).write_all(&[2u8; 5000]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(client);
+    server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let r = (&server).read_to_end(&mut rest);
+    assert!(t.elapsed() < Duration::from_secs(2), "the far side must learn at once, not after a timeout");
+    assert!(r.is_err() || rest.is_empty(), "no byte may arrive after the reset: {r:?} {}", rest.len());
+    relay.wait_log("closed end=\"failed\"", Duration::from_secs(5));
+
+    // The relay keeps serving.
+    let client2 = net::connect(&relay_ep).unwrap();
+    let server2 = net::accept(&server_listener).unwrap();
+    (&client2).write_all(b"again").unwrap();
+    let mut b = [0u8; 5];
+    (&server2).read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"again");
+}
+
+#[test]
+fn tcp_reset_reaches_the_other_side_as_a_reset() {
+    let port = free_port();
+    let server_ep: Endpoint = format!("tcp:127.0.0.1:{port}").parse_ep();
+    let server_listener = net::listen(&server_ep).unwrap();
+    let d = tmpdir();
+    let relay_ep = unix(&d, "relay.sock");
+    let mut relay = Relay::start(&[&format!("--listen={relay_ep}"), &format!("--connect={server_ep}")]);
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    (&client).write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    (&server).read_exact(&mut b).unwrap();
+    // The TCP server resets; the UNIX client must see its session end at once.
+    server.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(server);
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let _ = (&client).read_to_end(&mut rest);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(rest.is_empty());
+    relay.wait_log("end=\"failed\"", Duration::from_secs(5));
+}
+
+trait ParseEp {
+    fn parse_ep(&self) -> Endpoint;
+}
+impl ParseEp for String {
+    fn parse_ep(&self) -> Endpoint {
+        Endpoint::parse(self).unwrap()
+    }
+}
+
+#[test]
+fn a_stalled_reader_blocks_only_its_own_direction() {
+    let d = tmpdir();
+    let (mut relay, server_listener, relay_ep) = manual_pair(&d);
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    // The client floods the server, which reads nothing: buffers and the pipe fill up.
+    let flooder = {
+        let c = client.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 16];
+            let mut sent = 0usize;
+            c.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+            while (&c).write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // Meanwhile the server → client direction must keep flowing: 16 MiB of events.
+    let events = vec![9u8; 16 << 20];
+    let sender = {
+        let s = server.try_clone().unwrap();
+        let e = events.clone();
+        std::thread::spawn(move || (&s).write_all(&e).unwrap())
+    };
+    let mut got = vec![0u8; events.len()];
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&client).read_exact(&mut got).expect("the reverse direction must not stall");
+    sender.join().unwrap();
+    assert!(got == events);
+    let flooded = flooder.join().unwrap();
+    // Now the server reads: everything the flooder got into the relay arrives, nothing lost.
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    loop {
+        match (&server).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert!(buf[..n].iter().all(|&b| b == 7));
+                total += n;
+            }
+            Err(e) => panic!("server read: {e}"),
+        }
+    }
+    assert!(total >= flooded, "the server got {total} bytes but the client wrote {flooded}");
+    drop(server);
+    relay.wait_log("closed", Duration::from_secs(5));
+}
+
+#[test]
+fn far_side_down_at_dial_time_closes_the_peer_and_keeps_serving() {
+    let d = tmpdir();
+    let server_ep = unix(&d, "server.sock");
+    let relay_ep = unix(&d, "relay.sock");
+    let mut relay = Relay::start(&[&format!("--listen={relay_ep}"), &format!("--connect={server_ep}")]);
+    let client = net::connect(&relay_ep).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!((&client).read(&mut b).unwrap_or(0), 0, "the peer must be closed when the far side is down");
+    relay.wait_log("cannot reach the far side", Duration::from_secs(5));
+
+    // The far side comes up (as QEMU's reconnect=10 would find it): the next dial works.
+    let server_listener = net::listen(&server_ep).unwrap();
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    (&client).write_all(b"hello").unwrap();
+    let mut got = [0u8; 5];
+    (&server).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+}
+
+#[test]
+fn dial_timeout_closes_the_peer() {
+    // A loopback TCP listener whose accept queue is full drops further SYNs, so the relay's
+    // connect stays pending until its timeout (no address off this host is ever dialled).
+    let d = tmpdir();
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
+    // Fill the backlog (SYNs beyond it are dropped, so the relay's connect stays pending).
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        fillers.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let relay_ep = unix(&d, "relay.sock");
+    let mut relay =
+        Relay::start(&[&format!("--listen={relay_ep}"), &format!("--connect=tcp:{addr}"), "--connect-timeout-ms=300"]);
+    let client = net::connect(&relay_ep).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut b = [0u8; 1];
+    let n = (&client).read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0);
+    relay.wait_log("dial timed out", Duration::from_secs(2));
+    assert!(t.elapsed() >= Duration::from_millis(250), "closed before the timeout");
+}

@@ -1,0 +1,166 @@
+//! Start-up: bad input ends with one line naming the flag, exit code 2 and nothing created on
+//! disk; stale socket files are replaced, live ones and non-sockets never touched.
+
+mod util;
+
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+
+use util::*;
+
+/// Runs a start-up that must fail; returns stderr after checking exit code 2, a message of
+/// exactly one line, and that the listen path was not created.
+fn refused(args: &[&str], listen_path: Option<&std::path::Path>) -> String {
+    let (code, _out, err) = run(args);
+    assert_eq!(code, 2, "exit code for {args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line for one problem: {err}");
+    assert!(err.starts_with("kvmi-relay: "), "{err}");
+    if let Some(p) = listen_path {
+        assert!(!p.exists(), "{} was created although start-up failed", p.display());
+    }
+    err
+}
+
+#[test]
+fn every_bad_input_is_one_line_exit_2_nothing_created() {
+    let d = tmpdir();
+    let sock = d.path().join("relay.sock");
+    let listen = format!("--listen=unix:{}", sock.display());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![listen.clone(), "--connect=tcp:example.org:7".into()],
+            "--connect (KVMI_RELAY_CONNECT): 'example.org' is not an IP address",
+        ),
+        (vec![listen.clone(), "--connect=udp:1.2.3.4:5".into()], "unknown endpoint kind 'udp'"),
+        (
+            vec!["--listen=tcp:127.0.0.1:1".into(), "--allow-ip=10.0.0.0/33".into(), "--connect=unix:/x".into()],
+            "--allow-ip (KVMI_RELAY_ALLOW_IP): '10.0.0.0/33' is not a CIDR",
+        ),
+        (
+            vec![listen.clone(), "--allow-uid=no-such-user-kvmi".into(), "--connect=unix:/x".into()],
+            "--allow-uid (KVMI_RELAY_ALLOW_UID): unknown user 'no-such-user-kvmi'",
+        ),
+        (vec![listen.clone(), "--socket-group=no-such-group-kvmi".into(), "--connect=unix:/x".into()], "unknown group"),
+        (
+            vec!["--listen=unix:/nonexistent-kvmi/dir/r.sock".into(), "--connect=unix:/x".into()],
+            "parent directory /nonexistent-kvmi/dir of the socket does not exist",
+        ),
+        (vec![listen.clone(), "--socket-mode=0666".into(), "--connect=unix:/x".into()], "world-writable"),
+        (vec![listen.clone(), "--connect=vsock:5".into()], "has no CID"),
+        (vec!["--listen=tcp:127.0.0.1:1".into(), "--connect=unix:/x".into()], "a tcp listener needs an allow-list"),
+        (vec!["--listen=vsock:5000".into(), "--connect=unix:/x".into()], "a vsock listener needs an allow-list"),
+        (
+            vec![listen.clone(), "--max-conns=lots".into(), "--connect=unix:/x".into()],
+            "--max-conns (KVMI_RELAY_MAX_CONNS): 'lots' is not a valid number",
+        ),
+        (vec![listen.clone()], "--connect (KVMI_RELAY_CONNECT): missing"),
+        (
+            vec![listen.clone(), "--connect=unix:/x".into(), "--allow-ip=127.0.0.1".into()],
+            "--allow-ip (KVMI_RELAY_ALLOW_IP): only applies to a tcp listener",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = refused(&args, Some(&sock));
+        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+    }
+}
+
+#[test]
+fn the_environment_configures_an_instance_and_is_named_in_errors() {
+    let out = std::process::Command::new(BIN)
+        .env("KVMI_RELAY_LISTEN", "tcp:127.0.0.1:7")
+        .env("KVMI_RELAY_ALLOW_IP", "10.0.0.0/33")
+        .env("KVMI_RELAY_CONNECT", "unix:/run/kvmi/one-7.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("KVMI_RELAY_ALLOW_IP"), "{err}");
+
+    let ok = std::process::Command::new(BIN)
+        .arg("--check")
+        .env("KVMI_RELAY_LISTEN", "tcp:127.0.0.1:7")
+        .env("KVMI_RELAY_ALLOW_IP", "198.51.100.4/32, 10.0.0.0/8")
+        .env("KVMI_RELAY_CONNECT", "unix:/run/kvmi/one-7.sock")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[test]
+fn check_reports_every_problem_and_binds_nothing() {
+    let d = tmpdir();
+    let sock = d.path().join("relay.sock");
+    let (code, _, err) = run(&[
+        "--check",
+        &format!("--listen=unix:{}", sock.display()),
+        "--allow-uid=no-such-user-kvmi",
+        "--socket-mode=0777",
+        "--connect=tcp:nowhere:1",
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 3, "three problems, three lines:\n{err}");
+    assert!(!sock.exists());
+    let (code, out, _) = run(&["--check", &format!("--listen=unix:{}", sock.display()), "--connect=tcp:127.0.0.1:7"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("configuration ok"));
+    assert!(!sock.exists(), "--check must not bind");
+}
+
+#[test]
+fn port_in_use_is_refused_with_the_flag_named() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let err = refused(&[&format!("--listen=tcp:127.0.0.1:{port}"), "--allow-any-ip", "--connect=unix:/x"], None);
+    assert!(err.contains(&format!("--listen tcp:127.0.0.1:{port}: cannot bind")), "{err}");
+    assert!(err.contains("in use"), "{err}");
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let d = tmpdir();
+    let p = d.path().join("relay.sock");
+    drop(UnixListener::bind(&p).unwrap()); // a dead instance's leftover
+    assert!(p.exists());
+    let relay = Relay::start(&[&format!("--listen=unix:{}", p.display()), "--connect=unix:/nonexistent"]);
+    std::os::unix::net::UnixStream::connect(&p).expect("the new relay answers on the replaced path");
+    let (st, _) = relay.stop();
+    assert!(st.success());
+}
+
+#[test]
+fn a_live_socket_is_never_unlinked() {
+    let d = tmpdir();
+    let p = d.path().join("relay.sock");
+    let live = UnixListener::bind(&p).unwrap();
+    let err = refused(&[&format!("--listen=unix:{}", p.display()), "--connect=unix:/nonexistent"], None);
+    assert!(err.contains("is a live socket"), "{err}");
+    // Still the same, still answering.
+    std::os::unix::net::UnixStream::connect(&p).expect("the live listener must survive");
+    live.set_nonblocking(true).unwrap();
+    assert!(live.accept().is_ok());
+}
+
+#[test]
+fn a_regular_file_at_the_path_is_left_alone() {
+    let d = tmpdir();
+    let p = d.path().join("relay.sock");
+    std::fs::write(&p, b"precious").unwrap();
+    let err = refused(&[&format!("--listen=unix:{}", p.display()), "--connect=unix:/nonexistent"], None);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&p).unwrap(), b"precious");
+}
+
+#[test]
+fn sigterm_and_sigint_exit_0_and_remove_the_socket() {
+    for sig in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+        let d = tmpdir();
+        let p = d.path().join("relay.sock");
+        let mut relay = Relay::start(&[&format!("--listen=unix:{}", p.display()), "--connect=unix:/nonexistent"]);
+        relay.signal(sig);
+        let (st, log) = relay.wait_exit(Duration::from_secs(5));
+        assert!(st.success(), "{sig}: {st}\n{log}");
+        assert!(!p.exists());
+    }
+}

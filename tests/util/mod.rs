@@ -1,0 +1,188 @@
+//! Helpers shared by the integration tests: run the real binary, read its log, talk to it over
+//! real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kvmi-relay");
+
+/// A relay process whose stderr is collected line by line.
+pub struct Relay {
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts the relay and waits until it logs that it listens.
+    pub fn start(args: &[&str]) -> Relay {
+        Relay::start_with(Command::new(BIN).args(args))
+    }
+
+    pub fn start_with(cmd: &mut Command) -> Relay {
+        let mut r = Relay::spawn(cmd);
+        r.wait_log("listening", Duration::from_secs(10));
+        r
+    }
+
+    /// Starts without waiting for anything.
+    pub fn spawn(cmd: &mut Command) -> Relay {
+        let mut child = cmd
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvmi-relay");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Relay { child, log, reader: Some(reader) }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `needle` (panics with the log after `patience`).
+    pub fn wait_log(&mut self, needle: &str, patience: Duration) -> String {
+        self.wait_log_count(needle, 1, patience)
+    }
+
+    /// Waits until `needle` appears `n` times.
+    pub fn wait_log_count(&mut self, needle: &str, n: usize, patience: Duration) -> String {
+        let deadline = Instant::now() + patience;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return log;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Give the reader a moment to collect the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                let log = self.log();
+                if log.matches(needle).count() >= n {
+                    return log;
+                }
+                panic!("relay exited ({st}) before logging {needle:?} x{n}:\n{log}");
+            }
+            if Instant::now() > deadline {
+                panic!("relay did not log {needle:?} x{n} within {patience:?}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal relay");
+    }
+
+    /// SIGTERM, then waits (at most `patience`) for the exit; returns status and full log.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    pub fn wait_exit(&mut self, patience: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + patience;
+        let st = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("relay did not exit within {patience:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        (st, self.log())
+    }
+
+    /// Open fds of the relay process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("read relay fds").count()
+    }
+
+    /// User + system CPU time of the relay, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read stat");
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion (for bad-input and `--check` cases).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).env_remove("RUST_LOG").output().expect("run kvmi-relay");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("kvmi-relay-test-").tempdir().expect("tempdir")
+}
+
+pub fn path_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// A field `name=VALUE` from a log line.
+pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=");
+    let at = line.find(&key)? + key.len();
+    let rest = &line[at..];
+    Some(rest.split_whitespace().next().unwrap_or("").trim_matches('"'))
+}
+
+pub fn field_u64(line: &str, name: &str) -> u64 {
+    field(line, name).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric {name} in {line}"))
+}
+
+/// The session close lines in a log.
+pub fn closed_lines(log: &str) -> Vec<String> {
+    log.lines().filter(|l| l.contains(" closed ")).map(str::to_string).collect()
+}
+
+/// Dials a TCP address from a chosen source address (127.x.y.z works for allow-list tests).
+pub fn tcp_from(source: &str, to: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let src: SocketAddr = format!("{source}:0").parse().expect("source address");
+    let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+    s.bind(&src.into())?;
+    s.connect(&to.into())?;
+    Ok(s)
+}
