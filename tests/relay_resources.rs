@@ -1,0 +1,196 @@
+//! Resources and lifecycle: no fd leak over thousands of admitted and refused peers; out of fds
+//! the relay neither spins nor dies and recovers; SIGTERM delivers what is in the pipes.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::peers::{data, net, pingpong};
+use util::*;
+
+fn echo_server(dir: &std::path::Path) -> Endpoint {
+    let ep = Endpoint::Unix(dir.join("echo.sock"));
+    let l = net::listen(&ep).unwrap();
+    std::thread::spawn(move || {
+        while let Ok(s) = net::accept(&l) {
+            std::thread::spawn(move || {
+                let _ = pingpong::echo(&s);
+            });
+        }
+    });
+    ep
+}
+
+fn wait_fds(relay: &Relay, want: usize, patience: Duration) -> usize {
+    let deadline = Instant::now() + patience;
+    loop {
+        let n = relay.fd_count();
+        if n == want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn thousands_of_admitted_and_refused_peers_leak_no_fd() {
+    let d = tmpdir();
+    let echo = echo_server(d.path());
+    let port = free_port();
+    let relay = Relay::start(&[
+        &format!("--listen=tcp:127.0.0.1:{port}"),
+        "--allow-ip=127.0.0.2/32",
+        &format!("--connect={echo}"),
+        // Room for a session that is still closing inside the relay when the client's next
+        // one arrives; the busy refusals below fill all four.
+        "--max-conns=4",
+    ]);
+    let to = format!("127.0.0.1:{port}").parse().unwrap();
+    let baseline = relay.fd_count();
+
+    for i in 0..2000u32 {
+        let s = tcp_from("127.0.0.2", to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (&s).write_all(&i.to_le_bytes()).unwrap();
+        let mut b = [0u8; 4];
+        (&s).read_exact(&mut b).unwrap_or_else(|e| panic!("session {i}: {e}\n{}", relay.log()));
+        assert_eq!(b, i.to_le_bytes());
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!((&s).read(&mut b).unwrap(), 0, "EOF travels back");
+    }
+    for _ in 0..1000 {
+        let s = tcp_from("127.0.0.3", to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!((&s).read(&mut b).unwrap_or(0), 0);
+    }
+    // Over --max-conns: four held sessions, 500 more refused.
+    std::thread::sleep(Duration::from_millis(100));
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let h = tcp_from("127.0.0.2", to).unwrap();
+            (&h).write_all(b"held").unwrap();
+            let mut b = [0u8; 4];
+            (&h).read_exact(&mut b).unwrap();
+            h
+        })
+        .collect();
+    for _ in 0..500 {
+        let s = tcp_from("127.0.0.2", to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!((&s).read(&mut b).unwrap_or(0), 0);
+    }
+    drop(held);
+    let after = wait_fds(&relay, baseline, Duration::from_secs(5));
+    assert_eq!(after, baseline, "open fds before {baseline}, after 3500 peers {after}");
+}
+
+fn cpu_ticks_over(relay: &Relay, window: Duration) -> u64 {
+    let before = relay.cpu_ticks();
+    std::thread::sleep(window);
+    relay.cpu_ticks() - before
+}
+
+#[test]
+fn out_of_fds_it_neither_spins_nor_dies_and_recovers() {
+    let d = tmpdir();
+    let echo = echo_server(d.path());
+    let relay_ep = Endpoint::Unix(d.path().join("relay.sock"));
+    // 24 fds: the relay's own handful plus about two sessions (six fds each: two sockets, two pipes).
+    let relay = Relay::start_with(Command::new("prlimit").args([
+        "--nofile=24:24",
+        BIN,
+        &format!("--listen={relay_ep}"),
+        &format!("--connect={echo}"),
+        "--max-conns=100",
+    ]));
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(net::connect(&relay_ep).expect("the kernel queues the connection"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let ticks = cpu_ticks_over(&relay, Duration::from_secs(1));
+    let hz = 100; // USER_HZ on Linux
+    assert!(ticks < hz / 5, "relay burned {ticks} ticks in 1 s while out of fds:\n{}", relay.log());
+    let log = relay.log();
+    assert!(log.contains("out of resources") || log.contains("cannot create a pipe"), "{log}");
+    assert!(relay.fd_count() <= 24);
+
+    // Clients leave: the relay serves again without a restart.
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = net::connect(&relay_ep).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = (&s).write_all(b"back");
+        let mut b = [0u8; 4];
+        if (&s).read_exact(&mut b).is_ok() && &b == b"back" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "relay did not recover after clients left:\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_delivers_the_bytes_already_in_the_pipes_then_exits_0() {
+    let d = tmpdir();
+    let server_ep = Endpoint::Unix(d.path().join("server.sock"));
+    let server_listener = net::listen(&server_ep).unwrap();
+    let relay_ep = Endpoint::Unix(d.path().join("relay.sock"));
+    let mut relay = Relay::start(&[&format!("--listen={relay_ep}"), &format!("--connect={server_ep}")]);
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+
+    // The server reads nothing yet: the client's bytes pile up in socket buffers and the pipe.
+    let mut stream = data::Stream::new(5);
+    let mut chunk = vec![0u8; 1 << 20];
+    stream.fill(&mut chunk);
+    client.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+    let written = (&client).write(&chunk).unwrap();
+    assert!(written > 0);
+    std::thread::sleep(Duration::from_millis(200));
+
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    // Now the destination drains: everything the relay took must arrive, in order.
+    let mut got = Vec::new();
+    server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&server).read_to_end(&mut got).unwrap();
+    let (st, log) = relay.wait_exit(Duration::from_secs(5));
+    assert!(st.success(), "{log}");
+    let line = closed_lines(&log).pop().unwrap_or_else(|| panic!("no close line:\n{log}"));
+    assert!(line.contains("end=\"drained\""), "{line}");
+    assert_eq!(got.len() as u64, field_u64(&line, "l2c_bytes"), "every byte the relay took was delivered: {line}");
+    assert!(got[..] == chunk[..got.len()], "delivered bytes are the stream's prefix");
+    assert!(field_u64(&line, "l2c_high_water") > 0);
+}
+
+#[test]
+fn sigterm_with_a_destination_that_never_reads_still_exits_within_the_timeout() {
+    let d = tmpdir();
+    let server_ep = Endpoint::Unix(d.path().join("server.sock"));
+    let server_listener = net::listen(&server_ep).unwrap();
+    let relay_ep = Endpoint::Unix(d.path().join("relay.sock"));
+    let mut relay = Relay::start(&[
+        &format!("--listen={relay_ep}"),
+        &format!("--connect={server_ep}"),
+        "--shutdown-timeout-ms=500",
+    ]);
+    let client = net::connect(&relay_ep).unwrap();
+    let _server = net::accept(&server_listener).unwrap();
+    client.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+    let _ = (&client).write(&vec![1u8; 1 << 20]);
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    let (st, log) = relay.wait_exit(Duration::from_secs(5));
+    assert!(st.success(), "{log}");
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(2), "exit after {took:?}");
+    assert!(log.contains("shutdown timeout"), "{log}");
+}
