@@ -29,6 +29,7 @@ use crate::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
 use crate::error::StartError;
 use crate::listener::Listener;
 use crate::metrics::percentiles_us;
+use crate::service::{Notifier, Status};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -80,6 +81,8 @@ pub struct Relay {
     rerun: VecDeque<usize>,
     /// Keep polling without sleeping until then (bounded polling, `--poll-window-us`).
     spin_until: Option<Instant>,
+    /// The service manager's side: readiness, status, watchdog pings from this loop.
+    service: Notifier,
 }
 
 impl Relay {
@@ -103,6 +106,7 @@ impl Relay {
             shutdown_deadline: None,
             rerun: VecDeque::new(),
             spin_until: None,
+            service: Notifier::from_env(),
         })
     }
 
@@ -110,6 +114,7 @@ impl Relay {
     pub fn run(&mut self) -> Result<(), StartError> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut touched: Vec<usize> = Vec::with_capacity(8);
+        self.service.ready(Instant::now(), Status::new(self.live, self.cfg.max_conns, &self.totals));
         loop {
             let timeout = self.next_timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -158,6 +163,8 @@ impl Relay {
             }
 
             self.sweep_timeouts(now);
+            // Watchdog pings come from here, so a loop that stops turning stops pinging.
+            self.service.turn(now, Status::new(self.live, self.cfg.max_conns, &self.totals));
             if self.shutdown_deadline.is_some() && self.live == 0 {
                 info!(totals = ?self.totals, "stopped");
                 return Ok(());
@@ -175,7 +182,11 @@ impl Relay {
             }
         }
         let dial = self.slots.iter().flatten().filter_map(|s| s.conn.deadline());
-        let soonest = dial.chain(self.accept_paused_until).chain(self.shutdown_deadline).min()?;
+        let soonest = dial
+            .chain(self.accept_paused_until)
+            .chain(self.shutdown_deadline)
+            .chain(self.service.next_deadline())
+            .min()?;
         // Round up so that a wake-up lands at or after the deadline, not a hair before it.
         Some(soonest.saturating_duration_since(now) + Duration::from_millis(1))
     }
@@ -243,8 +254,8 @@ impl Relay {
                 }
             };
             self.totals.admitted += 1;
-            let span = tracing::info_span!("conn", id, peer = %peer);
-            span.in_scope(|| info!(target = %self.cfg.connect, "admitted; dialling"));
+            let span = tracing::info_span!("conn", id, peer = %peer, to = %self.cfg.connect);
+            span.in_scope(|| info!("admitted; dialling"));
             let slot = match self.slots.iter().position(Option::is_none) {
                 Some(i) => i,
                 None => {
@@ -411,6 +422,7 @@ impl Relay {
             return;
         }
         info!(signal = sig, live = self.live, "stopping: no new peers, delivering bytes in flight");
+        self.service.stopping(self.live);
         if let Some(l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&l.raw_fd()));
             // Dropping the listener closes it and removes the socket file it created.
