@@ -11,6 +11,8 @@ use crate::config::ConfigErrors;
 pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Activation(#[from] crate::service::ActivationError),
     #[error("--listen {endpoint}: {} is a live socket (something still answers there); refusing to replace it", path.display())]
     LiveSocket { endpoint: String, path: PathBuf },
     #[error("--listen {endpoint}: cannot tell whether {} is still in use: {source}", path.display())]

@@ -6,6 +6,7 @@
 //! - access is decided in `access.rs` (pure functions), identities are gathered in
 //!   `listener.rs`; dialling is `dial.rs`;
 //! - `unsafe` lives in `sys.rs` only;
+//! - systemd (readiness, watchdog, socket activation) is `service.rs`;
 //! - the command line stops at `cli.rs`; `config.rs` is the border to everything else;
 //! - `peers/` holds the fake KVMi peers and test peers; `demo.rs` is `make demo`.
 
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod peers;
 pub mod pump;
 pub mod relay;
+pub mod service;
 pub mod sys;
 
 use std::io::IsTerminal;
@@ -58,7 +60,11 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
             .map_err(|e| StartError::Pin { cpu, source: e.into() })?;
     }
-    let listener = listener::Listener::bind(&cfg)?;
+    // A socket the service manager holds (socket activation) is used instead of binding one.
+    let listener = match service::inherited_listener(&cfg)? {
+        Some(l) => l,
+        None => listener::Listener::bind(&cfg)?,
+    };
     tracing::info!(
         name = %cfg.name,
         listen = %cfg.listen,
