@@ -223,7 +223,7 @@ impl Conn {
                 if let Some(t) = self.arrived[d].take() {
                     self.metrics[d].transit_ns.saturating_record(done.saturating_duration_since(t).as_nanos() as u64);
                 }
-                self.forwarded[d] = Some(done);
+                self.forwarded[d] = Some(run.last_write_began.unwrap_or(done));
             }
         }
 

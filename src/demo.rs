@@ -48,9 +48,25 @@ fn session(listen: &Endpoint, dial: &Endpoint, a: &DemoArgs) -> Result<Session, 
     Ok(Session { intro, hv })
 }
 
-fn free_tcp_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// Reads the port a relay bound from the `bound=tcp:IP:PORT` field of its "listening" line.
+fn wait_for_bound_port(log: &Path, child: &mut Child) -> Result<u16, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(" listening ")) {
+            let port = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("bound=tcp:"))
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok());
+            return port.ok_or_else(|| format!("no bound port in: {line}"));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("relay B exited early ({status}): {text}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err("relay B did not listen within 5 s".into())
 }
 
 fn spawn_relay(args: &[String], log: &Path) -> std::io::Result<Child> {
@@ -110,11 +126,10 @@ fn demo(a: &DemoArgs) -> Result<(), String> {
 fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
     let intro_sock = dir.join("introspector.sock");
     let vm_sock = dir.join("one-7.sock");
-    let port = free_tcp_port().map_err(|e| format!("find a free port: {e}"))?;
     let intro_ep = Endpoint::Unix(intro_sock.clone());
 
     println!("kvmi-relay demo: the network flavor, both hosts on this machine");
-    println!("  fake hypervisor → unix:{} → relay A → tcp:127.0.0.1:{port} → relay B", vm_sock.display());
+    println!("  fake hypervisor → unix:{} → relay A → tcp:127.0.0.1 → relay B", vm_sock.display());
     println!("  → unix:{} → fake introspector", intro_sock.display());
     println!(
         "  workload: {} sequential READ_PHYSICAL (24 B → 4112 B), {} PAUSE_VCPU events (552 B → 24 B)\n",
@@ -125,9 +140,10 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
 
     let b_log = dir.join("relay-b.log");
     let a_log = dir.join("relay-a.log");
-    let relay_b = spawn_relay(
+    // Relay B picks its own port (tcp:127.0.0.1:0) and says which in its "listening" line.
+    let mut relay_b = spawn_relay(
         &[
-            format!("--listen=tcp:127.0.0.1:{port}"),
+            "--listen=tcp:127.0.0.1:0".into(),
             "--allow-ip=127.0.0.1/32".into(),
             format!("--connect=unix:{}", intro_sock.display()),
             "--name=one-7-monitor".into(),
@@ -135,6 +151,14 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
         &b_log,
     )
     .map_err(|e| format!("start relay B: {e}"))?;
+    let port = match wait_for_bound_port(&b_log, &mut relay_b) {
+        Ok(p) => p,
+        Err(e) => {
+            stop(relay_b);
+            return Err(e);
+        }
+    };
+    println!("  relay B listens on tcp:127.0.0.1:{port} (allow-list 127.0.0.1/32)");
     let relay_a = spawn_relay(
         &[
             format!("--listen=unix:{}", vm_sock.display()),
@@ -150,16 +174,9 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
             return Err(format!("start relay A: {e}"));
         }
     };
-    let ready = wait_for_socket(&vm_sock, &mut relay_a);
-    // Relay B says so in its log once it listens (a probe connection would be relayed on).
-    let b_ready = (0..2500).any(|_| {
-        std::thread::sleep(Duration::from_millis(2));
-        std::fs::read_to_string(&b_log).is_ok_and(|t| t.contains("listening"))
-    });
-    let relayed = match (ready, b_ready) {
-        (Ok(()), true) => session(&intro_ep, &Endpoint::Unix(vm_sock.clone()), a),
-        (Err(e), _) => Err(e),
-        (_, false) => Err("relay B did not listen within 5 s".into()),
+    let relayed = match wait_for_socket(&vm_sock, &mut relay_a) {
+        Ok(()) => session(&intro_ep, &Endpoint::Unix(vm_sock.clone()), a),
+        Err(e) => Err(e),
     };
     // Let the probe connection and the session's close reach the logs, then stop both.
     std::thread::sleep(Duration::from_millis(50));

@@ -19,6 +19,7 @@ pub mod dial;
 pub mod endpoint;
 pub mod error;
 pub mod listener;
+pub mod manpage;
 pub mod metrics;
 pub mod peers;
 pub mod pump;
@@ -68,6 +69,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     tracing::info!(
         name = %cfg.name,
         listen = %cfg.listen,
+        bound = %listener.bound(),
         connect = %cfg.connect,
         max_conns = cfg.max_conns,
         "listening"

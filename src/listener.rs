@@ -94,6 +94,19 @@ impl Listener {
         Ok(Listener { socket: s, _file: file })
     }
 
+    /// The address actually bound, as an endpoint (tells the port chosen for `tcp:IP:0`).
+    pub fn bound(&self) -> String {
+        match self.socket.local_addr() {
+            Ok(a) => match (a.as_socket(), a.as_vsock_address(), a.as_pathname()) {
+                (Some(s), _, _) => Endpoint::Tcp(s).to_string(),
+                (_, Some((cid, port)), _) => Endpoint::Vsock { cid, port }.to_string(),
+                (_, _, Some(p)) => Endpoint::Unix(p.to_path_buf()).to_string(),
+                _ => "unknown".into(),
+            },
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }

@@ -20,6 +20,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use tracing::{info, warn};
@@ -92,6 +93,10 @@ pub struct Run {
     pub emptied: bool,
     /// Stopped at the round cap with work left: run again without waiting for an event.
     pub more: bool,
+    /// When the write that emptied the store began. Writing to a local socket can wake its
+    /// reader on this CPU and let it run before the write returns, so "after the write" may
+    /// already be after the peer answered: turnaround is timed from here.
+    pub last_write_began: Option<Instant>,
 }
 
 enum Store {
@@ -239,9 +244,13 @@ impl Pump {
             }
 
             if self.fill > 0 && self.dst_writable {
+                let began = Instant::now();
                 match self.write_to(dst) {
                     Ok(n) => {
                         self.fill -= n;
+                        if self.fill == 0 {
+                            run.last_write_began = Some(began);
+                        }
                         run.written_bytes += n;
                         self.stats.bytes += n as u64;
                         if self.uses_splice() {

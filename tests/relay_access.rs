@@ -89,13 +89,9 @@ fn allow_gid_admits_a_member_of_the_group() {
 fn tcp_allow_list_admits_127_0_0_2_and_refuses_127_0_0_3() {
     let d = tmpdir();
     let echo = echo_server(d.path());
-    let port = free_port();
-    let mut relay = Relay::start(&[
-        &format!("--listen=tcp:127.0.0.1:{port}"),
-        "--allow-ip=127.0.0.2/32",
-        &format!("--connect={echo}"),
-    ]);
-    let to = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut relay =
+        Relay::start(&["--listen=tcp:127.0.0.1:0", "--allow-ip=127.0.0.2/32", &format!("--connect={echo}")]);
+    let to = relay.bound_tcp();
 
     let ok = tcp_from("127.0.0.2", to).unwrap();
     ok.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -121,10 +117,8 @@ fn tcp_allow_list_admits_127_0_0_2_and_refuses_127_0_0_3() {
 fn mapped_ipv4_on_a_dual_stack_listener_is_judged_as_ipv4() {
     let d = tmpdir();
     let echo = echo_server(d.path());
-    let port = free_port();
-    let mut relay =
-        Relay::start(&[&format!("--listen=tcp:[::]:{port}"), "--allow-ip=127.0.0.2/32", &format!("--connect={echo}")]);
-    let to = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut relay = Relay::start(&["--listen=tcp:[::]:0", "--allow-ip=127.0.0.2/32", &format!("--connect={echo}")]);
+    let to = format!("127.0.0.1:{}", relay.bound_tcp().port()).parse().unwrap();
     let bad = tcp_from("127.0.0.3", to).unwrap();
     bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = (&bad).write_all(b"x");

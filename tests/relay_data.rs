@@ -23,8 +23,13 @@ fn allow_args(listen: &Endpoint) -> Vec<String> {
 }
 
 /// Runs a full bidirectional transfer client → relay → server and returns the relay's close line.
+/// TCP endpoints may say port 0: the server's listener and the relay pick ephemeral ports.
 fn bulk_through(listen: Endpoint, connect: Endpoint, extra: &[&str], bytes: u64) -> String {
     let server_listener = net::listen(&connect).expect("server listens");
+    let connect = match connect {
+        Endpoint::Tcp(_) => Endpoint::Tcp(server_listener.local_addr().unwrap().as_socket().unwrap()),
+        other => other,
+    };
     let server = std::thread::spawn(move || {
         let sock = net::accept(&server_listener).expect("server accepts");
         bulk::run(
@@ -37,6 +42,10 @@ fn bulk_through(listen: Endpoint, connect: Endpoint, extra: &[&str], bytes: u64)
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut relay = Relay::start(&args);
+    let listen = match listen {
+        Endpoint::Tcp(_) => Endpoint::Tcp(relay.bound_tcp()),
+        other => other,
+    };
 
     let client = net::connect(&listen).expect("client dials the relay");
     let started = Instant::now();
@@ -70,12 +79,11 @@ fn unix(dir: &tempfile::TempDir, name: &str) -> Endpoint {
 }
 
 fn tcp4() -> Endpoint {
-    Endpoint::Tcp(format!("127.0.0.1:{}", free_port()).parse().unwrap())
+    Endpoint::Tcp("127.0.0.1:0".parse().unwrap())
 }
 
 fn tcp6() -> Endpoint {
-    let l = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
-    Endpoint::Tcp(l.local_addr().unwrap())
+    Endpoint::Tcp("[::1]:0".parse().unwrap())
 }
 
 /// The relay's counters say every byte went through splice.
@@ -230,9 +238,8 @@ fn reset_mid_stream_tears_the_pair_down_and_the_next_session_works() {
 
 #[test]
 fn tcp_reset_reaches_the_other_side_as_a_reset() {
-    let port = free_port();
-    let server_ep: Endpoint = format!("tcp:127.0.0.1:{port}").parse_ep();
-    let server_listener = net::listen(&server_ep).unwrap();
+    let (server_listener, addr) = tcp_listener("127.0.0.1");
+    let server_ep = Endpoint::Tcp(addr);
     let d = tmpdir();
     let relay_ep = unix(&d, "relay.sock");
     let mut relay = Relay::start(&[&format!("--listen={relay_ep}"), &format!("--connect={server_ep}")]);
@@ -251,15 +258,6 @@ fn tcp_reset_reaches_the_other_side_as_a_reset() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert!(rest.is_empty());
     relay.wait_log("end=\"failed\"", Duration::from_secs(5));
-}
-
-trait ParseEp {
-    fn parse_ep(&self) -> Endpoint;
-}
-impl ParseEp for String {
-    fn parse_ep(&self) -> Endpoint {
-        Endpoint::parse(self).unwrap()
-    }
 }
 
 #[test]

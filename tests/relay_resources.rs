@@ -39,16 +39,15 @@ fn wait_fds(relay: &Relay, want: usize, patience: Duration) -> usize {
 fn thousands_of_admitted_and_refused_peers_leak_no_fd() {
     let d = tmpdir();
     let echo = echo_server(d.path());
-    let port = free_port();
     let relay = Relay::start(&[
-        &format!("--listen=tcp:127.0.0.1:{port}"),
+        "--listen=tcp:127.0.0.1:0",
         "--allow-ip=127.0.0.2/32",
         &format!("--connect={echo}"),
         // Room for a session that is still closing inside the relay when the client's next
         // one arrives; the busy refusals below fill all four.
         "--max-conns=4",
     ]);
-    let to = format!("127.0.0.1:{port}").parse().unwrap();
+    let to = relay.bound_tcp();
     let baseline = relay.fd_count();
 
     for i in 0..2000u32 {

@@ -52,6 +52,14 @@ impl Relay {
         Relay { child, log, reader: Some(reader) }
     }
 
+    /// The TCP address the relay bound (start it with port 0 to avoid port races).
+    pub fn bound_tcp(&self) -> SocketAddr {
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains(" listening ")).expect("listening line");
+        let ep = field(line, "bound").expect("bound= field");
+        ep.strip_prefix("tcp:").expect("a tcp listener").parse().expect("socket address")
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -148,9 +156,11 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// A TCP port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A TCP listener on an ephemeral port of `ip` (no window for another test to take the port).
+pub fn tcp_listener(ip: &str) -> (socket2::Socket, SocketAddr) {
+    let l = TcpListener::bind(format!("{ip}:0")).expect("bind an ephemeral port");
+    let addr = l.local_addr().unwrap();
+    (socket2::Socket::from(std::os::fd::OwnedFd::from(l)), addr)
 }
 
 pub fn tmpdir() -> tempfile::TempDir {
