@@ -1,0 +1,2 @@
+systemd() { die "systemd guest: not built yet"; }
+systemd_root() { :; }
