@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIN := target/release/kvmi-relay
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps fmt clippy unit
+.PHONY: all build demo test deps fmt clippy unit man install uninstall
 
 all: build
 
@@ -11,7 +11,8 @@ build:
 	$(CARGO) build --release --locked
 
 # Debian packages the tests need (idempotent; skipped when already present).
-DEB_PACKAGES := socat iproute2 procps
+# systemd: systemd-analyze verify/security for tests/systemd_units.rs.
+DEB_PACKAGES := socat iproute2 procps systemd
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -32,3 +33,42 @@ unit:
 	$(CARGO) test --release --locked
 
 test: deps fmt clippy unit
+
+# Install layout (GNU-style; DESTDIR for staging). systemd looks for units under
+# /usr/local/lib/systemd/system too, so the default PREFIX works as it is.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+MANDIR ?= $(PREFIX)/share/man
+DOCDIR ?= $(PREFIX)/share/doc/kvmi-relay
+# kvmi-relay(1), generated from the clap definition by the binary itself (never edited by hand).
+MAN ?= target/man/kvmi-relay.1
+EXAMPLES := $(sort $(wildcard docs/examples/*.conf))
+# Exactly what `make install` creates, and `make uninstall` removes.
+INSTALLED = $(BINDIR)/kvmi-relay $(UNITDIR)/kvmi-relay@.service $(UNITDIR)/kvmi-relay@.socket \
+	$(MANDIR)/man1/kvmi-relay.1 $(addprefix $(DOCDIR)/examples/,$(notdir $(EXAMPLES)))
+
+# Built only when missing, so that `sudo make install` after `make` does not run cargo as root.
+$(BIN):
+	$(CARGO) build --release --locked
+
+man: $(MAN)
+
+$(MAN): $(BIN)
+	@mkdir -p $(dir $@)
+	$(BIN) man > $@.tmp && mv $@.tmp $@
+
+# The units name /usr/bin/kvmi-relay; installed, they name $(BINDIR)/kvmi-relay.
+install: $(BIN) $(MAN)
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/kvmi-relay
+	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(DOCDIR)/examples
+	sed 's|/usr/bin/kvmi-relay|$(BINDIR)/kvmi-relay|g' systemd/kvmi-relay@.service > $(DESTDIR)$(UNITDIR)/kvmi-relay@.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/kvmi-relay@.service
+	install -m 0644 systemd/kvmi-relay@.socket $(DESTDIR)$(UNITDIR)/kvmi-relay@.socket
+	install -m 0644 $(MAN) $(DESTDIR)$(MANDIR)/man1/kvmi-relay.1
+	install -m 0644 $(EXAMPLES) $(DESTDIR)$(DOCDIR)/examples/
+	@echo "installed; on a live system run: systemctl daemon-reload"
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null

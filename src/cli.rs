@@ -132,4 +132,7 @@ pub enum Command {
     /// The network flavor end to end on this machine: fake hypervisor → relay → TCP → relay → fake introspector.
     #[command(hide = true)]
     Demo(crate::demo::DemoArgs),
+    /// Writes the kvmi-relay(1) man page, generated from these definitions, to stdout (`make man`).
+    #[command(hide = true)]
+    Man,
 }

@@ -18,6 +18,13 @@ fn main() -> ExitCode {
         Some(Command::FakeIntrospector(a)) => peers::fake_introspector(a),
         Some(Command::Peer(a)) => peers::peer(a),
         Some(Command::Demo(a)) => kvmi_relay::demo::run(a),
+        Some(Command::Man) => match kvmi_relay::manpage::render(&mut std::io::stdout().lock()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kvmi-relay: cannot write the man page: {e}");
+                1
+            }
+        },
         None => return relay(cli),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
