@@ -1,0 +1,201 @@
+#!/bin/sh
+# systemd cases, run INSIDE the systemd test guest (systemd is PID 1) from the host's read-only
+# 9p share at /mnt/host, by kvmi-guest-tests.service. Same output contract as vsock-cases.sh:
+# "CASE <name> PASS|FAIL|NOTRUN [detail]" per case of systemd-cases.txt, then GUEST_RC.
+#
+# The unit cases use the project's own `make install` (staged by the host in /mnt/host/stage);
+# without it they report NOTRUN, never PASS. Peers are the static relay from the share.
+
+P=/mnt/host/kvmi-relay
+STAGE=/mnt/host/stage
+FAILED=0
+PIDS=""
+
+log() { echo "guest: $*"; }
+CASE_NAME=""
+CASE_WHY=""
+DETAIL=""
+begin() { CASE_NAME=$1; CASE_WHY=""; DETAIL=""; log "--- $1"; }
+bad() { CASE_WHY="${CASE_WHY:+$CASE_WHY; }$*"; }
+end() {
+    if [ -z "$CASE_WHY" ]; then
+        echo "CASE $CASE_NAME PASS $DETAIL"
+    else
+        echo "CASE $CASE_NAME FAIL $CASE_WHY"
+        FAILED=$((FAILED + 1))
+        for u in "$@"; do
+            echo "guest: ==> systemctl status $u"
+            systemctl status --no-pager -n 15 "$u" 2>&1 | sed 's/^/guest:   /'
+        done
+        echo "guest: ==> journal (last 25 lines)"
+        journalctl -b --no-pager -n 25 2>&1 | sed 's/^/guest:   /'
+    fi
+}
+notrun() { echo "CASE $1 NOTRUN $2"; }
+
+# bg OUT CMD...: a peer in the background.
+bg() {
+    _out=$1; shift
+    timeout 120 "$@" >"$_out" 2>&1 &
+    BG_PID=$!
+    PIDS="$PIDS $BG_PID"
+}
+reap() {
+    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
+    for p in $PIDS; do wait "$p" 2>/dev/null; done
+    PIDS=""
+}
+expect_ok() { grep -q "^$2 ok" "$1" || bad "$2 peer: $(head -1 "$1" 2>/dev/null)"; }
+wait_sock() { for _i in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; return 1; }
+
+# --- cases that need no units: the guest itself --------------------------------------------
+
+case_pid1() {
+    begin sd-pid1-is-systemd
+    [ "$(cat /proc/1/comm)" = systemd ] || bad "PID 1 is $(cat /proc/1/comm)"
+    DETAIL="$(systemctl --version | head -1); kernel $(uname -r)"
+    end
+}
+
+# The relay as a transient systemd service, listening on vsock CID 1 inside this guest.
+case_transient_vsock() {
+    begin sd-transient-relay-vsock
+    bg /tmp/tr-echo.out $P peer echo --listen unix:/run/tr-echo.sock --count 1
+    wait_sock /run/tr-echo.sock || bad "echo did not bind"
+    systemd-run -q --unit=kvmi-transient -p Type=exec $P --listen vsock:1:6100 --allow-cid 1 \
+        --connect unix:/run/tr-echo.sock || bad "systemd-run failed"
+    sleep 1
+    timeout 60 $P peer pingpong --connect vsock:1:6100 --count 200 >/tmp/tr-pp.out 2>&1
+    expect_ok /tmp/tr-pp.out pingpong
+    systemctl stop kvmi-transient
+    r=$(systemctl show -p Result --value kvmi-transient 2>/dev/null)
+    DETAIL="$(cat /tmp/tr-pp.out)"
+    end kvmi-transient
+    reap
+}
+
+# --- unit cases ------------------------------------------------------------------------------
+
+UNIT_CASES="unit-install unit-start-active unit-session unit-stop-no-socket-file unit-socket-restart-no-refused
+unit-stop-socket-removes-file unit-broken-config-status"
+
+case_units() {
+    if [ ! -f "$STAGE/usr/lib/systemd/system/kvmi-relay@.service" ]; then
+        for c in $UNIT_CASES; do want "$c" && notrun "$c" "no staged make install (systemd/kvmi-relay@.service or the install target missing)"; done
+        return
+    fi
+
+    begin unit-install
+    cp -a "$STAGE/." / || bad "copying the staged install failed"
+    systemctl daemon-reload
+    systemctl cat kvmi-relay@.service >/dev/null 2>&1 || bad "systemd does not know kvmi-relay@.service"
+    systemctl cat kvmi-relay@.socket >/dev/null 2>&1 || bad "systemd does not know kvmi-relay@.socket"
+    /usr/bin/kvmi-relay --version >/tmp/ver.out 2>&1 || bad "/usr/bin/kvmi-relay does not run: $(cat /tmp/ver.out)"
+    DETAIL="$(cd "$STAGE" && find . -type f | sort | tr '\n' ' ')"
+    end
+
+    # The far side: an echo server on vsock CID 1, serving every session of the unit cases.
+    bg /tmp/unit-echo.out $P peer echo --listen vsock:1:6200 --count 0
+    mkdir -p /etc/kvmi-relay
+    cat >/etc/kvmi-relay/vm1.conf <<'EOF'
+KVMI_RELAY_LISTEN=unix:/run/kvmi/vm1.sock
+KVMI_RELAY_CONNECT=vsock:1:6200
+KVMI_RELAY_ALLOW_UID=0
+EOF
+
+    begin unit-start-active
+    # Type=notify: `systemctl start` returns once READY=1 arrived (or the start failed).
+    timeout 60 systemctl start kvmi-relay@vm1.service || bad "systemctl start failed"
+    st=$(systemctl is-active kvmi-relay@vm1.service)
+    [ "$st" = active ] || bad "state $st"
+    [ "$(systemctl show -p Type --value kvmi-relay@vm1.service)" = notify ] || bad "not Type=notify"
+    [ -S /run/kvmi/vm1.sock ] || bad "no /run/kvmi/vm1.sock once active"
+    DETAIL="state=$st status=\"$(systemctl show -p StatusText --value kvmi-relay@vm1.service)\""
+    end kvmi-relay@vm1.service
+
+    begin unit-session
+    timeout 60 $P peer pingpong --connect unix:/run/kvmi/vm1.sock --count 200 >/tmp/u-pp.out 2>&1
+    expect_ok /tmp/u-pp.out pingpong
+    sleep 0.5
+    journalctl -q -u kvmi-relay@vm1.service | grep -q 'closed end="finished"' || bad "no finished session in the journal"
+    DETAIL="unix → relay (unit) → vsock:1:6200 echo: $(cat /tmp/u-pp.out)"
+    end kvmi-relay@vm1.service
+
+    begin unit-stop-no-socket-file
+    systemctl is-active -q kvmi-relay@vm1.service || bad "the service was not running, nothing to judge"
+    systemctl stop kvmi-relay@vm1.service || bad "stop failed"
+    [ -e /run/kvmi/vm1.sock ] && bad "/run/kvmi/vm1.sock left behind after stop (relay-bound socket)"
+    DETAIL="relay-bound socket removed; result=$(systemctl show -p Result --value kvmi-relay@vm1.service)"
+    end kvmi-relay@vm1.service
+
+    begin unit-socket-restart-no-refused
+    # judged on its own: earlier failures must not leave the start limit hit
+    systemctl reset-failed kvmi-relay@vm1.service 2>/dev/null
+    systemctl start kvmi-relay@vm1.socket || bad "socket unit did not start"
+    wait_sock /run/kvmi/vm1.sock || bad "socket unit did not create /run/kvmi/vm1.sock"
+    ino0=$(stat -c %i /run/kvmi/vm1.sock 2>/dev/null)
+    # first dial activates the service
+    timeout 60 $P peer pingpong --connect unix:/run/kvmi/vm1.sock --count 50 >/tmp/s-pp0.out 2>&1
+    expect_ok /tmp/s-pp0.out pingpong
+    pid0=$(systemctl show -p MainPID --value kvmi-relay@vm1.service)
+    # a client dials once per try (no retry: `peer reset` connects once) while the service restarts
+    : >/tmp/dials.out
+    (for i in $(seq 60); do $P peer reset --connect unix:/run/kvmi/vm1.sock --bytes 64 >>/tmp/dials.out 2>&1; sleep 0.05; done) &
+    dialler=$!
+    sleep 0.5
+    systemctl restart kvmi-relay@vm1.service || bad "restart 1 failed"
+    sleep 0.5
+    systemctl restart kvmi-relay@vm1.service || bad "restart 2 failed"
+    wait $dialler
+    pid1=$(systemctl show -p MainPID --value kvmi-relay@vm1.service)
+    ok=$(grep -c '^reset ok' /tmp/dials.out)
+    nok=$(grep -vc '^reset ok' /tmp/dials.out)
+    [ "$nok" = 0 ] || bad "$nok of 60 dials failed: $(grep -v '^reset ok' /tmp/dials.out | sort | uniq -c | head -3 | tr '\n' ' ')"
+    [ "$pid0" != "$pid1" ] && [ "$pid1" != 0 ] || bad "the service did not restart (MainPID $pid0 → $pid1)"
+    [ "$(stat -c %i /run/kvmi/vm1.sock 2>/dev/null)" = "$ino0" ] || bad "the socket file changed across the restarts"
+    # and data still flows through the restarted relay
+    timeout 60 $P peer pingpong --connect unix:/run/kvmi/vm1.sock --count 50 >/tmp/s-pp1.out 2>&1
+    expect_ok /tmp/s-pp1.out pingpong
+    DETAIL="dials ok=$ok failed=$nok over 2 restarts; MainPID $pid0 → $pid1; same socket inode $ino0"
+    end kvmi-relay@vm1.service kvmi-relay@vm1.socket
+
+    begin unit-stop-socket-removes-file
+    systemctl stop kvmi-relay@vm1.socket kvmi-relay@vm1.service || bad "stop failed"
+    [ -e /run/kvmi/vm1.sock ] && bad "/run/kvmi/vm1.sock left behind after stopping the socket unit"
+    end kvmi-relay@vm1.socket
+
+    begin unit-broken-config-status
+    cat >/etc/kvmi-relay/bad.conf <<'EOF'
+KVMI_RELAY_LISTEN=vsock:6300
+KVMI_RELAY_CONNECT=unix:/run/nowhere.sock
+EOF
+    if timeout 60 systemctl start kvmi-relay@bad.service 2>/tmp/bad-start.out; then
+        bad "systemctl start succeeded with a broken config"
+    fi
+    # the journal may lag the exit: give `systemctl status` up to 5 s to show the message
+    for _i in $(seq 10); do
+        systemctl status --no-pager -n 20 kvmi-relay@bad.service >/tmp/bad-status.out 2>&1
+        grep -q -- '--allow-cid' /tmp/bad-status.out && break
+        sleep 0.5
+    done
+    systemctl stop kvmi-relay@bad.service 2>/dev/null
+    grep -q -- '--allow-cid' /tmp/bad-status.out || bad "the check message (--allow-cid) is not in systemctl status"
+    grep -q 'ExecStartPre' /tmp/bad-status.out || bad "status does not show the failed ExecStartPre"
+    DETAIL="status shows: $(grep -m1 -- '--allow-cid' /tmp/bad-status.out | sed 's/^.*kvmi-relay\[[0-9]*\]: //')"
+    end kvmi-relay@bad.service
+    reap
+}
+
+# --- driver ----------------------------------------------------------------------------------
+
+ALL="sd-pid1-is-systemd sd-transient-relay-vsock $UNIT_CASES"
+WANT=${*:-$ALL}
+want() { for w in $WANT; do [ "$w" = "$1" ] && return 0; done; return 1; }
+
+log "systemd guest: $(uname -r), PID 1 $(cat /proc/1/comm), units staged: $([ -d $STAGE ] && echo yes || echo no)"
+want sd-pid1-is-systemd && case_pid1
+want sd-transient-relay-vsock && case_transient_vsock
+case_units
+reap
+log "cases failed: $FAILED"
+[ $FAILED = 0 ]
