@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIN := target/release/kvmi-relay
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps fmt clippy unit man install uninstall
+.PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-quick bench-lint
 
 all: build
 
@@ -12,7 +12,8 @@ build:
 
 # Debian packages the tests need (idempotent; skipped when already present).
 # systemd: systemd-analyze verify/security for tests/systemd_units.rs.
-DEB_PACKAGES := socat iproute2 procps systemd
+# fonts-dejavu-core: the labels of the bench plot (bench-quick runs in `make test`).
+DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -32,7 +33,26 @@ clippy:
 unit:
 	$(CARGO) test --release --locked
 
-test: deps fmt clippy unit
+test: deps fmt clippy unit bench-quick
+
+# Benchmarks (docs/BENCHMARKS.md): direct, kvmi-relay, socat and systemd-socket-proxyd
+# interleaved in one run. The harness is its own package under benches/harness, so that its
+# plotting and JSON crates stay out of the relay's lock file; it drives $(BIN).
+BENCH_CARGO = $(CARGO) run --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --
+# socat and systemd-socket-proxyd are contenders; the plot's labels use DejaVu Sans.
+BENCH_PACKAGES := socat systemd fonts-dejavu-core
+bench: build
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
+	$(BENCH_CARGO)
+
+# Seconds, not minutes: every contender, topology and workload with small counts, so the
+# harness cannot rot. Its numbers are not for judging.
+bench-quick: build bench-lint
+	$(BENCH_CARGO) --quick
+
+bench-lint:
+	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
+	$(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness -- -D warnings
 
 # Install layout (GNU-style; DESTDIR for staging). systemd looks for units under
 # /usr/local/lib/systemd/system too, so the default PREFIX works as it is.
@@ -72,3 +92,17 @@ install: $(BIN) $(MAN)
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
 	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
+
+# The test guests (tests/guest/, docs/testing-guest.md): real vsock (CID 1 loopback) in a busybox
+# QEMU/TCG guest and real systemd in a debootstrap guest; kernel, root and image cached in
+# target/guest-cache. One case: tests/guest/guest.sh vsock <case> (or systemd <case>).
+DEB_PACKAGES += qemu-system-x86 busybox-static cpio gzip debootstrap e2fsprogs binutils
+.PHONY: guest-test guest-vsock guest-systemd
+# `make test` boots both guests after the other checks.
+test: guest-test
+guest-test:
+	tests/guest/guest.sh all
+guest-vsock:
+	tests/guest/guest.sh vsock
+guest-systemd:
+	tests/guest/guest.sh systemd

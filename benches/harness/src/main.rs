@@ -1,0 +1,344 @@
+//! kvmi-relay's benchmark: every contender, interleaved in one run, on this machine.
+//!
+//! `make bench` runs the full mode, `make bench-quick` (also part of `make test`) the quick one.
+//! For each topology the bench starts every contender once, then for each workload runs rounds
+//! of one session per contender in a fixed order (direct, kvmi-relay, ..., socat, proxyd, then
+//! again), so that whatever else the machine does hits all of them alike. Histograms and counts
+//! are merged over the rounds; the relay's CPU is read from /proc before and after each
+//! workload. Results: a markdown table on stdout, CSV and JSON and a PNG plot under the output
+//! directory (target/bench by default). docs/BENCHMARKS.md says how to read them.
+
+mod plot;
+mod procs;
+mod report;
+mod work;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::peers::net;
+
+use procs::{Contender, Hop, Kind};
+use work::{Sizes, Workload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Container flavor: UNIX → relay → UNIX.
+    UnixUnix,
+    /// One hop to a server on TCP: UNIX → relay → TCP.
+    UnixTcp,
+    /// Network flavor: UNIX → relay → TCP → relay → UNIX (two relays, as in the paper).
+    Chain,
+}
+
+impl Topology {
+    pub const ALL: [Topology; 3] = [Topology::UnixUnix, Topology::UnixTcp, Topology::Chain];
+    pub fn name(self) -> &'static str {
+        match self {
+            Topology::UnixUnix => "unix-unix",
+            Topology::UnixTcp => "unix-tcp",
+            Topology::Chain => "chain",
+        }
+    }
+    pub fn describe(self) -> &'static str {
+        match self {
+            Topology::UnixUnix => "UNIX → relay → UNIX (container flavor)",
+            Topology::UnixTcp => "UNIX → relay → TCP (one hop; direct = client on TCP)",
+            Topology::Chain => "UNIX → relay → TCP → relay → UNIX (network flavor; direct = UNIX)",
+        }
+    }
+}
+
+pub struct Opts {
+    pub quick: bool,
+    pub relay_bin: PathBuf,
+    pub out_dir: PathBuf,
+    pub latency_rounds: u32,
+    pub bulk_rounds: u32,
+    pub sizes: Sizes,
+    pub startup_reps: usize,
+}
+
+/// One contender × topology × workload, merged over its rounds.
+pub struct Row {
+    pub topology: Topology,
+    pub workload: Workload,
+    pub contender: String,
+    pub rtt: Option<Histogram<u64>>,
+    pub ops: u64,
+    pub elapsed: Duration,
+    pub sessions: u32,
+    /// CPU seconds the contender's processes used during this workload (0 for direct).
+    pub cpu_s: f64,
+    /// Peak RSS of one serving process, KiB (0 for direct).
+    pub rss_kib: u64,
+}
+
+pub struct Startup {
+    pub contender: String,
+    pub times: Vec<Duration>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: kvmi-relay-bench [--quick] [--relay PATH] [--out DIR] [--rounds N] [--bulk-rounds N]\n\
+         runs every contender interleaved; see docs/BENCHMARKS.md"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Opts {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut quick = false;
+    let mut relay_bin = root.join("target/release/kvmi-relay");
+    let mut out_dir = root.join("target/bench");
+    let mut rounds = None;
+    let mut bulk_rounds = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--relay" => relay_bin = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            "--out" => out_dir = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            "--rounds" => rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            "--bulk-rounds" => bulk_rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            // `cargo bench` passes this to harness = false targets.
+            "--bench" => {}
+            _ => usage(),
+        }
+    }
+    let sizes = if quick {
+        Sizes { round_trips: 500, reads: 400, events: 400, bulk_bytes: 8 << 20 }
+    } else {
+        Sizes { round_trips: 2000, reads: 2000, events: 2000, bulk_bytes: 256 << 20 }
+    };
+    Opts {
+        quick,
+        relay_bin,
+        out_dir,
+        latency_rounds: rounds.unwrap_or(if quick { 2 } else { 10 }),
+        bulk_rounds: bulk_rounds.unwrap_or(if quick { 1 } else { 4 }),
+        sizes,
+        startup_reps: if quick { 3 } else { 20 },
+    }
+}
+
+pub fn contenders() -> Vec<Contender> {
+    let relay = |name: &str, flags: &[&str], bulk: bool| Contender {
+        name: name.into(),
+        kind: Kind::Relay { flags: flags.iter().map(|s| s.to_string()).collect() },
+        bulk,
+    };
+    let mut v = vec![
+        Contender { name: "direct".into(), kind: Kind::Direct, bulk: true },
+        relay("kvmi-relay", &[], true),
+        relay("kvmi-relay pw=50", &["--poll-window-us=50"], false),
+        relay("kvmi-relay pw=100", &["--poll-window-us=100"], false),
+        relay("kvmi-relay pw=200", &["--poll-window-us=200"], false),
+        relay("kvmi-relay copy", &["--move=copy"], true),
+        Contender { name: "socat".into(), kind: Kind::Socat { nodelay: false }, bulk: true },
+        Contender { name: "socat nodelay".into(), kind: Kind::Socat { nodelay: true }, bulk: true },
+    ];
+    if Path::new(procs::PROXYD).exists() {
+        v.push(Contender { name: "proxyd".into(), kind: Kind::Proxyd, bulk: true });
+    } else {
+        eprintln!("note: {} not found, systemd-socket-proxyd left out", procs::PROXYD);
+    }
+    v
+}
+
+fn free_tcp_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("find a free port: {e}"))?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn tcp(port: u16) -> Endpoint {
+    Endpoint::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Starts `c`'s hops for topology `t`; returns them and the endpoint the client dials.
+fn deploy(
+    c: &Contender,
+    t: Topology,
+    server: &Endpoint,
+    dir: &Path,
+    opts: &Opts,
+) -> Result<(Vec<Hop>, Endpoint), String> {
+    if c.kind == Kind::Direct {
+        return Ok((Vec::new(), server.clone()));
+    }
+    let slug: String = c.name.chars().map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' }).collect();
+    let front = Endpoint::Unix(dir.join(format!("{slug}.sock")));
+    let spawn = |listen: &Endpoint, connect: &Endpoint, tag: &str| {
+        procs::spawn_hop(&c.kind, &opts.relay_bin, listen, connect, &dir.join(format!("{slug}-{tag}.log")))
+    };
+    match t {
+        Topology::UnixUnix | Topology::UnixTcp => Ok((vec![spawn(&front, server, "hop")?], front)),
+        Topology::Chain => {
+            let middle = tcp(free_tcp_port()?);
+            let b = spawn(&middle, server, "b")?;
+            let a = spawn(&front, &middle, "a")?;
+            Ok((vec![a, b], front))
+        }
+    }
+}
+
+fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &mut Vec<Row>) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let server = match t {
+        Topology::UnixTcp => tcp(free_tcp_port()?),
+        _ => Endpoint::Unix(dir.join("server.sock")),
+    };
+    let listener = net::listen(&server).map_err(|e| format!("listen {server}: {e}"))?;
+    let mut deployed = Vec::new();
+    for c in all {
+        let (hops, dial) = deploy(c, t, &server, dir, opts).map_err(|e| format!("{} on {}: {e}", c.name, t.name()))?;
+        deployed.push((c, hops, dial));
+    }
+    let mut live_rss = vec![0u64; deployed.len()];
+    let first_row = rows.len();
+    for w in [Workload::PingPong, Workload::Passive, Workload::Active, Workload::BulkOne, Workload::BulkBoth] {
+        let rounds = if w.is_bulk() { opts.bulk_rounds } else { opts.latency_rounds };
+        let entrants: Vec<usize> = (0..deployed.len()).filter(|&i| !w.is_bulk() || deployed[i].0.bulk).collect();
+        let cpu_before: Vec<f64> = entrants.iter().map(|&i| procs::total_cpu_seconds(&deployed[i].1)).collect();
+        let mut merged: Vec<Row> = entrants
+            .iter()
+            .map(|&i| Row {
+                topology: t,
+                workload: w,
+                contender: deployed[i].0.name.clone(),
+                rtt: None,
+                ops: 0,
+                elapsed: Duration::ZERO,
+                sessions: 0,
+                cpu_s: 0.0,
+                rss_kib: 0,
+            })
+            .collect();
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for (k, &i) in entrants.iter().enumerate() {
+                let (c, hops, dial) = &deployed[i];
+                let sample = || procs::serving_rss_kib(hops);
+                let o = work::session(w, opts.sizes, &listener, dial, &sample)
+                    .map_err(|e| format!("{} / {} / {}: {e}", t.name(), w.name(), c.name))?;
+                procs::settle(hops);
+                let row = &mut merged[k];
+                row.ops += o.ops;
+                row.elapsed += o.elapsed;
+                row.sessions += 1;
+                live_rss[i] = live_rss[i].max(o.live_rss_kib);
+                if let Some(h) = o.rtt {
+                    match &mut row.rtt {
+                        Some(m) => m.add(&h).map_err(|e| format!("merge histograms: {e}"))?,
+                        None => row.rtt = Some(h),
+                    }
+                }
+            }
+        }
+        for (k, &i) in entrants.iter().enumerate() {
+            merged[k].cpu_s = procs::total_cpu_seconds(&deployed[i].1) - cpu_before[k];
+        }
+        eprintln!("  {} / {}: {} rounds in {:.1} s", t.name(), w.name(), rounds, started.elapsed().as_secs_f64());
+        rows.extend(merged);
+    }
+    // The long-lived contenders' high-water marks cover every session; socat's forks were
+    // sampled while their session was live.
+    for (i, (c, hops, _)) in deployed.iter().enumerate() {
+        let rss = live_rss[i].max(procs::serving_rss_kib(hops));
+        for r in rows[first_row..].iter_mut().filter(|r| r.contender == c.name) {
+            r.rss_kib = rss;
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let opts = parse_args();
+    if let Err(e) = run(&opts) {
+        eprintln!("bench FAIL: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(opts: &Opts) -> Result<(), String> {
+    if !opts.relay_bin.exists() {
+        return Err(format!("{} not found: run `make build` first", opts.relay_bin.display()));
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| format!("create {}: {e}", opts.out_dir.display()))?;
+    let machine_before = report::Machine::read();
+    let base = std::env::temp_dir().join(format!("kvmi-relay-bench-{}", std::process::id()));
+    let all = contenders();
+    eprintln!(
+        "kvmi-relay bench ({} mode): {} contenders interleaved, {} topologies; load before: {}",
+        if opts.quick { "quick" } else { "full" },
+        all.len(),
+        Topology::ALL.len(),
+        machine_before.loadavg
+    );
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut result = Ok(());
+    for t in Topology::ALL {
+        result = run_topology(t, &all, opts, &base.join(t.name()), &mut rows);
+        if result.is_err() {
+            break;
+        }
+    }
+    let startup = if result.is_ok() { startup_all(opts, &base) } else { Ok(Vec::new()) };
+    let _ = std::fs::remove_dir_all(&base);
+    result?;
+    let startup = startup?;
+    let mut machine = machine_before;
+    machine.loadavg_after = report::Machine::read().loadavg;
+    machine.wall_s = started.elapsed().as_secs_f64();
+    let rep = report::Report { opts, machine, rows: &rows, startup: &startup };
+    let md = rep.markdown();
+    println!("{md}");
+    rep.write_files().map_err(|e| format!("write results under {}: {e}", opts.out_dir.display()))?;
+    let png = opts.out_dir.join("rtt-percentiles.png");
+    match plot::draw(&png, &rows) {
+        Ok(()) => eprintln!("plot: {}", png.display()),
+        Err(e) => eprintln!("note: no plot ({e})"),
+    }
+    eprintln!("results: {}/results.{{md,csv,json}}", opts.out_dir.display());
+    // A sanity check the quick mode relies on: every session moved what it had to (checked per
+    // session above) and every latency row has a histogram with every operation in it.
+    for r in &rows {
+        if let Some(h) = &r.rtt {
+            let want = match r.workload {
+                Workload::Passive => u64::from(r.sessions) * opts.sizes.reads,
+                Workload::Active => u64::from(r.sessions) * u64::from(opts.sizes.events),
+                _ => u64::from(r.sessions) * opts.sizes.round_trips,
+            };
+            if h.len() != want {
+                return Err(format!(
+                    "{} {} {}: {} samples, expected {want}",
+                    r.topology.name(),
+                    r.workload.name(),
+                    r.contender,
+                    h.len()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn startup_all(opts: &Opts, base: &Path) -> Result<Vec<Startup>, String> {
+    let dir = base.join("startup");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for (name, kind) in [("kvmi-relay", Kind::Relay { flags: vec![] }), ("socat", Kind::Socat { nodelay: false })] {
+        let times = procs::startup_times(&kind, &opts.relay_bin, &dir, opts.startup_reps)?;
+        out.push(Startup { contender: name.into(), times });
+    }
+    Ok(out)
+}
+
+/// Percentile in µs.
+pub fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}

@@ -1,0 +1,296 @@
+//! The contenders as processes: how each one is started for a hop, how we know it listens, and
+//! what /proc says about the CPU and memory it used.
+//!
+//! Invariants:
+//! - No probe connection ever reaches a contender: readiness is read from /proc/net (a probe
+//!   would be relayed on and meet the benchmark's server).
+//! - socat serves each session in a forked child; its CPU reaches the parent's cutime/cstime only
+//!   once the parent has reaped the child, so `settle` waits for that before CPU is read.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::peers::net;
+use socket2::Socket;
+
+pub const PROXYD: &str = "/lib/systemd/systemd-socket-proxyd";
+/// Longest wait for a contender to listen before the bench gives up on it.
+const READY_TIMEOUT_MS: u64 = 5000;
+
+/// What stands between the client and the server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// No relay: the physical floor.
+    Direct,
+    /// kvmi-relay with these extra flags.
+    Relay { flags: Vec<String> },
+    /// socat as KVMIveggur ran it (`nodelay: false`), or with TCP_NODELAY on its TCP sockets.
+    Socat { nodelay: bool },
+    /// systemd-socket-proxyd, handed its listening socket as systemd would (LISTEN_FDS).
+    Proxyd,
+}
+
+#[derive(Debug, Clone)]
+pub struct Contender {
+    pub name: String,
+    pub kind: Kind,
+    /// Takes part in the bulk workloads too (the poll-window variants only matter for latency).
+    pub bulk: bool,
+}
+
+/// One running hop process.
+pub struct Hop {
+    pub child: Child,
+    /// Kept open in the bench only so proxyd's inherited copy is the one that matters.
+    _listener: Option<Socket>,
+}
+
+impl Drop for Hop {
+    fn drop(&mut self) {
+        // SIGKILL, as KVMIveggur tore socat down; the bench has nothing to drain.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts one hop of `kind` listening on `listen` and dialling `connect`.
+pub fn spawn_hop(
+    kind: &Kind,
+    relay_bin: &Path,
+    listen: &Endpoint,
+    connect: &Endpoint,
+    log: &Path,
+) -> Result<Hop, String> {
+    let err = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let mut listener = None;
+    let mut cmd = match kind {
+        Kind::Direct => return Err("direct has no hop".into()),
+        Kind::Relay { flags } => {
+            let mut c = Command::new(relay_bin);
+            c.arg(format!("--listen={listen}")).arg(format!("--connect={connect}")).arg("--log-level=warn");
+            if matches!(listen, Endpoint::Tcp(_)) {
+                c.arg("--allow-ip=127.0.0.1/32");
+            }
+            c.args(flags);
+            c
+        }
+        Kind::Socat { nodelay } => {
+            let nd = if *nodelay { ",nodelay" } else { "" };
+            let l = match listen {
+                Endpoint::Unix(p) => format!("UNIX-LISTEN:{},unlink-early,fork", p.display()),
+                Endpoint::Tcp(a) => format!("TCP-LISTEN:{},bind={},reuseaddr,fork{nd}", a.port(), a.ip()),
+                Endpoint::Vsock { .. } => return Err("no vsock on the host".into()),
+            };
+            // KVMIveggur wrote `TCP:ip:port,fork,end-close`. The `fork` there makes socat 1.7.4
+            // re-dial the monitor again and again after a session ends (each new connection sees
+            // the finished UNIX side at EOF and closes, and the child dials once more) until a
+            // connect fails: a stream of empty connections that would be taken for the next
+            // session here. The bytes move in the same transfer loop without it, so it is left out.
+            let c = match connect {
+                Endpoint::Unix(p) => format!("UNIX-CONNECT:{}", p.display()),
+                Endpoint::Tcp(a) => format!("TCP:{}:{},end-close{nd}", a.ip(), a.port()),
+                Endpoint::Vsock { .. } => return Err("no vsock on the host".into()),
+            };
+            let mut cmd = Command::new("socat");
+            cmd.arg(l).arg(c);
+            cmd
+        }
+        Kind::Proxyd => {
+            let sock = net::listen(listen).map_err(|e| format!("listen {listen} for proxyd: {e}"))?;
+            let target = match connect {
+                Endpoint::Unix(p) => p.display().to_string(),
+                Endpoint::Tcp(a) => a.to_string(),
+                Endpoint::Vsock { .. } => return Err("no vsock on the host".into()),
+            };
+            // sd_listen_fds() wants LISTEN_PID to be its own pid: let the shell set it and exec.
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(format!("LISTEN_FDS=1 LISTEN_PID=$$ exec {PROXYD} \"$0\"")).arg(target);
+            let fd: RawFd = sock.as_raw_fd();
+            // SAFETY: dup2 and fcntl are async-signal-safe; `fd` stays open in the parent (owned
+            // by `sock`, kept in the Hop) until after the spawn returns. dup2 onto itself keeps
+            // FD_CLOEXEC, hence the explicit clear.
+            unsafe {
+                c.pre_exec(move || {
+                    let ok = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+                    if ok < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+                });
+            }
+            listener = Some(sock);
+            c
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start {kind:?}: {e}"))?;
+    let mut hop = Hop { child, _listener: listener };
+    wait_listening(listen, &mut hop.child)?;
+    Ok(hop)
+}
+
+/// Waits until something listens on `ep`, judged from /proc/net (no probe connection).
+pub fn wait_listening(ep: &Endpoint, child: &mut Child) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
+    loop {
+        if is_listening(ep) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("contender for {ep} exited before listening ({status})"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("nothing listens on {ep} after {READY_TIMEOUT_MS} ms"));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+pub fn is_listening(ep: &Endpoint) -> bool {
+    match ep {
+        Endpoint::Unix(p) => {
+            // Columns: Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 = listening.
+            let want = p.display().to_string();
+            std::fs::read_to_string("/proc/net/unix").is_ok_and(|t| {
+                t.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() >= 8 && f[3] == "00010000" && f[7] == want
+                })
+            })
+        }
+        Endpoint::Tcp(a) => {
+            let file = if a.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+            let port = format!(":{:04X}", a.port());
+            std::fs::read_to_string(file).is_ok_and(|t| {
+                t.lines().skip(1).any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[1].ends_with(&port) && f[3] == "0A"
+                })
+            })
+        }
+        Endpoint::Vsock { .. } => false,
+    }
+}
+
+/// Children of `pid` (socat's per-session forks).
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|t| t.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// CPU seconds `pid` has used: its live threads' run time from /proc/PID/task/*/schedstat
+/// (nanoseconds), plus its reaped children's cutime + cstime (clock ticks: the only record an
+/// exited socat fork leaves).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let own_ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // The command name may hold spaces; the fields after its closing paren are well formed.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); cutime, cstime are fields 16, 17 → indices 13, 14.
+    let child_ticks: u64 = (13..15).filter_map(|i| f.get(i)?.parse::<u64>().ok()).sum();
+    own_ns as f64 / 1e9 + child_ticks as f64 / clock_ticks_per_s()
+}
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no memory effects; it only reads a constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Peak resident set (VmHWM) of `pid`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Largest VmHWM among the hops and their live children: the memory one serving process holds.
+pub fn serving_rss_kib(hops: &[Hop]) -> u64 {
+    hops.iter()
+        .flat_map(|h| {
+            let pid = h.child.id();
+            std::iter::once(pid).chain(children(pid))
+        })
+        .map(peak_rss_kib)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits (up to a second) until no hop has a live child, so that CPU reads include every session.
+pub fn settle(hops: &[Hop]) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while hops.iter().any(|h| !children(h.child.id()).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+pub fn total_cpu_seconds(hops: &[Hop]) -> f64 {
+    hops.iter().map(|h| cpu_seconds(h.child.id())).sum()
+}
+
+/// Time from spawning `kind` until a UNIX connect to its listener succeeds, `reps` times.
+pub fn startup_times(kind: &Kind, relay_bin: &Path, dir: &Path, reps: usize) -> Result<Vec<Duration>, String> {
+    let listen_path: PathBuf = dir.join("startup.sock");
+    let target = Endpoint::Unix(dir.join("startup-target.sock"));
+    let _target_listener = net::listen(&target).map_err(|e| format!("listen {target}: {e}"))?;
+    let listen = Endpoint::Unix(listen_path.clone());
+    let mut out = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let _ = std::fs::remove_file(&listen_path);
+        let log = dir.join("startup.log");
+        let err = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let mut cmd = match kind {
+            Kind::Relay { flags } => {
+                let mut c = Command::new(relay_bin);
+                c.arg(format!("--listen={listen}"))
+                    .arg(format!("--connect={target}"))
+                    .arg("--log-level=warn")
+                    .args(flags);
+                c
+            }
+            Kind::Socat { .. } => {
+                let mut c = Command::new("socat");
+                c.arg(format!("UNIX-LISTEN:{},unlink-early,fork", listen_path.display()))
+                    .arg(format!("UNIX-CONNECT:{}", dir.join("startup-target.sock").display()));
+                c
+            }
+            _ => return Err("startup time is measured for kvmi-relay and socat only".into()),
+        };
+        let t0 = Instant::now();
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().map_err(|e| e.to_string())?;
+        let mut hop = Hop { child, _listener: None };
+        let took = loop {
+            if net::connect(&listen).is_ok() {
+                break t0.elapsed();
+            }
+            if let Ok(Some(status)) = hop.child.try_wait() {
+                return Err(format!("{kind:?} exited during start-up ({status})"));
+            }
+            if t0.elapsed() > Duration::from_millis(READY_TIMEOUT_MS) {
+                return Err(format!("{kind:?} did not accept within {READY_TIMEOUT_MS} ms"));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        };
+        out.push(took);
+        drop(hop);
+    }
+    Ok(out)
+}

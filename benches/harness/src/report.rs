@@ -1,0 +1,411 @@
+//! What the bench prints and writes: the markdown tables, CSV, JSON, and the targets of issue 6
+//! judged on this run's numbers. Every ratio compares rows measured in the same run.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::work::Workload;
+use crate::{Opts, Row, Startup, Topology, us};
+
+const GIB: f64 = (1u64 << 30) as f64;
+/// The contender every ratio "×socat" compares against: socat exactly as KVMIveggur ran it.
+pub const SOCAT: &str = "socat";
+pub const RELAY: &str = "kvmi-relay";
+pub const DIRECT: &str = "direct";
+const RSS_TARGET_KIB: u64 = 4096;
+const STARTUP_TARGET_MS: f64 = 10.0;
+
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub loadavg: String,
+    pub loadavg_after: String,
+    pub date: String,
+    pub commit: String,
+    pub wall_s: f64,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map_or("unknown".into(), |s| s.trim().to_string());
+        let cmd = |prog: &str, args: &[&str]| {
+            std::process::Command::new(prog)
+                .args(args)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map_or("unknown".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        Machine {
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            loadavg: load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+            loadavg_after: String::new(),
+            date: cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            commit: cmd("git", &["rev-parse", "--short", "HEAD"]),
+            wall_s: 0.0,
+        }
+    }
+}
+
+pub struct Report<'a> {
+    pub opts: &'a Opts,
+    pub machine: Machine,
+    pub rows: &'a [Row],
+    pub startup: &'a [Startup],
+}
+
+impl Row {
+    pub fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    pub fn gib_s(&self) -> f64 {
+        self.rate() / GIB
+    }
+    pub fn cpu_us_per_op(&self) -> f64 {
+        1e6 * self.cpu_s / (self.ops.max(1) as f64)
+    }
+    pub fn cpu_s_per_gib(&self) -> f64 {
+        self.cpu_s / (self.ops as f64 / GIB).max(1e-12)
+    }
+}
+
+fn ms(d: &Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s.get(s.len() / 2).copied().unwrap_or_default()
+}
+
+impl Report<'_> {
+    fn find(&self, t: Topology, w: Workload, contender: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.topology == t && r.workload == w && r.contender == contender)
+    }
+
+    fn added(&self, r: &Row, q: f64) -> Option<f64> {
+        let d = self.find(r.topology, r.workload, DIRECT)?.rtt.as_ref()?;
+        Some(us(r.rtt.as_ref()?, q) - us(d, q))
+    }
+
+    fn ratio_rate(&self, r: &Row, other: &str) -> Option<f64> {
+        Some(r.rate() / self.find(r.topology, r.workload, other)?.rate())
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let o = self.opts;
+        let s = o.sizes;
+        let mut md = String::new();
+        let _ = writeln!(md, "## kvmi-relay benchmark ({} mode)\n", if o.quick { "quick" } else { "full" });
+        let _ = writeln!(
+            md,
+            "- machine: {} CPUs, {}, kernel {}; {}; commit {}\n- load average before / after: {} / {}; wall time {:.0} s\n\
+             - per session: {} ping-pongs, {} reads, {} events, {} MiB bulk per direction; {} interleaved rounds \
+             (bulk: {}), contenders in the order listed\n- times are µs unless named; `+p50` = contender − direct \
+             at the same percentile, same run; CPU = the relay processes' user+system time (children included), \
+             RSS = peak (VmHWM) of one serving process; CPU is exact (schedstat) for kvmi-relay and proxyd, \
+             in 10 ms clock ticks for socat's exited forks\n",
+            m.cpus,
+            m.cpu,
+            m.kernel,
+            m.date,
+            m.commit,
+            m.loadavg,
+            m.loadavg_after,
+            m.wall_s,
+            s.round_trips,
+            s.reads,
+            s.events,
+            s.bulk_bytes >> 20,
+            o.latency_rounds,
+            o.bulk_rounds
+        );
+        for (w, title) in [
+            (Workload::PingPong, "64-byte ping-pong: round trips"),
+            (Workload::Passive, "Passive VMI: sequential READ_PHYSICAL, 24 B → 4112 B"),
+            (Workload::Active, "Active VMI: PAUSE_VCPU events, 552 B → 24 B (the guest vCPU waits this long)"),
+        ] {
+            let _ = writeln!(md, "### {title}\n");
+            let _ = writeln!(
+                md,
+                "| topology | contender | ops/s | ×direct | ×socat | p50 | p90 | p99 | p99.9 | max | +p50 | +p50 % | +p99.9 | CPU µs/op | RSS KiB |"
+            );
+            let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+            for r in self.rows.iter().filter(|r| r.workload == w) {
+                let Some(h) = &r.rtt else { continue };
+                let direct = self.find(r.topology, w, DIRECT).and_then(|d| d.rtt.as_ref());
+                let pct = direct.map_or(String::new(), |d| format!("{:+.0}", 100.0 * (us(h, 0.5) / us(d, 0.5) - 1.0)));
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                    r.topology.name(),
+                    r.contender,
+                    r.rate(),
+                    opt(self.ratio_rate(r, DIRECT), 2),
+                    opt(self.ratio_rate(r, SOCAT), 2),
+                    us(h, 0.5),
+                    us(h, 0.9),
+                    us(h, 0.99),
+                    us(h, 0.999),
+                    h.max() as f64 / 1000.0,
+                    opt_signed(self.added(r, 0.5)),
+                    pct,
+                    opt_signed(self.added(r, 0.999)),
+                    if r.contender == DIRECT { String::new() } else { format!("{:.1}", r.cpu_us_per_op()) },
+                    rss(r),
+                );
+            }
+            md.push('\n');
+        }
+        for (w, title) in [
+            (Workload::BulkOne, "Bulk, one way"),
+            (Workload::BulkBoth, "Bulk, both ways at once (GiB/s = both directions added)"),
+        ] {
+            let _ = writeln!(md, "### {title}\n");
+            let _ =
+                writeln!(md, "| topology | contender | GiB/s | ×direct | ×socat | CPU s/GiB | CPU ×socat | RSS KiB |");
+            let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|");
+            for r in self.rows.iter().filter(|r| r.workload == w) {
+                let cpu_vs = self
+                    .find(r.topology, w, SOCAT)
+                    .filter(|s| r.contender != DIRECT && s.cpu_s > 0.0)
+                    .map(|s| r.cpu_s_per_gib() / s.cpu_s_per_gib());
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+                    r.topology.name(),
+                    r.contender,
+                    r.gib_s(),
+                    opt(self.ratio_rate(r, DIRECT), 2),
+                    opt(self.ratio_rate(r, SOCAT), 2),
+                    if r.contender == DIRECT { String::new() } else { format!("{:.2}", r.cpu_s_per_gib()) },
+                    opt(cpu_vs, 2),
+                    rss(r),
+                );
+            }
+            md.push('\n');
+        }
+        let _ = writeln!(md, "### Start-up: exec → first accepted connection\n");
+        let _ = writeln!(md, "| contender | runs | p50 ms | max ms |\n|---|--:|--:|--:|");
+        for s in self.startup {
+            let max = s.times.iter().max().copied().unwrap_or_default();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} | {:.2} |",
+                s.contender,
+                s.times.len(),
+                ms(&median(&s.times)),
+                ms(&max)
+            );
+        }
+        md.push('\n');
+        let _ = writeln!(md, "### Targets (issue 6), judged on this run\n");
+        for t in self.targets() {
+            let _ = writeln!(md, "- **{}** {}: {}", if t.met { "met" } else { "NOT met" }, t.what, t.evidence);
+        }
+        md
+    }
+
+    /// The issue's targets for `contender` (kvmi-relay by default).
+    pub fn targets_for(&self, relay: &str) -> Vec<Target> {
+        let mut out = Vec::new();
+        let pp = |c: &str| self.find(Topology::UnixTcp, Workload::PingPong, c);
+        if let (Some(r), Some(s)) = (pp(relay), pp(SOCAT)) {
+            for (q, label) in [(0.5, "p50"), (0.999, "p99.9")] {
+                if let (Some(ra), Some(sa)) = (self.added(r, q), self.added(s, q)) {
+                    out.push(Target {
+                        what: format!("64 B ping-pong UNIX→TCP, added RTT at {label} ≤ ½ socat's"),
+                        met: ra <= 0.5 * sa,
+                        evidence: format!("{relay} {ra:+.1} µs vs socat {sa:+.1} µs (limit {:+.1})", 0.5 * sa),
+                    });
+                }
+            }
+        }
+        let chain = |w: Workload, c: &str| self.find(Topology::Chain, w, c);
+        if let (Some(r), Some(s)) = (chain(Workload::Passive, relay), chain(Workload::Passive, SOCAT)) {
+            let x = r.rate() / s.rate();
+            out.push(Target {
+                what: "passive VMI through the two-relay chain ≥ 2× socat chain's ops/s".into(),
+                met: x >= 2.0,
+                evidence: format!("{:.0} vs {:.0} reads/s = {x:.2}×", r.rate(), s.rate()),
+            });
+        }
+        if let (Some(r), Some(s), Some(d)) =
+            (chain(Workload::Active, relay), chain(Workload::Active, SOCAT), chain(Workload::Active, DIRECT))
+        {
+            let over = |x: &Row| Some(100.0 * (us(x.rtt.as_ref()?, 0.5) / us(d.rtt.as_ref()?, 0.5) - 1.0));
+            if let (Some(ro), Some(so)) = (over(r), over(s)) {
+                out.push(Target {
+                    what: "active VMI (chain) overhead over direct at p50 ≤ ½ socat's".into(),
+                    met: ro <= 0.5 * so,
+                    evidence: format!("{relay} {ro:+.0} % vs socat {so:+.0} %"),
+                });
+            }
+        }
+        let bulk = |c: &str| self.find(Topology::UnixTcp, Workload::BulkOne, c);
+        if let (Some(r), Some(s), Some(d)) = (bulk(relay), bulk(SOCAT), bulk(DIRECT)) {
+            out.push(Target {
+                what: "bulk one way UNIX→TCP ≥ 1.5× socat".into(),
+                met: r.rate() >= 1.5 * s.rate(),
+                evidence: format!("{:.2} vs {:.2} GiB/s = {:.2}×", r.gib_s(), s.gib_s(), r.rate() / s.rate()),
+            });
+            out.push(Target {
+                what: "bulk one way UNIX→TCP ≥ 70 % of direct".into(),
+                met: r.rate() >= 0.7 * d.rate(),
+                evidence: format!("{:.2} vs {:.2} GiB/s = {:.0} %", r.gib_s(), d.gib_s(), 100.0 * r.rate() / d.rate()),
+            });
+            out.push(Target {
+                what: "relay CPU per GiB (bulk one way UNIX→TCP) ≤ ½ socat's".into(),
+                met: r.cpu_s_per_gib() <= 0.5 * s.cpu_s_per_gib(),
+                evidence: format!("{:.2} vs {:.2} CPU s/GiB", r.cpu_s_per_gib(), s.cpu_s_per_gib()),
+            });
+        }
+        let rss_max = self.rows.iter().filter(|r| r.contender == relay).map(|r| r.rss_kib).max();
+        if let Some(k) = rss_max {
+            out.push(Target {
+                what: "relay peak RSS with a live session ≤ 4 MiB".into(),
+                met: k <= RSS_TARGET_KIB,
+                evidence: format!("{k} KiB (VmHWM, largest over all topologies and workloads)"),
+            });
+        }
+        if let Some(s) = self.startup.iter().find(|s| s.contender == RELAY) {
+            let (p50, max) = (ms(&median(&s.times)), s.times.iter().max().map_or(0.0, ms));
+            out.push(Target {
+                what: "exec → accepting ≤ 10 ms".into(),
+                met: p50 <= STARTUP_TARGET_MS,
+                evidence: format!("p50 {p50:.2} ms, max {max:.2} ms over {} starts", s.times.len()),
+            });
+        }
+        out
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        self.targets_for(RELAY)
+    }
+
+    pub fn write_files(&self) -> std::io::Result<()> {
+        let dir = &self.opts.out_dir;
+        std::fs::write(dir.join("results.md"), self.markdown())?;
+        let mut csv = String::from(
+            "topology,workload,contender,sessions,ops,elapsed_s,ops_per_s,gib_per_s,p50_us,p90_us,p99_us,p999_us,max_us,\
+             mean_us,added_p50_us,added_p999_us,ratio_direct,ratio_socat,cpu_s,cpu_us_per_op,cpu_s_per_gib,rss_kib\n",
+        );
+        let mut records = Vec::new();
+        for r in self.rows {
+            let q = |x: f64| r.rtt.as_ref().map(|h| us(h, x));
+            let bulk = r.workload.is_bulk();
+            let rec = json!({
+                "topology": r.topology.name(),
+                "workload": r.workload.name(),
+                "contender": r.contender,
+                "sessions": r.sessions,
+                "ops": r.ops,
+                "elapsed_s": r.elapsed.as_secs_f64(),
+                "ops_per_s": if bulk { None } else { Some(r.rate()) },
+                "gib_per_s": if bulk { Some(r.gib_s()) } else { None },
+                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999),
+                "max_us": r.rtt.as_ref().map(|h| h.max() as f64 / 1000.0),
+                "mean_us": r.rtt.as_ref().map(|h| h.mean() / 1000.0),
+                "added_p50_us": self.added(r, 0.5),
+                "added_p999_us": self.added(r, 0.999),
+                "ratio_direct": self.ratio_rate(r, DIRECT),
+                "ratio_socat": self.ratio_rate(r, SOCAT),
+                "cpu_s": r.cpu_s,
+                "cpu_us_per_op": if bulk { None } else { Some(r.cpu_us_per_op()) },
+                "cpu_s_per_gib": if bulk { Some(r.cpu_s_per_gib()) } else { None },
+                "rss_kib": r.rss_kib,
+            });
+            let cell = |k: &str| match &rec[k] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => match n.as_f64() {
+                    Some(f) if n.is_f64() => format!("{f:.3}"),
+                    _ => n.to_string(),
+                },
+                v => v.to_string(),
+            };
+            let cols = [
+                "topology",
+                "workload",
+                "contender",
+                "sessions",
+                "ops",
+                "elapsed_s",
+                "ops_per_s",
+                "gib_per_s",
+                "p50_us",
+                "p90_us",
+                "p99_us",
+                "p999_us",
+                "max_us",
+                "mean_us",
+                "added_p50_us",
+                "added_p999_us",
+                "ratio_direct",
+                "ratio_socat",
+                "cpu_s",
+                "cpu_us_per_op",
+                "cpu_s_per_gib",
+                "rss_kib",
+            ];
+            csv.push_str(&cols.iter().map(|c| cell(c)).collect::<Vec<_>>().join(","));
+            csv.push('\n');
+            records.push(rec);
+        }
+        std::fs::write(dir.join("results.csv"), csv)?;
+        let m = &self.machine;
+        let o = self.opts;
+        let doc = json!({
+            "mode": if o.quick { "quick" } else { "full" },
+            "machine": {
+                "cpu": m.cpu, "cpus": m.cpus, "kernel": m.kernel, "date": m.date, "commit": m.commit,
+                "loadavg_before": m.loadavg, "loadavg_after": m.loadavg_after, "wall_s": m.wall_s,
+            },
+            "sizes": {
+                "round_trips": o.sizes.round_trips, "reads": o.sizes.reads, "events": o.sizes.events,
+                "bulk_bytes_per_direction": o.sizes.bulk_bytes, "latency_rounds": o.latency_rounds,
+                "bulk_rounds": o.bulk_rounds,
+            },
+            "rows": records,
+            "startup": self.startup.iter().map(|s| json!({
+                "contender": s.contender,
+                "ms": s.times.iter().map(ms).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "targets": self.targets().iter().map(|t| json!({"what": t.what, "met": t.met, "evidence": t.evidence}))
+                .collect::<Vec<_>>(),
+        });
+        std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&doc).unwrap_or_default())
+    }
+}
+
+pub struct Target {
+    pub what: String,
+    pub met: bool,
+    pub evidence: String,
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or(String::new(), |x| format!("{x:.digits$}"))
+}
+
+fn opt_signed(v: Option<f64>) -> String {
+    v.map_or(String::new(), |x| format!("{x:+.1}"))
+}
+
+fn rss(r: &Row) -> String {
+    if r.contender == DIRECT { String::new() } else { r.rss_kib.to_string() }
+}
