@@ -104,6 +104,18 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_NAME", value_name = "NAME")]
     pub name: Option<String>,
 
+    /// Control socket (UNIX, mode 0600, only the relay's own uid and root): `kvmi-relay stats PATH`.
+    #[arg(long, env = "KVMI_RELAY_CONTROL", value_name = "PATH")]
+    pub control: Option<String>,
+
+    /// Write an HdrHistogram interval log of transit and turnaround here (reopened on SIGHUP).
+    #[arg(long, env = "KVMI_RELAY_HIST_LOG", value_name = "FILE")]
+    pub hist_log: Option<String>,
+
+    /// Seconds per interval in the --hist-log file.
+    #[arg(long, env = "KVMI_RELAY_HIST_INTERVAL", value_name = "SECONDS", default_value = "10")]
+    pub hist_interval: String,
+
     /// Validate the configuration exactly as start-up would, report every problem, bind nothing.
     #[arg(long, action = ArgAction::SetTrue)]
     pub check: bool,
@@ -132,6 +144,8 @@ pub enum Command {
     /// The network flavor end to end on this machine: fake hypervisor → relay → TCP → relay → fake introspector.
     #[command(hide = true)]
     Demo(crate::demo::DemoArgs),
+    /// Live connections and their latency percentiles from a relay's control socket.
+    Stats(crate::control::StatsArgs),
     /// Writes the kvmi-relay(1) man page, generated from these definitions, to stdout (`make man`).
     #[command(hide = true)]
     Man,

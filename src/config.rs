@@ -5,7 +5,7 @@
 //! `--check` runs exactly this and nothing else.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -47,6 +47,11 @@ pub struct Config {
     pub log_level: Option<String>,
     /// The VM this instance serves, for logs and metrics.
     pub name: String,
+    /// Control socket path (`--control`).
+    pub control: Option<PathBuf>,
+    /// HdrHistogram interval log (`--hist-log`) and its interval.
+    pub hist_log: Option<PathBuf>,
+    pub hist_interval: Duration,
 }
 
 /// One problem with one flag.
@@ -90,6 +95,15 @@ impl Problems {
 }
 
 macro_rules! flag {
+    (control) => {
+        ("--control", "KVMI_RELAY_CONTROL")
+    };
+    (hist_log) => {
+        ("--hist-log", "KVMI_RELAY_HIST_LOG")
+    };
+    (hist_interval) => {
+        ("--hist-interval", "KVMI_RELAY_HIST_INTERVAL")
+    };
     (listen) => {
         ("--listen", "KVMI_RELAY_LISTEN")
     };
@@ -210,10 +224,7 @@ impl TryFrom<RelayArgs> for Config {
             },
         };
         if let Some(Endpoint::Unix(path)) = &listen {
-            let parent = match path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
+            let parent = parent_of(path);
             if !parent.is_dir() {
                 problem!(p, listen, "parent directory {} of the socket does not exist", parent.display());
             } else if path.exists() && !is_socket(path) {
@@ -385,6 +396,34 @@ impl TryFrom<RelayArgs> for Config {
             }
         }
 
+        let control = a.control.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
+        if let Some(c) = &control {
+            match parent_of(c) {
+                d if !d.is_dir() => problem!(p, control, "parent directory {} does not exist", d.display()),
+                _ if c.exists() && !is_socket(c) => {
+                    problem!(p, control, "{} exists and is not a socket; refusing to replace it", c.display())
+                }
+                _ if matches!(&listen, Some(Endpoint::Unix(l)) if l == c) => {
+                    problem!(p, control, "is the same path as --listen")
+                }
+                _ => {}
+            }
+        }
+        let hist_log = a.hist_log.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
+        if let Some(h) = &hist_log {
+            let d = parent_of(h);
+            if !d.is_dir() {
+                problem!(p, hist_log, "parent directory {} does not exist", d.display());
+            }
+        }
+        let hist_interval = match a.hist_interval.trim().parse::<f64>() {
+            Ok(s) if (0.01..=86_400.0).contains(&s) => Duration::from_secs_f64(s),
+            _ => {
+                problem!(p, hist_interval, "'{}' is not a number of seconds between 0.01 and 86400", a.hist_interval);
+                Duration::from_secs(10)
+            }
+        };
+
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
@@ -411,6 +450,9 @@ impl TryFrom<RelayArgs> for Config {
             shutdown_timeout: Duration::from_millis(shutdown_timeout_ms),
             log_level: a.log_level,
             name,
+            control,
+            hist_log,
+            hist_interval,
         })
     }
 }
@@ -419,6 +461,14 @@ fn default_name(listen: &Endpoint) -> String {
     match listen {
         Endpoint::Unix(p) => p.file_stem().map_or_else(|| "kvmi".into(), |s| s.to_string_lossy().into_owned()),
         other => other.to_string(),
+    }
+}
+
+/// The directory a path lives in ("." for a bare file name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
 }
 

@@ -119,7 +119,7 @@ impl Conn {
             pumps,
             phase: Phase::Dialling { deadline: now + cfg.connect_timeout },
             opened: now,
-            metrics: [DirMetrics::default(), DirMetrics::default()],
+            metrics: [DirMetrics::new(cfg.hist_log.is_some()), DirMetrics::new(cfg.hist_log.is_some())],
             arrived: [None, None],
             forwarded: [None, None],
         })
@@ -213,15 +213,13 @@ impl Conn {
                 };
                 self.arrived[d] = Some(arrived);
                 if let Some(t) = self.forwarded[1 - d].take() {
-                    self.metrics[d]
-                        .turnaround_ns
-                        .saturating_record(arrived.saturating_duration_since(t).as_nanos() as u64);
+                    self.metrics[d].record_turnaround(arrived.saturating_duration_since(t).as_nanos() as u64);
                 }
             }
             if run.emptied {
                 let done = Instant::now();
                 if let Some(t) = self.arrived[d].take() {
-                    self.metrics[d].transit_ns.saturating_record(done.saturating_duration_since(t).as_nanos() as u64);
+                    self.metrics[d].record_transit(done.saturating_duration_since(t).as_nanos() as u64);
                 }
                 self.forwarded[d] = Some(run.last_write_began.unwrap_or(done));
             }

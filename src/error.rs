@@ -13,24 +13,26 @@ pub enum StartError {
     Config(#[from] ConfigErrors),
     #[error("{0}")]
     Activation(#[from] crate::service::ActivationError),
-    #[error("--listen {endpoint}: {} is a live socket (something still answers there); refusing to replace it", path.display())]
+    #[error("{endpoint}: {} is a live socket (something still answers there); refusing to replace it", path.display())]
     LiveSocket { endpoint: String, path: PathBuf },
-    #[error("--listen {endpoint}: cannot tell whether {} is still in use: {source}", path.display())]
+    #[error("{endpoint}: cannot tell whether {} is still in use: {source}", path.display())]
     ProbeSocket { endpoint: String, path: PathBuf, source: io::Error },
-    #[error("--listen {endpoint}: {} exists and is not a socket; refusing to replace it", path.display())]
+    #[error("{endpoint}: {} exists and is not a socket; refusing to replace it", path.display())]
     NotASocket { endpoint: String, path: PathBuf },
-    #[error("--listen {endpoint}: cannot remove the stale socket {}: {source}", path.display())]
+    #[error("{endpoint}: cannot remove the stale socket {}: {source}", path.display())]
     RemoveStale { endpoint: String, path: PathBuf, source: io::Error },
-    #[error("--listen {endpoint}: cannot create the socket: {source}")]
+    #[error("{endpoint}: cannot create the socket: {source}")]
     Socket { endpoint: String, source: io::Error },
-    #[error("--listen {endpoint}: cannot bind: {source}")]
+    #[error("{endpoint}: cannot bind: {source}")]
     Bind { endpoint: String, source: io::Error },
-    #[error("--listen {endpoint}: cannot listen: {source}")]
+    #[error("{endpoint}: cannot listen: {source}")]
     Listen { endpoint: String, source: io::Error },
-    #[error("--socket-mode {mode:04o}: cannot chmod {}: {source}", path.display())]
-    Chmod { mode: u32, path: PathBuf, source: io::Error },
-    #[error("--socket-group {gid}: cannot chown {}: {source}", path.display())]
-    Chown { gid: u32, path: PathBuf, source: io::Error },
+    #[error("{endpoint}: cannot chmod {} to {mode:04o} (--socket-mode): {source}", path.display())]
+    Chmod { endpoint: String, mode: u32, path: PathBuf, source: io::Error },
+    #[error("{endpoint}: cannot chown {} to group {gid} (--socket-group): {source}", path.display())]
+    Chown { endpoint: String, gid: u32, path: PathBuf, source: io::Error },
+    #[error("--hist-log {}: cannot open: {source}", path.display())]
+    HistLog { path: PathBuf, source: io::Error },
     #[error("--cpu {cpu}: cannot pin the relay to it: {source}")]
     Pin { cpu: usize, source: io::Error },
     #[error("cannot create the event loop: {0}")]

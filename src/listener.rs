@@ -34,7 +34,7 @@ pub struct Listener {
 }
 
 /// A UNIX socket file this process created, identified by device and inode.
-struct SocketFile {
+pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -55,9 +55,12 @@ impl Drop for SocketFile {
 impl Listener {
     /// Binds the listener `cfg.listen` names.
     pub fn bind(cfg: &Config) -> Result<Listener, StartError> {
-        let endpoint = cfg.listen.to_string();
+        let endpoint = format!("--listen {}", cfg.listen);
         match &cfg.listen {
-            Endpoint::Unix(path) => bind_unix(cfg, &endpoint, path),
+            Endpoint::Unix(path) => {
+                let (s, file) = bind_unix(&endpoint, path, cfg.socket_mode, cfg.socket_gid)?;
+                Listener::finish(s, Some(file), endpoint)
+            }
             Endpoint::Tcp(addr) => {
                 let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)
                     .map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
@@ -134,7 +137,10 @@ fn identify(sock: &Socket, addr: &SockAddr) -> io::Result<Peer> {
     Err(io::Error::other(format!("peer of unknown address family {:?}", addr.domain())))
 }
 
-fn bind_unix(cfg: &Config, endpoint: &str, path: &Path) -> Result<Listener, StartError> {
+/// Creates a UNIX socket file at `path` with exactly `mode` (and group `gid`): replaces a stale
+/// file, refuses a live socket or a non-socket. `endpoint` names the flag for errors. The file is
+/// removed again when the returned `SocketFile` is dropped.
+pub fn bind_unix(endpoint: &str, path: &Path, mode: u32, gid: Option<u32>) -> Result<(Socket, SocketFile), StartError> {
     let err_path = || path.to_path_buf();
     match std::fs::symlink_metadata(path) {
         Ok(m) => {
@@ -164,7 +170,7 @@ fn bind_unix(cfg: &Config, endpoint: &str, path: &Path) -> Result<Listener, Star
         .map_err(|source| StartError::Socket { endpoint: endpoint.into(), source })?;
     let addr = SockAddr::unix(path).map_err(|source| StartError::Socket { endpoint: endpoint.into(), source })?;
     // The file is born with at most the operator's mode: no window where it is more open.
-    let old = umask(Mode::from_bits_truncate(!cfg.socket_mode & 0o777));
+    let old = umask(Mode::from_bits_truncate(!mode & 0o777));
     let bound = s.bind(&addr);
     umask(old);
     bound.map_err(|source| StartError::Bind { endpoint: endpoint.into(), source })?;
@@ -172,14 +178,19 @@ fn bind_unix(cfg: &Config, endpoint: &str, path: &Path) -> Result<Listener, Star
         std::fs::symlink_metadata(path).map_err(|source| StartError::Bind { endpoint: endpoint.into(), source })?;
     // From here on the file is ours and removed again if anything below fails.
     let file = SocketFile { path: path.to_path_buf(), dev: meta.dev(), ino: meta.ino() };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))
-        .map_err(|source| StartError::Chmod { mode: cfg.socket_mode, path: err_path(), source })?;
-    if let Some(gid) = cfg.socket_gid {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| StartError::Chmod {
+        endpoint: endpoint.into(),
+        mode,
+        path: err_path(),
+        source,
+    })?;
+    if let Some(gid) = gid {
         std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|source| StartError::Chown {
+            endpoint: endpoint.into(),
             gid,
             path: err_path(),
             source,
         })?;
     }
-    Listener::finish(s, Some(file), endpoint.into())
+    Ok((s, file))
 }

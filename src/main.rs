@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Some(Command::FakeIntrospector(a)) => peers::fake_introspector(a),
         Some(Command::Peer(a)) => peers::peer(a),
         Some(Command::Demo(a)) => kvmi_relay::demo::run(a),
+        Some(Command::Stats(a)) => kvmi_relay::control::stats(a),
         Some(Command::Man) => match kvmi_relay::manpage::render(&mut std::io::stdout().lock()) {
             Ok(()) => 0,
             Err(e) => {

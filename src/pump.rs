@@ -122,6 +122,9 @@ pub struct Pump {
     recheck_src_after_drain: bool,
     src_eof: bool,
     dst_shut: bool,
+    /// A byte has been written in this direction: from then on EINVAL is a fault, not a
+    /// refusal of splice. Separate from `stats`, which an operator may reset.
+    moved_any: bool,
     /// Name of the direction for the one log line a fallback writes.
     direction: &'static str,
     pub stats: DirStats,
@@ -171,6 +174,7 @@ impl Pump {
             recheck_src_after_drain: false,
             src_eof: false,
             dst_shut: false,
+            moved_any: false,
             direction,
             stats: DirStats::default(),
             chunk_bytes: metrics::chunk_histogram(),
@@ -184,6 +188,12 @@ impl Pump {
 
     pub fn capacity_bytes(&self) -> usize {
         self.capacity_bytes
+    }
+
+    /// Zeroes the counters (`stats reset`); the data path's own state is untouched.
+    pub fn reset_stats(&mut self) {
+        self.stats = DirStats::default();
+        self.chunk_bytes.reset();
     }
 
     pub fn uses_splice(&self) -> bool {
@@ -235,7 +245,7 @@ impl Pump {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(e) if splice_refused(&e) && self.uses_splice() && self.stats.bytes == 0 && self.fill == 0 => {
+                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.moved_any && self.fill == 0 => {
                         self.fall_back_to_copy(&e).map_err(PumpError::src)?;
                         progressed = true;
                     }
@@ -248,6 +258,7 @@ impl Pump {
                 match self.write_to(dst) {
                     Ok(n) => {
                         self.fill -= n;
+                        self.moved_any |= n > 0;
                         if self.fill == 0 {
                             run.last_write_began = Some(began);
                         }
@@ -266,7 +277,7 @@ impl Pump {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dst_writable = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(e) if splice_refused(&e) && self.uses_splice() && self.stats.bytes == 0 => {
+                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.moved_any => {
                         self.fall_back_to_copy(&e).map_err(PumpError::dst)?;
                         progressed = true;
                     }

@@ -25,14 +25,22 @@ use tracing::{debug, error, info, warn};
 
 use crate::access::{self, Verdict};
 use crate::config::Config;
-use crate::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
+use crate::conn::{CONNECT_SIDE, Conn, DIRECTION_NAMES, End, LISTEN_SIDE, SetupError, Step};
+use crate::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer, ControlStep, Format, Request};
 use crate::error::StartError;
+use crate::export::{self, ConnSnap, DirSnap, HistSnap, Snapshot, TotalsSnap};
+use crate::histlog::HistLog;
 use crate::listener::Listener;
 use crate::metrics::percentiles_us;
+use crate::metrics::{self, Figures};
+use crate::pump::DirStats;
 use crate::service::{Notifier, Status};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
+const CONTROL: Token = Token(2);
+/// Control clients: `CONTROL_CONN_BASE + index`, below `CONN_TOKEN_BASE`.
+const CONTROL_CONN_BASE: usize = 4;
 /// Connection tokens: `CONN_TOKEN_BASE + slot * 2 + side`.
 const CONN_TOKEN_BASE: usize = 16;
 /// How long accepting pauses after EMFILE/ENFILE.
@@ -83,6 +91,32 @@ pub struct Relay {
     spin_until: Option<Instant>,
     /// The service manager's side: readiness, status, watchdog pings from this loop.
     service: Notifier,
+    started: Instant,
+    control: Option<ControlServer>,
+    control_conns: Vec<Option<(ControlConn, Interest)>>,
+    hist_log: Option<HistLog>,
+    /// Figures of the sessions that have closed (since start or the last reset).
+    closed: [ClosedDir; 2],
+}
+
+/// One direction's figures over every closed session.
+#[derive(Debug, Clone)]
+struct ClosedDir {
+    figures: Figures,
+    chunk_bytes: hdrhistogram::Histogram<u64>,
+    chunks: u64,
+    high_water_bytes: usize,
+}
+
+impl Default for ClosedDir {
+    fn default() -> Self {
+        ClosedDir {
+            figures: Figures::default(),
+            chunk_bytes: metrics::chunk_histogram(),
+            chunks: 0,
+            high_water_bytes: 0,
+        }
+    }
 }
 
 impl Relay {
@@ -93,6 +127,25 @@ impl Relay {
             .map_err(StartError::Poll)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]).map_err(StartError::Signals)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(StartError::Signals)?;
+        let now = Instant::now();
+        // Everything created from here on is removed again if a later step fails (drop order).
+        let control = match &cfg.control {
+            Some(path) => {
+                let c = ControlServer::bind(path)?;
+                poll.registry()
+                    .register(&mut SourceFd(&c.raw_fd()), CONTROL, Interest::READABLE)
+                    .map_err(StartError::Poll)?;
+                Some(c)
+            }
+            None => None,
+        };
+        let hist_log = match &cfg.hist_log {
+            Some(path) => Some(
+                HistLog::open(path, cfg.hist_interval, &cfg.name, now)
+                    .map_err(|source| StartError::HistLog { path: path.clone(), source })?,
+            ),
+            None => None,
+        };
         Ok(Relay {
             cfg,
             poll,
@@ -107,6 +160,11 @@ impl Relay {
             rerun: VecDeque::new(),
             spin_until: None,
             service: Notifier::from_env(),
+            started: now,
+            control,
+            control_conns: (0..CONTROL_CONNS_MAX).map(|_| None).collect(),
+            hist_log,
+            closed: [ClosedDir::default(), ClosedDir::default()],
         })
     }
 
@@ -132,6 +190,10 @@ impl Relay {
                 match ev.token() {
                     LISTENER => self.accept_all(now),
                     SIGNALS => self.handle_signals(now),
+                    CONTROL => self.accept_control(now),
+                    Token(t) if (CONTROL_CONN_BASE..CONTROL_CONN_BASE + CONTROL_CONNS_MAX).contains(&t) => {
+                        self.advance_control(t - CONTROL_CONN_BASE, now)
+                    }
                     Token(t) if t >= CONN_TOKEN_BASE => {
                         let slot = (t - CONN_TOKEN_BASE) / 2;
                         let side = (t - CONN_TOKEN_BASE) % 2;
@@ -166,6 +228,8 @@ impl Relay {
             // Watchdog pings come from here, so a loop that stops turning stops pinging.
             self.service.turn(now, Status::new(self.live, self.cfg.max_conns, &self.totals));
             if self.shutdown_deadline.is_some() && self.live == 0 {
+                // The last, partial interval too: a run shorter than one interval still logs.
+                self.write_intervals(Instant::now());
                 info!(totals = ?self.totals, "stopped");
                 return Ok(());
             }
@@ -182,7 +246,10 @@ impl Relay {
             }
         }
         let dial = self.slots.iter().flatten().filter_map(|s| s.conn.deadline());
+        let control = self.control_conns.iter().flatten().map(|(c, _)| c.deadline);
         let soonest = dial
+            .chain(control)
+            .chain(self.hist_log.as_ref().map(HistLog::next_tick))
             .chain(self.accept_paused_until)
             .chain(self.shutdown_deadline)
             .chain(self.service.next_deadline())
@@ -359,6 +426,14 @@ impl Relay {
             self.totals.bytes[d] += p.stats.bytes;
             self.totals.splice_bytes[d] += p.stats.splice_bytes;
             self.totals.copy_bytes[d] += p.stats.copy_bytes;
+            let c = &mut self.closed[d];
+            c.figures.add(&conn.metrics[d].transit_ns, &conn.metrics[d].turnaround_ns);
+            let _ = c.chunk_bytes.add(&p.chunk_bytes);
+            c.chunks += p.stats.chunks;
+            c.high_water_bytes = c.high_water_bytes.max(p.stats.high_water_bytes);
+        }
+        if let Some(h) = &mut self.hist_log {
+            h.absorb(&conn.metrics);
         }
         info!(
             end = end_name(&end),
@@ -382,6 +457,15 @@ impl Relay {
     }
 
     fn sweep_timeouts(&mut self, now: Instant) {
+        for i in 0..self.control_conns.len() {
+            if self.control_conns[i].as_ref().is_some_and(|(c, _)| now >= c.deadline) {
+                debug!("control client timed out");
+                self.close_control(i);
+            }
+        }
+        if self.hist_log.as_ref().is_some_and(|h| now >= h.next_tick()) {
+            self.write_intervals(now);
+        }
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_all(now);
         }
@@ -411,7 +495,15 @@ impl Relay {
             match sig {
                 SIGTERM | SIGINT => self.begin_shutdown(now, sig),
                 SIGUSR1 => self.log_live(),
-                SIGHUP => info!("SIGHUP: nothing to reopen"),
+                SIGHUP => match &mut self.hist_log {
+                    Some(h) => match h.reopen() {
+                        Ok(()) => info!(path = %h.path().display(), "SIGHUP: reopened the histogram log"),
+                        Err(e) => {
+                            error!(path = %h.path().display(), error = %e, "SIGHUP: cannot reopen the histogram log")
+                        }
+                    },
+                    None => info!("SIGHUP: nothing to reopen"),
+                },
                 _ => {}
             }
         }
@@ -449,6 +541,191 @@ impl Relay {
                 "live"
             );
         }
+    }
+}
+
+impl Relay {
+    fn accept_control(&mut self, now: Instant) {
+        loop {
+            let Some(server) = &self.control else { return };
+            match server.accept(now) {
+                Ok(None) => return,
+                Ok(Some(Err(peer))) => warn!(%peer, "control socket: refused"),
+                Ok(Some(Ok(conn))) => {
+                    let Some(i) = self.control_conns.iter().position(Option::is_none) else {
+                        warn!(max = CONTROL_CONNS_MAX, "control socket: too many clients; closing one");
+                        continue;
+                    };
+                    let token = Token(CONTROL_CONN_BASE + i);
+                    let interest = conn.interest();
+                    if let Err(e) = self.poll.registry().register(&mut SourceFd(&conn.raw_fd()), token, interest) {
+                        warn!(error = %e, "control socket: cannot register a client");
+                        continue;
+                    }
+                    self.control_conns[i] = Some((conn, interest));
+                    self.advance_control(i, now);
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    warn!(error = %e, "control socket: out of fds");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket: accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn advance_control(&mut self, i: usize, now: Instant) {
+        let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return };
+        let step = match conn.advance() {
+            Ok(ControlStep::Request(req)) => {
+                let answer = self.answer(req, now);
+                let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return };
+                conn.answer(answer)
+            }
+            other => other,
+        };
+        match step {
+            Ok(ControlStep::Done) | Err(_) => self.close_control(i),
+            Ok(ControlStep::Waiting) | Ok(ControlStep::Request(_)) => {
+                let Some(Some((conn, registered))) = self.control_conns.get_mut(i) else { return };
+                let want = conn.interest();
+                if want != *registered {
+                    let token = Token(CONTROL_CONN_BASE + i);
+                    if self.poll.registry().reregister(&mut SourceFd(&conn.raw_fd()), token, want).is_err() {
+                        self.close_control(i);
+                        return;
+                    }
+                    *registered = want;
+                }
+            }
+        }
+    }
+
+    fn close_control(&mut self, i: usize) {
+        if let Some((conn, _)) = self.control_conns.get_mut(i).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&conn.raw_fd()));
+        }
+    }
+
+    fn answer(&mut self, req: Option<Request>, now: Instant) -> String {
+        match req {
+            Some(Request::Stats(Format::Text)) => export::text(&self.snapshot(now)),
+            Some(Request::Stats(Format::Json)) => export::json(&self.snapshot(now)),
+            Some(Request::Stats(Format::Prometheus)) => export::prometheus(&self.snapshot(now)),
+            Some(Request::Reset) => {
+                self.reset();
+                info!("control socket: counters and histograms reset");
+                "reset\n".into()
+            }
+            None => "error: unknown request (stats text|json|prometheus, reset)\n".into(),
+        }
+    }
+
+    /// Zeroes every counter and histogram; sessions and the data path go on untouched.
+    fn reset(&mut self) {
+        self.totals = Totals::default();
+        self.closed = [ClosedDir::default(), ClosedDir::default()];
+        for s in self.slots.iter_mut().flatten() {
+            for d in 0..2 {
+                s.conn.pump_mut(d).reset_stats();
+                s.conn.metrics[d].reset();
+            }
+        }
+    }
+
+    fn write_intervals(&mut self, now: Instant) {
+        let Some(h) = &mut self.hist_log else { return };
+        let live = self.slots.iter_mut().flatten().map(|s| &mut s.conn.metrics);
+        if let Err(e) = h.tick(now, live) {
+            error!(path = %h.path().display(), error = %e, "cannot write the histogram log");
+        }
+    }
+
+    /// Everything `stats` shows, as of `now`.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let t = &self.totals;
+        let mut all: [(ClosedDir, DirStats); 2] =
+            [(self.closed[0].clone(), self.closed_stats(0)), (self.closed[1].clone(), self.closed_stats(1))];
+        let mut connections = Vec::new();
+        for s in self.slots.iter().flatten() {
+            let c = &s.conn;
+            let dirs = [0, 1].map(|d| {
+                let p = c.pump(d);
+                let (agg, stats) = &mut all[d];
+                agg.figures.add(&c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns);
+                let _ = agg.chunk_bytes.add(&p.chunk_bytes);
+                stats.bytes += p.stats.bytes;
+                stats.splice_bytes += p.stats.splice_bytes;
+                stats.copy_bytes += p.stats.copy_bytes;
+                stats.chunks += p.stats.chunks;
+                stats.high_water_bytes = stats.high_water_bytes.max(p.stats.high_water_bytes);
+                dir_snap(d, &p.stats, &c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns, &p.chunk_bytes)
+            });
+            connections.push(ConnSnap {
+                id: c.id,
+                peer: c.peer.to_string(),
+                age_s: now.saturating_duration_since(c.opened).as_secs_f64(),
+                directions: dirs,
+            });
+        }
+        let all_sessions = [0, 1].map(|d| {
+            let (agg, stats) = &all[d];
+            dir_snap(d, stats, &agg.figures.transit_ns, &agg.figures.turnaround_ns, &agg.chunk_bytes)
+        });
+        Snapshot {
+            name: self.cfg.name.clone(),
+            pid: std::process::id(),
+            uptime_s: now.saturating_duration_since(self.started).as_secs_f64(),
+            listen: self.cfg.listen.to_string(),
+            connect: self.cfg.connect.to_string(),
+            live: self.live,
+            max_conns: self.cfg.max_conns,
+            totals: TotalsSnap {
+                accepted: t.accepted,
+                admitted: t.admitted,
+                refused_access: t.refused_access,
+                refused_busy: t.refused_busy,
+                dial_failed: t.dial_failed,
+                failed: t.failed,
+                closed: t.closed,
+                accept_pauses: t.accept_pauses,
+            },
+            connections,
+            all_sessions,
+        }
+    }
+
+    fn closed_stats(&self, d: usize) -> DirStats {
+        DirStats {
+            bytes: self.totals.bytes[d],
+            splice_bytes: self.totals.splice_bytes[d],
+            copy_bytes: self.totals.copy_bytes[d],
+            chunks: self.closed[d].chunks,
+            high_water_bytes: self.closed[d].high_water_bytes,
+        }
+    }
+}
+
+fn dir_snap(
+    d: usize,
+    stats: &DirStats,
+    transit: &hdrhistogram::Histogram<u64>,
+    turnaround: &hdrhistogram::Histogram<u64>,
+    chunks: &hdrhistogram::Histogram<u64>,
+) -> DirSnap {
+    DirSnap {
+        direction: DIRECTION_NAMES[d],
+        bytes: stats.bytes,
+        splice_bytes: stats.splice_bytes,
+        copy_bytes: stats.copy_bytes,
+        chunks: stats.chunks,
+        high_water_bytes: stats.high_water_bytes,
+        transit_ns: HistSnap::of_time(transit),
+        turnaround_ns: HistSnap::of_time(turnaround),
+        chunk_bytes: HistSnap::of(chunks),
     }
 }
 

@@ -1,0 +1,404 @@
+//! What the relay tells operators and researchers: a snapshot of the live connections and the
+//! totals, rendered as a table for people, JSON for scripts, or Prometheus text for scrapers.
+//!
+//! Pure functions of a `Snapshot`, so every format is tested without sockets. Latency values are
+//! nanoseconds in the snapshot and JSON, microseconds in the table, seconds in Prometheus (its
+//! convention). Percentiles come from HDR histograms with 1 % resolution (see metrics.rs).
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Prometheus histogram bucket bounds, seconds: 1 µs to 10 s.
+pub const PROMETHEUS_BUCKETS_S: [f64; 22] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub name: String,
+    pub pid: u32,
+    pub uptime_s: f64,
+    pub listen: String,
+    pub connect: String,
+    pub live: usize,
+    pub max_conns: usize,
+    pub totals: TotalsSnap,
+    pub connections: Vec<ConnSnap>,
+    /// Every session since start (or the last reset), live and closed, per direction.
+    pub all_sessions: [DirSnap; 2],
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct TotalsSnap {
+    pub accepted: u64,
+    pub admitted: u64,
+    pub refused_access: u64,
+    pub refused_busy: u64,
+    pub dial_failed: u64,
+    pub failed: u64,
+    pub closed: u64,
+    pub accept_pauses: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnSnap {
+    pub id: u64,
+    pub peer: String,
+    pub age_s: f64,
+    pub directions: [DirSnap; 2],
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DirSnap {
+    pub direction: &'static str,
+    pub bytes: u64,
+    pub splice_bytes: u64,
+    pub copy_bytes: u64,
+    pub chunks: u64,
+    pub high_water_bytes: usize,
+    pub transit_ns: HistSnap,
+    pub turnaround_ns: HistSnap,
+    pub chunk_bytes: HistSnap,
+}
+
+/// A histogram's summary, and its cumulative Prometheus buckets.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HistSnap {
+    pub count: u64,
+    pub min: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    /// Cumulative counts at each of `PROMETHEUS_BUCKETS_S` (time histograms only).
+    #[serde(skip)]
+    pub buckets: Vec<u64>,
+}
+
+impl HistSnap {
+    pub fn of(h: &Histogram<u64>) -> HistSnap {
+        if h.is_empty() {
+            return HistSnap::default();
+        }
+        HistSnap {
+            count: h.len(),
+            min: h.min(),
+            mean: h.mean(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            buckets: Vec::new(),
+        }
+    }
+
+    /// With cumulative bucket counts for a nanosecond histogram.
+    pub fn of_time(h: &Histogram<u64>) -> HistSnap {
+        let mut s = HistSnap::of(h);
+        s.buckets = PROMETHEUS_BUCKETS_S.iter().map(|&le| h.count_between(0, (le * 1e9) as u64)).collect();
+        s
+    }
+}
+
+/// The table a person reads.
+pub fn text(s: &Snapshot) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "kvmi-relay {}: {} -> {}  (pid {}, up {:.0} s, {}/{} sessions)",
+        s.name, s.listen, s.connect, s.pid, s.uptime_s, s.live, s.max_conns
+    );
+    let t = &s.totals;
+    let _ = writeln!(
+        o,
+        "peers: {} admitted, {} refused by policy, {} refused (--max-conns), {} dial failures, {} failed, {} closed",
+        t.admitted, t.refused_access, t.refused_busy, t.dial_failed, t.failed, t.closed
+    );
+    let _ = writeln!(o, "latency in µs as p50/p90/p99/p99.9/max (count)");
+    let _ = writeln!(
+        o,
+        "\n{:<6} {:<34} {:>8} {:<4} {:>12} {:>7} {:<36} {:<36}",
+        "conn", "peer", "age", "dir", "bytes", "splice", "transit (relay)", "turnaround (far side)"
+    );
+    let row = |o: &mut String, id: &str, peer: &str, age: &str, d: &DirSnap| {
+        let splice = if d.bytes == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0}%", 100.0 * d.splice_bytes as f64 / d.bytes as f64)
+        };
+        let _ = writeln!(
+            o,
+            "{:<6} {:<34} {:>8} {:<4} {:>12} {:>7} {:<36} {:<36}",
+            id,
+            peer,
+            age,
+            d.direction,
+            d.bytes,
+            splice,
+            pcts_us(&d.transit_ns),
+            pcts_us(&d.turnaround_ns)
+        );
+    };
+    for c in &s.connections {
+        row(&mut o, &c.id.to_string(), &c.peer, &format!("{:.1}s", c.age_s), &c.directions[0]);
+        row(&mut o, "", "", "", &c.directions[1]);
+    }
+    if s.connections.is_empty() {
+        let _ = writeln!(o, "(no live sessions)");
+    }
+    row(&mut o, "all", "every session since start or reset", "", &s.all_sessions[0]);
+    row(&mut o, "", "", "", &s.all_sessions[1]);
+    o
+}
+
+fn pcts_us(h: &HistSnap) -> String {
+    if h.count == 0 {
+        return "-".into();
+    }
+    let us = |v: u64| v as f64 / 1000.0;
+    format!("{:.1}/{:.1}/{:.1}/{:.1}/{:.1} ({})", us(h.p50), us(h.p90), us(h.p99), us(h.p999), us(h.max), h.count)
+}
+
+pub fn json(s: &Snapshot) -> String {
+    serde_json::to_string_pretty(s).expect("a snapshot always serializes") + "\n"
+}
+
+/// Escapes a Prometheus label value: backslash, double quote and newline.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition format (version 0.0.4).
+pub fn prometheus(s: &Snapshot) -> String {
+    let vm = label(&s.name);
+    let mut o = String::new();
+    let _ = writeln!(o, "# HELP kvmi_relay_sessions Sessions being relayed now.");
+    let _ = writeln!(o, "# TYPE kvmi_relay_sessions gauge");
+    let _ = writeln!(o, "kvmi_relay_sessions{{vm=\"{vm}\"}} {}", s.live);
+    let _ = writeln!(o, "# HELP kvmi_relay_max_sessions The --max-conns limit.");
+    let _ = writeln!(o, "# TYPE kvmi_relay_max_sessions gauge");
+    let _ = writeln!(o, "kvmi_relay_max_sessions{{vm=\"{vm}\"}} {}", s.max_conns);
+    let _ = writeln!(o, "# HELP kvmi_relay_peers_total Peers accepted on the listener, by what became of them.");
+    let _ = writeln!(o, "# TYPE kvmi_relay_peers_total counter");
+    let t = &s.totals;
+    for (outcome, n) in [
+        ("admitted", t.admitted),
+        ("refused_policy", t.refused_access),
+        ("refused_busy", t.refused_busy),
+        ("dial_failed", t.dial_failed),
+    ] {
+        let _ = writeln!(o, "kvmi_relay_peers_total{{vm=\"{vm}\",outcome=\"{outcome}\"}} {n}");
+    }
+    let _ = writeln!(o, "# HELP kvmi_relay_sessions_failed_total Sessions torn down by an error (reset, broken pipe).");
+    let _ = writeln!(o, "# TYPE kvmi_relay_sessions_failed_total counter");
+    let _ = writeln!(o, "kvmi_relay_sessions_failed_total{{vm=\"{vm}\"}} {}", t.failed);
+    let _ = writeln!(o, "# HELP kvmi_relay_bytes_total Bytes delivered, per direction and per way they moved.");
+    let _ = writeln!(o, "# TYPE kvmi_relay_bytes_total counter");
+    for d in &s.all_sessions {
+        for (strategy, n) in [("splice", d.splice_bytes), ("copy", d.copy_bytes)] {
+            let _ = writeln!(
+                o,
+                "kvmi_relay_bytes_total{{vm=\"{vm}\",direction=\"{}\",strategy=\"{strategy}\"}} {n}",
+                d.direction
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP kvmi_relay_latency_seconds transit: time bytes spend in the relay; turnaround: the far side's response time as the relay sees it."
+    );
+    let _ = writeln!(o, "# TYPE kvmi_relay_latency_seconds histogram");
+    for d in &s.all_sessions {
+        for (figure, h) in [("transit", &d.transit_ns), ("turnaround", &d.turnaround_ns)] {
+            let labels = format!("vm=\"{vm}\",direction=\"{}\",figure=\"{figure}\"", d.direction);
+            for (i, le) in PROMETHEUS_BUCKETS_S.iter().enumerate() {
+                let n = h.buckets.get(i).copied().unwrap_or(0);
+                let _ = writeln!(o, "kvmi_relay_latency_seconds_bucket{{{labels},le=\"{le:e}\"}} {n}");
+            }
+            let _ = writeln!(o, "kvmi_relay_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(o, "kvmi_relay_latency_seconds_sum{{{labels}}} {:e}", h.mean * h.count as f64 / 1e9);
+            let _ = writeln!(o, "kvmi_relay_latency_seconds_count{{{labels}}} {}", h.count);
+        }
+    }
+    o
+}
+
+/// Checks text against the exposition-format grammar as far as a scraper relies on it: metric
+/// and label names, label syntax and escaping, numeric values, one TYPE per family given before
+/// its samples, and histogram buckets rising in bound and in count. For tests and for operators
+/// who feed the output to another collector.
+pub fn lint_prometheus(text: &str) -> Result<(), String> {
+    let name_ok = |n: &str| {
+        let mut c = n.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+            && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+    };
+    let mut typed = std::collections::HashMap::new();
+    let mut last_bucket: Option<(String, f64, u64)> = None;
+    for line in text.lines() {
+        let bad = |why: &str| Err(format!("{why}: {line}"));
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if !name_ok(rest.split(' ').next().unwrap_or("")) {
+                return bad("HELP for a bad name");
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut w = rest.split(' ');
+            let (n, t) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+            if !name_ok(n) || !["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) {
+                return bad("bad TYPE line");
+            }
+            if typed.insert(n.to_string(), t.to_string()).is_some() {
+                return bad("TYPE given twice");
+            }
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else { return bad("no value") };
+        let value: f64 = match value.parse() {
+            Ok(v) => v,
+            Err(_) => return bad("value is not a number"),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => match l.strip_suffix('}') {
+                Some(l) => (n, l),
+                None => return bad("unclosed labels"),
+            },
+            None => (series, ""),
+        };
+        if !name_ok(name) {
+            return bad("bad metric name");
+        }
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        if !typed.contains_key(name) && !typed.contains_key(family) {
+            return bad("sample before its TYPE");
+        }
+        let mut rest = labels;
+        let mut le = None;
+        let mut others = String::new();
+        while !rest.is_empty() {
+            let Some((k, after)) = rest.split_once("=\"") else { return bad("label syntax") };
+            if !name_ok(k) {
+                return bad("bad label name");
+            }
+            let b = after.as_bytes();
+            let mut end = 0;
+            while end < b.len() && b[end] != b'"' {
+                end += if b[end] == b'\\' { 2 } else { 1 };
+            }
+            if end >= b.len() {
+                return bad("unterminated label value");
+            }
+            if k == "le" {
+                le = Some(&after[..end]);
+            } else {
+                others.push_str(&rest[..k.len() + 2 + end + 1]);
+            }
+            rest = &after[end + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+        if name.ends_with("_bucket") {
+            let Some(le) = le else { return bad("bucket without le") };
+            let bound =
+                if le == "+Inf" { f64::INFINITY } else { le.parse::<f64>().map_err(|_| format!("bad le: {line}"))? };
+            let key = format!("{family}{{{others}}}");
+            if let Some((k, b, c)) = &last_bucket {
+                if *k == key && !(bound > *b && value as u64 >= *c) {
+                    return bad("buckets must rise in bound and count");
+                }
+            }
+            last_bucket = Some((key, bound, value as u64));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::time_histogram;
+
+    fn dir(name: &'static str, samples_ns: &[u64]) -> DirSnap {
+        let mut h = time_histogram();
+        for &v in samples_ns {
+            h.record(v).unwrap();
+        }
+        DirSnap {
+            direction: name,
+            bytes: 100,
+            splice_bytes: 100,
+            copy_bytes: 0,
+            chunks: 2,
+            high_water_bytes: 64,
+            transit_ns: HistSnap::of_time(&h),
+            turnaround_ns: HistSnap::of_time(&h),
+            chunk_bytes: HistSnap::default(),
+        }
+    }
+
+    pub(crate) fn sample() -> Snapshot {
+        Snapshot {
+            name: "one-\"7\"".into(),
+            pid: 42,
+            uptime_s: 3.0,
+            listen: "unix:/run/kvmi/one-7.sock".into(),
+            connect: "tcp:203.0.113.9:7".into(),
+            live: 1,
+            max_conns: 1,
+            totals: TotalsSnap { admitted: 3, refused_access: 2, ..TotalsSnap::default() },
+            connections: vec![ConnSnap {
+                id: 1,
+                peer: "unix pid=1 uid=0 gid=0".into(),
+                age_s: 1.5,
+                directions: [dir("l2c", &[5_000, 7_000, 2_000_000]), dir("c2l", &[])],
+            }],
+            all_sessions: [dir("l2c", &[5_000, 7_000, 2_000_000]), dir("c2l", &[])],
+        }
+    }
+
+    #[test]
+    fn text_names_every_connection_and_figure() {
+        let t = text(&sample());
+        assert!(t.contains("unix pid=1 uid=0 gid=0"), "{t}");
+        assert!(t.contains("l2c") && t.contains("c2l"));
+        assert!(t.contains("2 refused by policy"));
+        assert!(t.contains("(3)"), "sample counts are shown: {t}");
+    }
+
+    #[test]
+    fn json_round_trips_through_a_parser() {
+        let v: serde_json::Value = serde_json::from_str(&json(&sample())).unwrap();
+        assert_eq!(v["connections"][0]["directions"][0]["transit_ns"]["count"], 3);
+        assert_eq!(v["totals"]["refused_access"], 2);
+    }
+
+    #[test]
+    fn the_lint_catches_what_a_scraper_would_choke_on() {
+        assert!(lint_prometheus("# TYPE a counter\na 1\n").is_ok());
+        assert!(lint_prometheus("a 1\n").is_err(), "sample before TYPE");
+        assert!(lint_prometheus("# TYPE a counter\na{b=\"1} 1\n").is_err(), "unterminated label");
+        assert!(lint_prometheus("# TYPE 1a counter\n").is_err(), "bad name");
+        let falling = "# TYPE h histogram\nh_bucket{le=\"1\"} 5\nh_bucket{le=\"2\"} 4\n";
+        assert!(lint_prometheus(falling).is_err(), "falling bucket counts");
+    }
+
+    #[test]
+    fn prometheus_follows_the_exposition_grammar() {
+        let p = prometheus(&sample());
+        lint_prometheus(&p).unwrap();
+        assert!(p.contains("vm=\"one-\\\"7\\\"\""), "label values are escaped: {p}");
+        assert!(p.contains(
+            "kvmi_relay_latency_seconds_bucket{vm=\"one-\\\"7\\\"\",direction=\"l2c\",figure=\"transit\",le=\"1e-5\"} 2"
+        ));
+        assert!(p.contains("direction=\"l2c\",figure=\"transit\",le=\"+Inf\"} 3"));
+    }
+}

@@ -1,0 +1,253 @@
+//! Latency you can see, checked against traffic whose timing the test controls: a far side
+//! that waits 2 ms per reply, a destination that stalls, the interval log read back with the
+//! hdrhistogram crate, every `stats` format, the control socket's access check, bounded memory.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::serialization::Deserializer;
+use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+use kvmi_relay::control::ask;
+use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::peers::{net, pingpong};
+use util::*;
+
+/// A UNIX server that answers every 64-byte message after `delay`.
+fn slow_echo(dir: &std::path::Path, delay: Duration) -> Endpoint {
+    let ep = Endpoint::Unix(dir.join("slow.sock"));
+    let l = net::listen(&ep).unwrap();
+    std::thread::spawn(move || {
+        while let Ok(s) = net::accept(&l) {
+            let mut buf = [0u8; 64];
+            while (&s).read_exact(&mut buf).is_ok() {
+                std::thread::sleep(delay);
+                if (&s).write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    ep
+}
+
+fn start(dir: &std::path::Path, connect: &Endpoint, extra: &[&str]) -> (Relay, Endpoint, std::path::PathBuf) {
+    let listen = Endpoint::Unix(dir.join("relay.sock"));
+    let control = dir.join("control.sock");
+    let mut args =
+        vec![format!("--listen={listen}"), format!("--connect={connect}"), format!("--control={}", control.display())];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Relay::start(&args), listen, control)
+}
+
+fn json(control: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&ask(control, "stats json").expect("control answers")).expect("valid JSON")
+}
+
+#[test]
+fn turnaround_sees_the_far_sides_2ms_and_transit_stays_far_below() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::from_millis(2));
+    let (relay, listen, control) = start(d.path(), &server, &[]);
+    let client = net::connect(&listen).unwrap();
+    pingpong::round_trips(&client, 64, 64, 200).unwrap();
+
+    let v = json(&control);
+    let conn = &v["connections"][0];
+    let c2l = &conn["directions"][1];
+    let turnaround_p50_ms = c2l["turnaround_ns"]["p50"].as_u64().unwrap() as f64 / 1e6;
+    let transit_p50_ms = conn["directions"][0]["transit_ns"]["p50"].as_u64().unwrap() as f64 / 1e6;
+    eprintln!("far side sleeps 2 ms: turnaround p50 {turnaround_p50_ms:.3} ms, transit p50 {transit_p50_ms:.3} ms");
+    assert_eq!(c2l["turnaround_ns"]["count"], 200, "one turnaround per reply");
+    assert!((2.0..2.6).contains(&turnaround_p50_ms), "turnaround p50 {turnaround_p50_ms} ms for a 2 ms far side");
+    assert!(transit_p50_ms < 0.5, "transit p50 {transit_p50_ms} ms must be far below the far side's 2 ms");
+    drop(client);
+    drop(relay);
+}
+
+#[test]
+fn a_stalled_destination_shows_up_as_transit() {
+    let d = tmpdir();
+    let server_ep = Endpoint::Unix(d.path().join("server.sock"));
+    let server_listener = net::listen(&server_ep).unwrap();
+    let (relay, listen, control) = start(d.path(), &server_ep, &[]);
+    let client = net::connect(&listen).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    let writer = {
+        let c = client.try_clone().unwrap();
+        std::thread::spawn(move || (&c).write_all(&vec![3u8; 4 << 20]).unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(150)); // the destination reads nothing
+    let mut got = vec![0u8; 4 << 20];
+    (&server).read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    let v = json(&control);
+    let max_ms = v["connections"][0]["directions"][0]["transit_ns"]["max"].as_u64().unwrap() as f64 / 1e6;
+    assert!(max_ms >= 100.0, "bytes waited ~150 ms for the destination; transit max was {max_ms} ms");
+    drop(relay);
+}
+
+#[test]
+fn interval_log_reads_back_with_counts_matching_the_traffic() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let log_path = d.path().join("relay.hlog");
+    let (relay, listen, _control) = start(
+        d.path(),
+        &server,
+        &[&format!("--hist-log={}", log_path.display()), "--hist-interval=0.1", "--name=one-7"],
+    );
+    let client = net::connect(&listen).unwrap();
+    const N: u64 = 500;
+    pingpong::round_trips(&client, 64, 64, N).unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    drop(client);
+    let (st, _) = relay.stop();
+    assert!(st.success());
+
+    let text = std::fs::read(&log_path).unwrap();
+    let head = String::from_utf8_lossy(&text);
+    assert!(head.contains("#[StartTime: "), "standard header:\n{head}");
+    let mut counts = std::collections::HashMap::<String, u64>::new();
+    let mut intervals = 0;
+    let mut de = Deserializer::new();
+    for entry in IntervalLogIterator::new(&text) {
+        if let LogEntry::Interval(h) = entry.expect("every line parses") {
+            let bytes = base64_decode(h.encoded_histogram());
+            let hist: hdrhistogram::Histogram<u64> = de.deserialize(&mut &bytes[..]).expect("V2 histogram decodes");
+            *counts.entry(h.tag().expect("tagged").as_str().to_string()).or_default() += hist.len();
+            intervals += 1;
+        }
+    }
+    assert!(intervals >= 8, "at least two intervals of four tags: {intervals}");
+    assert_eq!(counts["one-7.l2c.transit"], N, "{counts:?}");
+    assert_eq!(counts["one-7.c2l.transit"], N, "{counts:?}");
+    assert_eq!(counts["one-7.c2l.turnaround"], N, "every reply answers a forward: {counts:?}");
+    assert_eq!(counts["one-7.l2c.turnaround"], N - 1, "every request but the first follows a reply: {counts:?}");
+}
+
+/// Standard base64 (the interval log's encoding), for the read-back only.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= (val(c) as u32) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len() - 1 {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn stats_in_every_format_and_reset() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let (relay, listen, control) = start(d.path(), &server, &["--name=one-7"]);
+    let client = net::connect(&listen).unwrap();
+    pingpong::round_trips(&client, 64, 64, 100).unwrap();
+
+    let out = Command::new(BIN).args(["stats", control.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("kvmi-relay one-7") && table.contains("unix pid=") && table.contains("(100)"), "{table}");
+
+    let out = Command::new(BIN).args(["stats", "--json", control.to_str().unwrap()]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["connections"][0]["directions"][0]["bytes"], 6400);
+    assert_eq!(v["connections"][0]["directions"][0]["splice_bytes"], 6400);
+    assert_eq!(v["all_sessions"][1]["transit_ns"]["count"], 100);
+
+    let out = Command::new(BIN).args(["stats", "--prometheus", control.to_str().unwrap()]).output().unwrap();
+    let prom = String::from_utf8_lossy(&out.stdout);
+    kvmi_relay::export::lint_prometheus(&prom).unwrap_or_else(|e| panic!("{e}\n{prom}"));
+    assert!(prom.contains("kvmi_relay_bytes_total{vm=\"one-7\",direction=\"l2c\",strategy=\"splice\"} 6400"), "{prom}");
+    assert!(prom.contains("kvmi_relay_latency_seconds_count{vm=\"one-7\",direction=\"c2l\",figure=\"transit\"} 100"));
+
+    let out = Command::new(BIN).args(["stats", "--reset", control.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    let v = json(&control);
+    assert_eq!(v["totals"]["admitted"], 0);
+    assert_eq!(v["connections"][0]["directions"][0]["bytes"], 0);
+    assert_eq!(v["all_sessions"][0]["transit_ns"]["count"], 0);
+    // The session itself goes on after a reset.
+    pingpong::round_trips(&client, 64, 64, 10).unwrap();
+    assert_eq!(json(&control)["connections"][0]["directions"][0]["bytes"], 640);
+    drop(relay);
+}
+
+#[test]
+fn the_control_socket_refuses_another_uid() {
+    let d = tmpdir();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let (mut relay, _listen, control) = start(d.path(), &server, &[]);
+    let meta = std::fs::metadata(&control).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let as_nobody =
+        || Command::new(BIN).args(["stats", control.to_str().unwrap()]).uid(65534).gid(65534).output().unwrap();
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(1), "file mode keeps nobody out");
+    // Even with the file opened up, the peer-credential check refuses.
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no stats for nobody");
+    let log = relay.wait_log("control socket: refused", Duration::from_secs(5));
+    assert!(log.contains("uid=65534"), "{log}");
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_long_lived_sessions_memory_does_not_grow_with_messages() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let (relay, listen, control) = start(d.path(), &server, &["--hist-log=/dev/null", "--hist-interval=3600"]);
+    let client = net::connect(&listen).unwrap();
+    pingpong::round_trips(&client, 64, 64, 20_000).unwrap();
+    let _ = ask(&control, "stats json");
+    let early = rss_kib(relay.pid());
+    let t = Instant::now();
+    pingpong::round_trips(&client, 64, 64, 180_000).unwrap();
+    let _ = ask(&control, "stats json");
+    let late = rss_kib(relay.pid());
+    eprintln!("relay RSS after 20k messages {early} KiB, after 200k {late} KiB ({:.1} s)", t.elapsed().as_secs_f64());
+    assert!(late <= early + 64, "RSS grew from {early} KiB to {late} KiB over 180k messages");
+    let v = json(&control);
+    assert_eq!(v["connections"][0]["directions"][0]["transit_ns"]["count"], 200_000);
+}
+
+#[test]
+fn sigusr1_logs_every_live_connections_percentiles() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let (mut relay, listen, _control) = start(d.path(), &server, &[]);
+    let client = net::connect(&listen).unwrap();
+    pingpong::round_trips(&client, 64, 64, 50).unwrap();
+    relay.signal(nix::sys::signal::Signal::SIGUSR1);
+    let log = relay.wait_log(": live l2c_bytes=", Duration::from_secs(5));
+    let line = log.lines().find(|l| l.contains(" live ") && l.contains("l2c_transit_us=")).expect("a live line");
+    assert!(line.contains("conn{id=1"), "{line}");
+    assert!(!line.contains("l2c_transit_us=-"), "percentiles, not a dash: {line}");
+}
