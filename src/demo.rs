@@ -140,6 +140,7 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
 
     let b_log = dir.join("relay-b.log");
     let a_log = dir.join("relay-a.log");
+    let (a_ctl, b_ctl) = (dir.join("relay-a.control"), dir.join("relay-b.control"));
     // Relay B picks its own port (tcp:127.0.0.1:0) and says which in its "listening" line.
     let mut relay_b = spawn_relay(
         &[
@@ -147,6 +148,7 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
             "--allow-ip=127.0.0.1/32".into(),
             format!("--connect=unix:{}", intro_sock.display()),
             "--name=one-7-monitor".into(),
+            format!("--control={}", b_ctl.display()),
         ],
         &b_log,
     )
@@ -164,6 +166,7 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
             format!("--listen=unix:{}", vm_sock.display()),
             format!("--connect=tcp:127.0.0.1:{port}"),
             "--name=one-7".into(),
+            format!("--control={}", a_ctl.display()),
         ],
         &a_log,
     );
@@ -178,8 +181,14 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
         Ok(()) => session(&intro_ep, &Endpoint::Unix(vm_sock.clone()), a),
         Err(e) => Err(e),
     };
-    // Let the probe connection and the session's close reach the logs, then stop both.
+    // The relays' own view of the same traffic, from their control sockets, before they stop.
     std::thread::sleep(Duration::from_millis(50));
+    let tables: Vec<(String, String)> = [("A (hypervisor host)", &a_ctl), ("B (monitor host)", &b_ctl)]
+        .iter()
+        .map(|(n, p)| {
+            (n.to_string(), crate::control::ask(p, "stats text").unwrap_or_else(|e| format!("no stats: {e}\n")))
+        })
+        .collect();
     stop(relay_a);
     stop(relay_b);
     let relayed = relayed?;
@@ -199,14 +208,10 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
         (relayed.hv.event_rtt.value_at_quantile(0.5) as f64 - direct.hv.event_rtt.value_at_quantile(0.5) as f64)
             / 1000.0
     );
-    println!(
-        "\nrelay logs (the session's close line, with bytes, splice/copy counts and latency percentiles in µs p50/p90/p99/p99.9/max):"
-    );
-    for (name, log) in [("A", &a_log), ("B", &b_log)] {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        for l in text.lines().filter(|l| l.contains("closed")) {
-            println!("  relay {name}: {}", l.trim());
-        }
+    println!("\nwhat each relay measured (`kvmi-relay stats`): transit = time bytes spent in that relay,");
+    println!("turnaround = how long the far side took to answer, as that relay saw it; l2c = towards the monitor");
+    for (name, table) in &tables {
+        println!("\n== relay {name}\n{table}");
     }
     Ok(())
 }
