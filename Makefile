@@ -1,6 +1,7 @@
 # kvmi-relay: `make demo` runs the main job end to end; `make test` runs every check.
 CARGO ?= cargo
-BIN := target/release/kvmi-relay
+# The shipped binary (profile dist: fat LTO, see Cargo.toml); tests build their own (release).
+BIN := target/dist/kvmi-relay
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-quick bench-lint
@@ -8,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 all: build
 
 build:
-	$(CARGO) build --release --locked
+	$(CARGO) build --profile dist --locked
 
 # Debian packages the tests need (idempotent; skipped when already present).
 # systemd: systemd-analyze verify/security for tests/systemd_units.rs.
@@ -43,12 +44,12 @@ BENCH_CARGO = $(CARGO) run --release --locked --quiet --manifest-path benches/ha
 BENCH_PACKAGES := socat systemd fonts-dejavu-core
 bench: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
-	$(BENCH_CARGO)
+	$(BENCH_CARGO) --relay $(BIN)
 
 # Seconds, not minutes: every contender, topology and workload with small counts, so the
 # harness cannot rot. Its numbers are not for judging.
 bench-quick: build bench-lint
-	$(BENCH_CARGO) --quick
+	$(BENCH_CARGO) --quick --relay $(BIN)
 
 bench-lint:
 	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
@@ -70,7 +71,7 @@ INSTALLED = $(BINDIR)/kvmi-relay $(UNITDIR)/kvmi-relay@.service $(UNITDIR)/kvmi-
 
 # Built only when missing, so that `sudo make install` after `make` does not run cargo as root.
 $(BIN):
-	$(CARGO) build --release --locked
+	$(CARGO) build --profile dist --locked
 
 man: $(MAN)
 
