@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::relay::Totals;
+
 /// Prometheus histogram bucket bounds, seconds: 1 µs to 10 s.
 pub const PROMETHEUS_BUCKETS_S: [f64; 22] = [
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -25,22 +27,10 @@ pub struct Snapshot {
     pub connect: String,
     pub live: usize,
     pub max_conns: usize,
-    pub totals: TotalsSnap,
+    pub totals: Totals,
     pub connections: Vec<ConnSnap>,
     /// Every session since start (or the last reset), live and closed, per direction.
     pub all_sessions: [DirSnap; 2],
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct TotalsSnap {
-    pub accepted: u64,
-    pub admitted: u64,
-    pub refused_access: u64,
-    pub refused_busy: u64,
-    pub dial_failed: u64,
-    pub failed: u64,
-    pub closed: u64,
-    pub accept_pauses: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -354,7 +344,7 @@ mod tests {
             connect: "tcp:203.0.113.9:7".into(),
             live: 1,
             max_conns: 1,
-            totals: TotalsSnap { admitted: 3, refused_access: 2, ..TotalsSnap::default() },
+            totals: Totals { admitted: 3, refused_access: 2, ..Totals::default() },
             connections: vec![ConnSnap {
                 id: 1,
                 peer: "unix pid=1 uid=0 gid=0".into(),

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::conn::{CONNECT_SIDE, Conn, DIRECTION_NAMES, End, LISTEN_SIDE, SetupError, Step};
 use crate::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer, ControlStep, Format, Request};
 use crate::error::StartError;
-use crate::export::{self, ConnSnap, DirSnap, HistSnap, Snapshot, TotalsSnap};
+use crate::export::{self, ConnSnap, DirSnap, HistSnap, Snapshot};
 use crate::histlog::HistLog;
 use crate::listener::Listener;
 use crate::metrics::percentiles_us;
@@ -47,8 +47,8 @@ const CONN_TOKEN_BASE: usize = 16;
 const ACCEPT_PAUSE_MS: u64 = 100;
 const EVENTS_CAPACITY: usize = 256;
 
-/// Counters over the relay's whole life.
-#[derive(Debug, Default, Clone, Copy)]
+/// Counters over the relay's whole life (since start or the last `stats --reset`).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Totals {
     pub accepted: u64,
     pub admitted: u64,
@@ -646,7 +646,6 @@ impl Relay {
 
     /// Everything `stats` shows, as of `now`.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
-        let t = &self.totals;
         let mut all: [(ClosedDir, DirStats); 2] =
             [(self.closed[0].clone(), self.closed_stats(0)), (self.closed[1].clone(), self.closed_stats(1))];
         let mut connections = Vec::new();
@@ -683,16 +682,7 @@ impl Relay {
             connect: self.cfg.connect.to_string(),
             live: self.live,
             max_conns: self.cfg.max_conns,
-            totals: TotalsSnap {
-                accepted: t.accepted,
-                admitted: t.admitted,
-                refused_access: t.refused_access,
-                refused_busy: t.refused_busy,
-                dial_failed: t.dial_failed,
-                failed: t.failed,
-                closed: t.closed,
-                accept_pauses: t.accept_pauses,
-            },
+            totals: self.totals,
             connections,
             all_sessions,
         }

@@ -17,20 +17,6 @@ use util::*;
 const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
 
-/// An echo server on a UNIX socket in `dir`, serving connections until the test ends.
-fn echo_server(dir: &std::path::Path) -> Endpoint {
-    let ep = Endpoint::Unix(dir.join("echo.sock"));
-    let l = net::listen(&ep).unwrap();
-    std::thread::spawn(move || {
-        while let Ok(s) = net::accept(&l) {
-            std::thread::spawn(move || {
-                let _ = kvmi_relay::peers::pingpong::echo(&s);
-            });
-        }
-    });
-    ep
-}
-
 /// A directory others may traverse, so that a client running as nobody reaches the socket and
 /// the relay's own peer check is what stops it.
 fn open_dir() -> tempfile::TempDir {

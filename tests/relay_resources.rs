@@ -8,21 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::{data, net, pingpong};
+use kvmi_relay::peers::{data, net};
 use util::*;
-
-fn echo_server(dir: &std::path::Path) -> Endpoint {
-    let ep = Endpoint::Unix(dir.join("echo.sock"));
-    let l = net::listen(&ep).unwrap();
-    std::thread::spawn(move || {
-        while let Ok(s) = net::accept(&l) {
-            std::thread::spawn(move || {
-                let _ = pingpong::echo(&s);
-            });
-        }
-    });
-    ep
-}
 
 fn wait_fds(relay: &Relay, want: usize, patience: Duration) -> usize {
     let deadline = Instant::now() + patience;

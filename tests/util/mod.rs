@@ -196,3 +196,18 @@ pub fn tcp_from(source: &str, to: SocketAddr) -> std::io::Result<socket2::Socket
     s.connect(&to.into())?;
     Ok(s)
 }
+
+/// An echo server on a UNIX socket in `dir`, serving connections (one thread each) until the
+/// test ends.
+pub fn echo_server(dir: &Path) -> kvmi_relay::endpoint::Endpoint {
+    let ep = kvmi_relay::endpoint::Endpoint::Unix(dir.join("echo.sock"));
+    let l = kvmi_relay::peers::net::listen(&ep).unwrap();
+    std::thread::spawn(move || {
+        while let Ok(s) = kvmi_relay::peers::net::accept(&l) {
+            std::thread::spawn(move || {
+                let _ = kvmi_relay::peers::pingpong::echo(&s);
+            });
+        }
+    });
+    ep
+}
