@@ -211,6 +211,9 @@ EOF
 . "$HERE/systemd-image.sh"
 
 main() {
+    # one guest run at a time per checkout: the cache and its consoles are shared
+    exec 9>"$CACHE/.lock"
+    flock -w 1200 9 || die "another guest run holds $CACHE/.lock"
     local what=${1:-all}
     [ $# = 0 ] || shift
     local t0=$SECONDS rc=0

@@ -124,6 +124,8 @@ expect_strategy() {
 # LISTEN_EP; UP bytes go near→far (l2c), DOWN bytes far→near (c2l). Results in near.out/far.out.
 bulk_through() {
     rm -f /tmp/far.out
+    # a socket file left by the previous far peer would make wait_file return before this one binds
+    case $2 in unix:*) rm -f "${2#unix:}" ;; esac
     bg /tmp/far.out $R peer bulk --listen "$2" --send-bytes "$4" --expect-bytes "$3"
     _far=$BG_PID
     # the relay dials once per session: the far side must listen before the near side dials
@@ -245,7 +247,7 @@ reset_case() {
     case $_far in unix:*) wait_file "${_far#unix:}" ;; *) sleep 0.5 ;; esac
     relay "$_log" --listen "$_listen" "$@" --connect "$_far"
     case $_listen in unix:*) wait_file "${_listen#unix:}" ;; *) settle ;; esac
-    timeout 20 $R peer reset --connect "$_listen" --bytes $_bytes >/tmp/rst.out 2>&1 || bad "reset peer: $(cat /tmp/rst.out)"
+    timeout 10 $R peer reset --connect "$_listen" --bytes $_bytes >/tmp/rst.out 2>&1 || bad "reset peer: $(cat /tmp/rst.out)"
     # the torn-down pair must be closed before the next session is judged
     for _i in $(seq 150); do grep -q 'closed end=' "$_log" && break; sleep 0.1; done
     first=$(closed_line "$_log" 1)
