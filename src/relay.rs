@@ -293,10 +293,11 @@ impl Relay {
                     continue;
                 }
                 Err(e) => {
-                    // Also covers a peer whose identity could not be read: it was accepted and
-                    // is closed here, unadmitted.
-                    warn!(error = %e, "accept failed");
-                    continue;
+                    // Anything else (including a peer whose identity could not be read, which
+                    // is closed here unadmitted) may repeat on every call: pause rather than spin.
+                    error!(error = %e, pause_ms = ACCEPT_PAUSE_MS, "accept failed; pausing accept");
+                    self.accept_paused_until = Some(now + Duration::from_millis(ACCEPT_PAUSE_MS));
+                    return;
                 }
             };
             self.totals.accepted += 1;
