@@ -112,13 +112,16 @@ fn parse_args() -> Opts {
     let sizes = if quick {
         Sizes { round_trips: 500, reads: 400, events: 400, bulk_bytes: 8 << 20 }
     } else {
-        Sizes { round_trips: 2000, reads: 2000, events: 2000, bulk_bytes: 256 << 20 }
+        // Short sessions, many rounds: on these machines wake-up cost flips between a fast and a
+        // slow regime every fraction of a second (other load, the host's vCPU scheduling), so
+        // the finer the interleaving, the more evenly each contender meets both.
+        Sizes { round_trips: 500, reads: 500, events: 500, bulk_bytes: 256 << 20 }
     };
     Opts {
         quick,
         relay_bin,
         out_dir,
-        latency_rounds: rounds.unwrap_or(if quick { 2 } else { 10 }),
+        latency_rounds: rounds.unwrap_or(if quick { 2 } else { 40 }),
         bulk_rounds: bulk_rounds.unwrap_or(if quick { 1 } else { 4 }),
         sizes,
         startup_reps: if quick { 3 } else { 20 },
@@ -138,6 +141,7 @@ pub fn contenders() -> Vec<Contender> {
         relay("kvmi-relay pw=100", &["--poll-window-us=100"], false),
         relay("kvmi-relay pw=200", &["--poll-window-us=200"], false),
         relay("kvmi-relay copy", &["--move=copy"], true),
+        relay("kvmi-relay pipe=1M", &["--pipe-size=1048576"], true),
         Contender { name: "socat".into(), kind: Kind::Socat { nodelay: false }, bulk: true },
         Contender { name: "socat nodelay".into(), kind: Kind::Socat { nodelay: true }, bulk: true },
     ];

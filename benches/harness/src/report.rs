@@ -214,6 +214,9 @@ impl Report<'_> {
         }
         md.push('\n');
         let _ = writeln!(md, "### Targets (issue 6), judged on this run\n");
+        if o.quick {
+            let _ = writeln!(md, "_Quick mode: too few operations to judge anything; run `make bench`._\n");
+        }
         for t in self.targets() {
             let _ = writeln!(md, "- **{}** {}: {}", if t.met { "met" } else { "NOT met" }, t.what, t.evidence);
         }
