@@ -80,6 +80,7 @@ pub fn draw(path: &Path, rows: &[Row]) -> Result<(), String> {
             let mut chart = ChartBuilder::on(area)
                 .caption(caption, ("sans-serif", 20))
                 .margin(10)
+                .margin_right(36)
                 .x_label_area_size(40)
                 .y_label_area_size(60)
                 .build_cartesian_2d(0f64..x_max, (y_min..y_max).log_scale())
