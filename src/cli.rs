@@ -80,8 +80,10 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_MOVE", value_name = "HOW", default_value = "auto")]
     pub r#move: MoveArg,
 
-    /// Keep polling without sleeping for this long after the last activity (0 = always sleep).
-    #[arg(long, env = "KVMI_RELAY_POLL_WINDOW_US", value_name = "US", default_value = "0")]
+    /// Keep polling (yielding the CPU between polls) for this long after the last activity
+    /// before sleeping; 0 = always sleep. The default halves the relay's added round trip on
+    /// the benchmarks (docs/BENCHMARKS.md) for up to this much CPU per message while traffic flows.
+    #[arg(long, env = "KVMI_RELAY_POLL_WINDOW_US", value_name = "US", default_value = "50")]
     pub poll_window_us: String,
 
     /// Set SO_BUSY_POLL on the relay's sockets (microseconds; 0 = off).

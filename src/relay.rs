@@ -174,7 +174,14 @@ impl Relay {
         let mut touched: Vec<usize> = Vec::with_capacity(8);
         self.service.ready(Instant::now(), Status::new(self.live, self.cfg.max_conns, &self.totals));
         loop {
-            let timeout = self.next_timeout(Instant::now());
+            let now = Instant::now();
+            let timeout = self.next_timeout(now);
+            if timeout == Some(Duration::ZERO) && self.rerun.is_empty() && self.spin_until.is_some_and(|t| t > now) {
+                // Polling inside the window: give the CPU to anything runnable first. On a machine
+                // with as many busy threads as CPUs (the peers, another relay) a spinner that does
+                // not yield holds its CPU for a whole slice while the peer it waits for cannot run.
+                std::thread::yield_now();
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;

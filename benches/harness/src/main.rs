@@ -137,7 +137,7 @@ pub fn contenders() -> Vec<Contender> {
     let mut v = vec![
         Contender { name: "direct".into(), kind: Kind::Direct, bulk: true },
         relay("kvmi-relay", &[], true),
-        relay("kvmi-relay pw=50", &["--poll-window-us=50"], false),
+        relay("kvmi-relay pw=0", &["--poll-window-us=0"], false),
         relay("kvmi-relay pw=100", &["--poll-window-us=100"], false),
         relay("kvmi-relay pw=200", &["--poll-window-us=200"], false),
         relay("kvmi-relay copy", &["--move=copy"], true),
