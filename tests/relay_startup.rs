@@ -164,3 +164,21 @@ fn sigterm_and_sigint_exit_0_and_remove_the_socket() {
         assert!(!p.exists());
     }
 }
+
+#[test]
+fn under_the_journal_lines_carry_no_timestamp_of_their_own() {
+    let d = tmpdir();
+    let p = d.path().join("relay.sock");
+    let listen = format!("--listen=unix:{}", p.display());
+    let stamped = Relay::start(&[&listen, "--connect=unix:/nonexistent"]);
+    let (_, log) = stamped.stop();
+    let line = log.lines().find(|l| l.contains(" listening ")).unwrap();
+    assert!(line.starts_with("20"), "on a terminal or file a line starts with its time: {line}");
+
+    let journal = Relay::start_with(
+        std::process::Command::new(BIN).args([&listen, "--connect=unix:/nonexistent"]).env("JOURNAL_STREAM", "9:123"),
+    );
+    let (_, log) = journal.stop();
+    let line = log.lines().find(|l| l.contains(" listening ")).unwrap();
+    assert!(line.trim_start().starts_with("INFO"), "the journal stamps lines itself: {line}");
+}
