@@ -104,7 +104,8 @@ pub enum PeerCommand {
         #[arg(long, value_parser = endpoint)]
         connect: Endpoint,
     },
-    /// Dial, send `bytes` bytes, then close with a reset (SO_LINGER 0).
+    /// Dial, send up to `bytes` bytes (fewer if the far side stops taking them for 1 s: every
+    /// buffer on the way is then full), then close with a reset (SO_LINGER 0).
     Reset {
         #[arg(long, value_parser = endpoint)]
         connect: Endpoint,
@@ -218,21 +219,32 @@ pub fn peer(a: PeerArgs) -> i32 {
             }
             Err(e) => fail("expect-refused", e),
         },
-        PeerCommand::Reset { connect, bytes } => {
-            let r = net::connect(&connect).and_then(|s| {
-                std::io::Write::write_all(&mut &s, &vec![0xa5; bytes])?;
-                s.set_linger(Some(Duration::ZERO))?;
-                Ok(())
-            });
-            match r {
-                Ok(()) => {
-                    println!("reset ok");
-                    0
-                }
-                Err(e) => fail("reset", e),
+        PeerCommand::Reset { connect, bytes } => match reset(&connect, bytes) {
+            Ok(sent) => {
+                println!("reset ok sent={sent}");
+                0
             }
+            Err(e) => fail("reset", e),
+        },
+    }
+}
+
+/// Sends up to `bytes` (stopping once writes stall for 1 s), then resets; returns what was sent.
+fn reset(ep: &Endpoint, bytes: usize) -> std::io::Result<usize> {
+    let s = net::connect(ep)?;
+    s.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let chunk = vec![0xa5u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < bytes {
+        match std::io::Write::write(&mut &s, &chunk[..chunk.len().min(bytes - sent)]) {
+            Ok(n) => sent += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
+    s.set_linger(Some(Duration::ZERO))?;
+    Ok(sent)
 }
 
 /// The relay closes a refused peer without sending it a byte.
