@@ -10,8 +10,13 @@
 //!   keep serving"; only start-up errors leave `run`.
 //! - Out of fds (EMFILE/ENFILE) the loop stops accepting for `ACCEPT_PAUSE_MS` instead of
 //!   spinning on a listener that stays readable, and resumes by itself.
-//! - Timeouts (dial deadlines, the accept pause, the shutdown deadline) are swept once per loop
-//!   turn; there is no timer thread.
+//! - Timeouts (dial deadlines, control clients' deadlines, the interval-log tick, the watchdog
+//!   ping, the accept pause, the shutdown deadline) are swept once per loop turn; there is no
+//!   timer thread.
+//! - Bounded polling: for `--poll-window-us` after any event the loop polls with a zero timeout,
+//!   yielding the CPU before each poll, and only then sleeps (docs/DESIGN.md, invariant 14).
+//! - The control socket's clients and the interval log are served from this loop too; building
+//!   a snapshot reads the connections, it never changes the data path.
 
 use std::collections::VecDeque;
 use std::io;
