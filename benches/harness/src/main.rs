@@ -2,11 +2,13 @@
 //!
 //! `make bench` runs the full mode, `make bench-quick` (also part of `make test`) the quick one.
 //! For each topology the bench starts every contender once, then for each workload runs rounds
-//! of one session per contender in a fixed order (direct, kvmi-relay, ..., socat, proxyd, then
-//! again), so that whatever else the machine does hits all of them alike. Histograms and counts
-//! are merged over the rounds; the relay's CPU is read from /proc before and after each
-//! workload. Results: a markdown table on stdout, CSV and JSON and a PNG plot under the output
-//! directory (target/bench by default). docs/BENCHMARKS.md says how to read them.
+//! of one session per contender, the order rotated by one each round (round r starts at contender
+//! r mod n: A B C, B C A, C A B, ...), so that whatever else the machine does hits all of them
+//! alike and every contender takes every place in a round (neighbours mostly stay: B follows A
+//! except in the rounds B opens). Histograms and counts are merged over the rounds; the relay's
+//! CPU is read from /proc before and after each workload. Results: a markdown table on stdout,
+//! CSV and JSON and a PNG plot under the output directory (target/bench by default).
+//! docs/BENCHMARKS.md says how to read them.
 
 mod plot;
 mod procs;
@@ -222,8 +224,12 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
             })
             .collect();
         let started = Instant::now();
-        for _ in 0..rounds {
-            for (k, &i) in entrants.iter().enumerate() {
+        let n = entrants.len();
+        for r in 0..rounds as usize {
+            // Round r starts at entrant r mod n (A B C, B C A, C A B, ...): every contender
+            // once per round, and each place in the round taken by each in turn.
+            for k in (0..n).map(|j| (r + j) % n) {
+                let i = entrants[k];
                 let (c, hops, dial) = &deployed[i];
                 let sample = || procs::serving_rss_kib(hops);
                 let o = work::session(w, opts.sizes, &listener, dial, &sample)

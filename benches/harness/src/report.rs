@@ -115,7 +115,7 @@ impl Report<'_> {
             md,
             "- machine: {} CPUs, {}, kernel {}; {}; commit {}\n- load average before / after: {} / {}; wall time {:.0} s\n\
              - per session: {} ping-pongs, {} reads, {} events, {} MiB bulk per direction; {} interleaved rounds \
-             (bulk: {}), contenders in the order listed\n- times are µs unless named; `+p50` = contender − direct \
+             (bulk: {}), contenders in the order listed, rotated by one each round\n- times are µs unless named; `+p50` = contender − direct \
              at the same percentile, same run; CPU = the relay processes' user+system time (children included), \
              RSS = peak (VmHWM) of one serving process; CPU is exact (schedstat) for kvmi-relay and proxyd, \
              in 10 ms clock ticks for socat's exited forks\n",
