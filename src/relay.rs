@@ -96,6 +96,8 @@ pub struct Relay {
     spin_until: Option<Instant>,
     /// The service manager's side: readiness, status, watchdog pings from this loop.
     service: Notifier,
+    /// The address the listener actually bound (shows the port chosen for `tcp:IP:0`).
+    bound: String,
     started: Instant,
     control: Option<ControlServer>,
     control_conns: Vec<Option<(ControlConn, Interest)>>,
@@ -126,6 +128,7 @@ impl Default for ClosedDir {
 
 impl Relay {
     pub fn new(cfg: Config, listener: Listener) -> Result<Relay, StartError> {
+        let bound = listener.bound();
         let poll = Poll::new().map_err(StartError::Poll)?;
         poll.registry()
             .register(&mut SourceFd(&listener.raw_fd()), LISTENER, Interest::READABLE)
@@ -165,6 +168,7 @@ impl Relay {
             rerun: VecDeque::new(),
             spin_until: None,
             service: Notifier::from_env(),
+            bound,
             started: now,
             control,
             control_conns: (0..CONTROL_CONNS_MAX).map(|_| None).collect(),
@@ -695,7 +699,7 @@ impl Relay {
             name: self.cfg.name.clone(),
             pid: std::process::id(),
             uptime_s: now.saturating_duration_since(self.started).as_secs_f64(),
-            listen: self.cfg.listen.to_string(),
+            listen: self.bound.clone(),
             connect: self.cfg.connect.to_string(),
             live: self.live,
             max_conns: self.cfg.max_conns,
