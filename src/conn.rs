@@ -167,11 +167,16 @@ impl Conn {
     }
 
     /// Records readiness reported for `side`.
-    pub fn on_ready(&mut self, side: usize, readable: bool, writable: bool) {
-        if readable {
+    ///
+    /// `read_closed`: the peer on `side` stopped sending, and may have gone entirely. vsock
+    /// reports a vanished peer this way only (EPOLLIN|EPOLLRDHUP: no EPOLLHUP, no EPOLLOUT), so a
+    /// pump blocked on writing to that peer probes once and meets EPIPE, or WouldBlock if the
+    /// peer only half-closed, instead of waiting forever.
+    pub fn on_ready(&mut self, side: usize, readable: bool, writable: bool, read_closed: bool) {
+        if readable || read_closed {
             self.pumps[side].src_readable = true;
         }
-        if writable {
+        if writable || read_closed {
             self.pumps[1 - side].dst_writable = true;
         }
     }

@@ -7,11 +7,10 @@ use std::io;
 use socket2::{Socket, Type};
 
 use crate::endpoint::Endpoint;
-use crate::peers::net::sockaddr;
 
 /// Starts connecting to `ep`. Ok means connected or in progress; check with `finish`.
 pub fn start(ep: &Endpoint) -> io::Result<Socket> {
-    let (domain, addr) = sockaddr(ep);
+    let (domain, addr) = ep.sockaddr();
     let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
     if matches!(ep, Endpoint::Tcp(_)) {
         s.set_tcp_nodelay(true)?;

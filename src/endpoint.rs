@@ -7,6 +7,8 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use socket2::{Domain, SockAddr};
+
 /// `VMADDR_CID_ANY`: bind on every local CID.
 pub const VSOCK_CID_ANY: u32 = u32::MAX;
 
@@ -46,6 +48,15 @@ impl Endpoint {
             "tcp" => parse_tcp(rest).map(Endpoint::Tcp),
             "vsock" => parse_vsock(rest),
             other => Err(format!("unknown endpoint kind '{other}' in '{text}' (expected unix, tcp or vsock)")),
+        }
+    }
+
+    /// The socket domain and address to bind or dial.
+    pub fn sockaddr(&self) -> (Domain, SockAddr) {
+        match self {
+            Endpoint::Unix(p) => (Domain::UNIX, SockAddr::unix(p).expect("unix path fits (checked when parsed)")),
+            Endpoint::Tcp(a) => (Domain::for_address(*a), SockAddr::from(*a)),
+            Endpoint::Vsock { cid, port } => (Domain::VSOCK, SockAddr::vsock(*cid, *port)),
         }
     }
 

@@ -61,24 +61,18 @@ impl Listener {
                 let (s, file) = bind_unix(&endpoint, path, cfg.socket_mode, cfg.socket_gid)?;
                 Listener::finish(s, Some(file), endpoint)
             }
-            Endpoint::Tcp(addr) => {
-                let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)
-                    .map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
-                s.set_reuse_address(true)
-                    .map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
-                if addr.is_ipv6() && addr.ip().is_unspecified() {
-                    // [::] serves IPv4 too; mapped sources are judged as the IPv4 they carry.
-                    s.set_only_v6(false).map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
+            tcp_or_vsock => {
+                let socket_err = |source| StartError::Socket { endpoint: endpoint.clone(), source };
+                let (domain, addr) = tcp_or_vsock.sockaddr();
+                let s = Socket::new(domain, Type::STREAM, None).map_err(socket_err)?;
+                if let Endpoint::Tcp(a) = tcp_or_vsock {
+                    s.set_reuse_address(true).map_err(socket_err)?;
+                    if a.is_ipv6() && a.ip().is_unspecified() {
+                        // [::] serves IPv4 too; mapped sources are judged as the IPv4 they carry.
+                        s.set_only_v6(false).map_err(socket_err)?;
+                    }
                 }
-                s.bind(&SockAddr::from(*addr))
-                    .map_err(|source| StartError::Bind { endpoint: endpoint.clone(), source })?;
-                Listener::finish(s, None, endpoint)
-            }
-            Endpoint::Vsock { cid, port } => {
-                let s = Socket::new(Domain::VSOCK, Type::STREAM, None)
-                    .map_err(|source| StartError::Socket { endpoint: endpoint.clone(), source })?;
-                s.bind(&SockAddr::vsock(*cid, *port))
-                    .map_err(|source| StartError::Bind { endpoint: endpoint.clone(), source })?;
+                s.bind(&addr).map_err(|source| StartError::Bind { endpoint: endpoint.clone(), source })?;
                 Listener::finish(s, None, endpoint)
             }
         }

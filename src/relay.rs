@@ -215,14 +215,10 @@ impl Relay {
                         let side = (t - CONN_TOKEN_BASE) % 2;
                         if let Some(Some(s)) = self.slots.get_mut(slot) {
                             // Hang-ups and errors show up as readable/writable so the pump's next
-                            // read or write meets them and reports them with their errno. A peer
-                            // that stopped sending may have gone entirely: vsock reports that as
-                            // read-closed only (no EPOLLHUP, no EPOLLOUT), so a pump blocked on
-                            // writing to it probes once and meets EPIPE instead of waiting forever.
-                            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                            let writable =
-                                ev.is_writable() || ev.is_write_closed() || ev.is_error() || ev.is_read_closed();
-                            s.conn.on_ready(side, readable, writable);
+                            // read or write meets them and reports them with their errno.
+                            let readable = ev.is_readable() || ev.is_error();
+                            let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                            s.conn.on_ready(side, readable, writable, ev.is_read_closed());
                             if !touched.contains(&slot) {
                                 touched.push(slot);
                             }

@@ -3,21 +3,13 @@
 use std::io;
 use std::time::Duration;
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Socket, Type};
 
 use crate::endpoint::Endpoint;
 
-pub fn sockaddr(ep: &Endpoint) -> (Domain, SockAddr) {
-    match ep {
-        Endpoint::Unix(p) => (Domain::UNIX, SockAddr::unix(p).expect("unix path fits (checked when parsed)")),
-        Endpoint::Tcp(a) => (Domain::for_address(*a), SockAddr::from(*a)),
-        Endpoint::Vsock { cid, port } => (Domain::VSOCK, SockAddr::vsock(*cid, *port)),
-    }
-}
-
 /// Dials `ep` (blocking), with TCP_NODELAY on TCP.
 pub fn connect(ep: &Endpoint) -> io::Result<Socket> {
-    let (domain, addr) = sockaddr(ep);
+    let (domain, addr) = ep.sockaddr();
     let s = Socket::new(domain, Type::STREAM, None)?;
     s.connect(&addr)?;
     if matches!(ep, Endpoint::Tcp(_)) {
@@ -45,7 +37,7 @@ pub fn connect_retrying(ep: &Endpoint, patience: Duration) -> io::Result<Socket>
 
 /// Binds and listens on `ep` (unlinking a stale UNIX path first, as libkvmi does).
 pub fn listen(ep: &Endpoint) -> io::Result<Socket> {
-    let (domain, addr) = sockaddr(ep);
+    let (domain, addr) = ep.sockaddr();
     if let Endpoint::Unix(p) = ep {
         let _ = std::fs::remove_file(p);
     }
