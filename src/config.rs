@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -94,75 +95,30 @@ impl Problems {
     }
 }
 
-macro_rules! flag {
-    (control) => {
-        ("--control", "KVMI_RELAY_CONTROL")
-    };
-    (hist_log) => {
-        ("--hist-log", "KVMI_RELAY_HIST_LOG")
-    };
-    (hist_interval) => {
-        ("--hist-interval", "KVMI_RELAY_HIST_INTERVAL")
-    };
-    (listen) => {
-        ("--listen", "KVMI_RELAY_LISTEN")
-    };
-    (connect) => {
-        ("--connect", "KVMI_RELAY_CONNECT")
-    };
-    (allow_uid) => {
-        ("--allow-uid", "KVMI_RELAY_ALLOW_UID")
-    };
-    (allow_gid) => {
-        ("--allow-gid", "KVMI_RELAY_ALLOW_GID")
-    };
-    (allow_ip) => {
-        ("--allow-ip", "KVMI_RELAY_ALLOW_IP")
-    };
-    (allow_cid) => {
-        ("--allow-cid", "KVMI_RELAY_ALLOW_CID")
-    };
-    (allow_any_ip) => {
-        ("--allow-any-ip", "KVMI_RELAY_ALLOW_ANY_IP")
-    };
-    (allow_any_cid) => {
-        ("--allow-any-cid", "KVMI_RELAY_ALLOW_ANY_CID")
-    };
-    (socket_mode) => {
-        ("--socket-mode", "KVMI_RELAY_SOCKET_MODE")
-    };
-    (socket_group) => {
-        ("--socket-group", "KVMI_RELAY_SOCKET_GROUP")
-    };
-    (max_conns) => {
-        ("--max-conns", "KVMI_RELAY_MAX_CONNS")
-    };
-    (connect_timeout_ms) => {
-        ("--connect-timeout-ms", "KVMI_RELAY_CONNECT_TIMEOUT_MS")
-    };
-    (pipe_size) => {
-        ("--pipe-size", "KVMI_RELAY_PIPE_SIZE")
-    };
-    (poll_window_us) => {
-        ("--poll-window-us", "KVMI_RELAY_POLL_WINDOW_US")
-    };
-    (busy_poll_us) => {
-        ("--busy-poll-us", "KVMI_RELAY_BUSY_POLL_US")
-    };
-    (cpu) => {
-        ("--cpu", "KVMI_RELAY_CPU")
-    };
-    (shutdown_timeout_ms) => {
-        ("--shutdown-timeout-ms", "KVMI_RELAY_SHUTDOWN_TIMEOUT_MS")
-    };
-    (log_level) => {
-        ("--log-level", "KVMI_RELAY_LOG_LEVEL")
-    };
+/// `("--flag", "KVMI_RELAY_VAR")` for a field of `RelayArgs`, read from the clap definition
+/// itself, so a message can never name a flag or variable the command line does not have.
+fn names(id: &str) -> (&'static str, &'static str) {
+    static COMMAND: OnceLock<clap::Command> = OnceLock::new();
+    static NAMES: OnceLock<Vec<(String, String, &'static str)>> = OnceLock::new();
+    let all = NAMES.get_or_init(|| {
+        let cmd: &'static clap::Command = COMMAND.get_or_init(<crate::cli::Cli as clap::CommandFactory>::command);
+        cmd.get_arguments()
+            .filter_map(|a| {
+                let long = a.get_long()?;
+                let env = a.get_env()?.to_str()?;
+                Some((a.get_id().as_str().to_string(), format!("--{long}"), env))
+            })
+            .collect()
+    });
+    all.iter()
+        .find(|(i, ..)| i == id)
+        .map(|(_, flag, env)| (flag.as_str(), *env))
+        .unwrap_or_else(|| panic!("probable bug: '{id}' is not a relay flag with an environment variable"))
 }
 
 macro_rules! problem {
     ($p:expr, $f:ident, $($arg:tt)*) => {{
-        let (flag, env) = flag!($f);
+        let (flag, env) = names(stringify!($f));
         $p.add(flag, env, format!($($arg)*));
     }};
 }
@@ -365,31 +321,31 @@ impl TryFrom<RelayArgs> for Config {
             }
         });
 
-        let max_conns = number::<usize>(&mut p, flag!(max_conns), &a.max_conns).unwrap_or(1);
+        let max_conns = number::<usize>(&mut p, names("max_conns"), &a.max_conns).unwrap_or(1);
         if max_conns == 0 {
             problem!(p, max_conns, "must be at least 1");
         }
-        let connect_timeout_ms = number::<u64>(&mut p, flag!(connect_timeout_ms), &a.connect_timeout_ms).unwrap_or(1);
+        let connect_timeout_ms = number::<u64>(&mut p, names("connect_timeout_ms"), &a.connect_timeout_ms).unwrap_or(1);
         if connect_timeout_ms == 0 {
             problem!(p, connect_timeout_ms, "must be at least 1");
         }
-        let pipe_size_bytes = number::<usize>(&mut p, flag!(pipe_size), &a.pipe_size).unwrap_or(PIPE_SIZE_MIN_BYTES);
+        let pipe_size_bytes = number::<usize>(&mut p, names("pipe_size"), &a.pipe_size).unwrap_or(PIPE_SIZE_MIN_BYTES);
         if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&pipe_size_bytes) {
             problem!(p, pipe_size, "{pipe_size_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}");
         }
-        let poll_window_us = number::<u64>(&mut p, flag!(poll_window_us), &a.poll_window_us).unwrap_or(0);
+        let poll_window_us = number::<u64>(&mut p, names("poll_window_us"), &a.poll_window_us).unwrap_or(0);
         if poll_window_us > 1_000_000 {
             problem!(p, poll_window_us, "{poll_window_us} µs is more than a second of spinning; at most 1000000");
         }
-        let busy_poll_us = number::<u32>(&mut p, flag!(busy_poll_us), &a.busy_poll_us).unwrap_or(0);
-        let cpu = a.cpu.as_deref().and_then(|c| number::<usize>(&mut p, flag!(cpu), c));
+        let busy_poll_us = number::<u32>(&mut p, names("busy_poll_us"), &a.busy_poll_us).unwrap_or(0);
+        let cpu = a.cpu.as_deref().and_then(|c| number::<usize>(&mut p, names("cpu"), c));
         if let Some(c) = cpu {
             if !Path::new(&format!("/sys/devices/system/cpu/cpu{c}")).exists() {
                 problem!(p, cpu, "CPU {c} does not exist on this machine");
             }
         }
         let shutdown_timeout_ms =
-            number::<u64>(&mut p, flag!(shutdown_timeout_ms), &a.shutdown_timeout_ms).unwrap_or(0);
+            number::<u64>(&mut p, names("shutdown_timeout_ms"), &a.shutdown_timeout_ms).unwrap_or(0);
         if let Some(level) = &a.log_level {
             if tracing_subscriber::EnvFilter::try_new(level).is_err() {
                 problem!(p, log_level, "'{level}' is not a level (error, warn, info, debug, trace) or filter");
@@ -555,6 +511,37 @@ mod tests {
     fn missing_parent_directory_is_refused() {
         let e = problems(&["--listen", "unix:/nonexistent-kvmi-dir/x.sock", "--connect", "unix:/tmp/b"]);
         assert!(e[0].contains("parent directory /nonexistent-kvmi-dir of the socket does not exist"), "{e:?}");
+    }
+
+    #[test]
+    fn every_checked_flag_is_named_from_the_command_line_definition() {
+        for id in [
+            "listen",
+            "connect",
+            "allow_uid",
+            "allow_gid",
+            "allow_ip",
+            "allow_cid",
+            "allow_any_ip",
+            "allow_any_cid",
+            "socket_mode",
+            "socket_group",
+            "max_conns",
+            "connect_timeout_ms",
+            "pipe_size",
+            "poll_window_us",
+            "busy_poll_us",
+            "cpu",
+            "shutdown_timeout_ms",
+            "log_level",
+            "control",
+            "hist_log",
+            "hist_interval",
+        ] {
+            let (flag, env) = names(id);
+            assert_eq!(flag, format!("--{}", id.replace('_', "-")));
+            assert_eq!(env, format!("KVMI_RELAY_{}", id.to_uppercase()));
+        }
     }
 
     #[test]
