@@ -61,6 +61,12 @@ pub struct Opts {
     pub bulk_rounds: u32,
     pub sizes: Sizes,
     pub startup_reps: usize,
+    /// Focused runs (`--topology`, `--workload`, `--contender`): empty means all.
+    pub topologies: Vec<Topology>,
+    pub workloads: Vec<Workload>,
+    pub only: Vec<String>,
+    /// Extra relay contenders from `--variant NAME=FLAG,FLAG`.
+    pub variants: Vec<(String, Vec<String>)>,
 }
 
 /// One contender × topology × workload, merged over its rounds.
@@ -74,7 +80,8 @@ pub struct Row {
     pub sessions: u32,
     /// CPU seconds the contender's processes used during this workload (0 for direct).
     pub cpu_s: f64,
-    /// Peak RSS of one serving process, KiB (0 for direct).
+    /// Largest RSS of one serving process sampled while a session of this workload was still
+    /// open, KiB (0 for direct).
     pub rss_kib: u64,
 }
 
@@ -86,6 +93,8 @@ pub struct Startup {
 fn usage() -> ! {
     eprintln!(
         "usage: kvmi-relay-bench [--quick] [--relay PATH] [--out DIR] [--rounds N] [--bulk-rounds N]\n\
+         \x20      [--topology unix-unix|unix-tcp|chain]... [--workload NAME]... [--contender NAME]...\n\
+         \x20      [--variant 'NAME=--flag=v,--flag2=v']...\n\
          runs every contender interleaved; see docs/BENCHMARKS.md"
     );
     std::process::exit(2)
@@ -98,6 +107,7 @@ fn parse_args() -> Opts {
     let mut out_dir = root.join("target/bench");
     let mut rounds = None;
     let mut bulk_rounds = None;
+    let (mut topologies, mut workloads, mut only, mut variants) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -106,6 +116,30 @@ fn parse_args() -> Opts {
             "--out" => out_dir = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
             "--rounds" => rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
             "--bulk-rounds" => bulk_rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            "--topology" => {
+                let name = args.next().unwrap_or_else(|| usage());
+                topologies.push(Topology::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| {
+                    eprintln!("--topology: no topology named {name:?}");
+                    usage()
+                }));
+            }
+            "--workload" => {
+                let name = args.next().unwrap_or_else(|| usage());
+                workloads.push(Workload::ALL.into_iter().find(|w| w.name() == name).unwrap_or_else(|| {
+                    eprintln!("--workload: no workload named {name:?}");
+                    usage()
+                }));
+            }
+            "--contender" => only.push(args.next().unwrap_or_else(|| usage())),
+            "--variant" => {
+                let spec = args.next().unwrap_or_else(|| usage());
+                let Some((name, flags)) = spec.split_once('=') else {
+                    eprintln!("--variant: expected NAME=FLAGS, got {spec:?}");
+                    usage()
+                };
+                let flags = flags.split(',').filter(|f| !f.is_empty()).map(str::to_string).collect();
+                variants.push((format!("kvmi-relay {name}"), flags));
+            }
             // `cargo bench` passes this to harness = false targets.
             "--bench" => {}
             _ => usage(),
@@ -127,10 +161,29 @@ fn parse_args() -> Opts {
         bulk_rounds: bulk_rounds.unwrap_or(if quick { 1 } else { 4 }),
         sizes,
         startup_reps: if quick { 3 } else { 20 },
+        topologies,
+        workloads,
+        only,
+        variants,
     }
 }
 
-pub fn contenders() -> Vec<Contender> {
+/// The contenders `opts` selects: the standard set plus `--variant`s, narrowed by `--contender`.
+pub fn contenders(opts: &Opts) -> Result<Vec<Contender>, String> {
+    let mut v = standard_contenders();
+    for (name, flags) in &opts.variants {
+        v.push(Contender { name: name.clone(), kind: Kind::Relay { flags: flags.clone() }, bulk: true });
+    }
+    if let Some(missing) = opts.only.iter().find(|n| !v.iter().any(|c| &c.name == *n)) {
+        return Err(format!("--contender: no contender named {missing:?}"));
+    }
+    if !opts.only.is_empty() {
+        v.retain(|c| opts.only.contains(&c.name));
+    }
+    Ok(v)
+}
+
+fn standard_contenders() -> Vec<Contender> {
     let relay = |name: &str, flags: &[&str], bulk: bool| Contender {
         name: name.into(),
         kind: Kind::Relay { flags: flags.iter().map(|s| s.to_string()).collect() },
@@ -142,6 +195,7 @@ pub fn contenders() -> Vec<Contender> {
         relay("kvmi-relay pw=0", &["--poll-window-us=0"], false),
         relay("kvmi-relay pw=100", &["--poll-window-us=100"], false),
         relay("kvmi-relay pw=200", &["--poll-window-us=200"], false),
+        relay("kvmi-relay splice", &["--move=splice"], true),
         relay("kvmi-relay copy", &["--move=copy"], true),
         relay("kvmi-relay pipe=1M", &["--pipe-size=1048576"], true),
         Contender { name: "socat".into(), kind: Kind::Socat { nodelay: false }, bulk: true },
@@ -203,9 +257,7 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
         let (hops, dial) = deploy(c, t, &server, dir, opts).map_err(|e| format!("{} on {}: {e}", c.name, t.name()))?;
         deployed.push((c, hops, dial));
     }
-    let mut live_rss = vec![0u64; deployed.len()];
-    let first_row = rows.len();
-    for w in [Workload::PingPong, Workload::Passive, Workload::Active, Workload::BulkOne, Workload::BulkBoth] {
+    for w in Workload::ALL.into_iter().filter(|w| opts.workloads.is_empty() || opts.workloads.contains(w)) {
         let rounds = if w.is_bulk() { opts.bulk_rounds } else { opts.latency_rounds };
         let entrants: Vec<usize> = (0..deployed.len()).filter(|&i| !w.is_bulk() || deployed[i].0.bulk).collect();
         let cpu_before: Vec<f64> = entrants.iter().map(|&i| procs::total_cpu_seconds(&deployed[i].1)).collect();
@@ -239,7 +291,7 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
                 row.ops += o.ops;
                 row.elapsed += o.elapsed;
                 row.sessions += 1;
-                live_rss[i] = live_rss[i].max(o.live_rss_kib);
+                row.rss_kib = row.rss_kib.max(o.live_rss_kib);
                 if let Some(h) = o.rtt {
                     match &mut row.rtt {
                         Some(m) => m.add(&h).map_err(|e| format!("merge histograms: {e}"))?,
@@ -253,14 +305,6 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
         }
         eprintln!("  {} / {}: {} rounds in {:.1} s", t.name(), w.name(), rounds, started.elapsed().as_secs_f64());
         rows.extend(merged);
-    }
-    // The long-lived contenders' high-water marks cover every session; socat's forks were
-    // sampled while their session was live.
-    for (i, (c, hops, _)) in deployed.iter().enumerate() {
-        let rss = live_rss[i].max(procs::serving_rss_kib(hops));
-        for r in rows[first_row..].iter_mut().filter(|r| r.contender == c.name) {
-            r.rss_kib = rss;
-        }
     }
     Ok(())
 }
@@ -280,18 +324,20 @@ fn run(opts: &Opts) -> Result<(), String> {
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| format!("create {}: {e}", opts.out_dir.display()))?;
     let machine_before = report::Machine::read();
     let base = std::env::temp_dir().join(format!("kvmi-relay-bench-{}", std::process::id()));
-    let all = contenders();
+    let all = contenders(opts)?;
+    let topologies: Vec<Topology> =
+        Topology::ALL.into_iter().filter(|t| opts.topologies.is_empty() || opts.topologies.contains(t)).collect();
     eprintln!(
         "kvmi-relay bench ({} mode): {} contenders interleaved, {} topologies; load before: {}",
         if opts.quick { "quick" } else { "full" },
         all.len(),
-        Topology::ALL.len(),
+        topologies.len(),
         machine_before.loadavg
     );
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut result = Ok(());
-    for t in Topology::ALL {
+    for t in topologies {
         result = run_topology(t, &all, opts, &base.join(t.name()), &mut rows);
         if result.is_err() {
             break;

@@ -73,6 +73,10 @@ pub fn spawn_hop(
         Kind::Relay { flags } => {
             let mut c = Command::new(relay_bin);
             c.arg(format!("--listen={listen}")).arg(format!("--connect={connect}")).arg("--log-level=warn");
+            // Sessions run one after another, but the relay may see a session's last close a
+            // moment after the harness's next client connects; with the default --max-conns 1
+            // that client would be refused (seen when one contender runs alone, back to back).
+            c.arg("--max-conns=4");
             if matches!(listen, Endpoint::Tcp(_)) {
                 c.arg("--allow-ip=127.0.0.1/32");
             }
@@ -212,24 +216,25 @@ fn clock_ticks_per_s() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// Peak resident set (VmHWM) of `pid`, in KiB.
-pub fn peak_rss_kib(pid: u32) -> u64 {
+/// Resident set (VmRSS) of `pid` now, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|t| {
-            t.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            t.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
 
-/// Largest VmHWM among the hops and their live children: the memory one serving process holds.
+/// Largest VmRSS among the hops and their live children: the memory one serving process holds
+/// while a session is open.
 pub fn serving_rss_kib(hops: &[Hop]) -> u64 {
     hops.iter()
         .flat_map(|h| {
             let pid = h.child.id();
             std::iter::once(pid).chain(children(pid))
         })
-        .map(peak_rss_kib)
+        .map(rss_kib)
         .max()
         .unwrap_or(0)
 }

@@ -277,13 +277,29 @@ impl Report<'_> {
                 evidence: format!("{:.2} vs {:.2} CPU s/GiB", r.cpu_s_per_gib(), s.cpu_s_per_gib()),
             });
         }
-        let rss_max = self.rows.iter().filter(|r| r.contender == relay).map(|r| r.rss_kib).max();
-        if let Some(k) = rss_max {
-            out.push(Target {
-                what: "relay peak RSS with a live session ≤ 4 MiB".into(),
-                met: k <= RSS_TARGET_KIB,
-                evidence: format!("{k} KiB (VmHWM, largest over all topologies and workloads)"),
-            });
+        // Two readings, both shown: KVMi-sized sessions (what a VM's relay lives with), and bulk
+        // sessions, whose copy buffers into TCP grow to --copy-buffer-max.
+        for (bulk, what) in [
+            (false, "relay RSS with one live session ≤ 4 MiB (message workloads: ping-pong, passive, active)"),
+            (true, "relay RSS with one live bulk session ≤ 4 MiB (copy buffers grown)"),
+        ] {
+            let largest = self
+                .rows
+                .iter()
+                .filter(|r| r.contender == relay && r.workload.is_bulk() == bulk)
+                .max_by_key(|r| r.rss_kib);
+            if let Some(r) = largest {
+                out.push(Target {
+                    what: what.into(),
+                    met: r.rss_kib <= RSS_TARGET_KIB,
+                    evidence: format!(
+                        "{} KiB (VmRSS sampled while each session was open; largest: {} / {})",
+                        r.rss_kib,
+                        r.topology.name(),
+                        r.workload.name()
+                    ),
+                });
+            }
         }
         if let Some(s) = self.startup.iter().find(|s| s.contender == RELAY) {
             let (p50, max) = (ms(&median(&s.times)), s.times.iter().max().map_or(0.0, ms));

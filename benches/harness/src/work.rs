@@ -34,6 +34,8 @@ pub enum Workload {
 }
 
 impl Workload {
+    pub const ALL: [Workload; 5] =
+        [Workload::PingPong, Workload::Passive, Workload::Active, Workload::BulkOne, Workload::BulkBoth];
     pub fn name(self) -> &'static str {
         match self {
             Workload::PingPong => "pingpong-64B",
@@ -81,6 +83,8 @@ enum Served {
 }
 
 fn serve(w: Workload, sizes: Sizes, listener: Socket) -> Result<Served, String> {
+    // A client that fails before its relay dials must not leave this thread in accept forever.
+    listener.set_read_timeout(Some(Duration::from_secs(IO_TIMEOUT_S))).map_err(|e| format!("accept timeout: {e}"))?;
     let mut s = net::accept(&listener).map_err(|e| format!("accept: {e}"))?;
     timeouts(&s)?;
     match w {
@@ -221,6 +225,7 @@ fn client(w: Workload, sizes: Sizes, dial: &Endpoint, sample_rss: &dyn Fn() -> u
         }
         Workload::Passive | Workload::Active => {
             let hv = kvmi::serve_hypervisor(&mut sock, "one-7").map_err(|e| format!("fake hypervisor: {e}"))?;
+            out.live_rss_kib = sample_rss();
             if w == Workload::Active {
                 out.ops = hv.events;
                 out.rtt = Some(hv.event_rtt);
@@ -232,11 +237,13 @@ fn client(w: Workload, sizes: Sizes, dial: &Endpoint, sample_rss: &dyn Fn() -> u
             take(&sock, 1)?;
             out.elapsed = t.elapsed();
             out.ops = sizes.bulk_bytes;
+            out.live_rss_kib = sample_rss();
         }
         Workload::BulkBoth => {
             let t = Instant::now();
             let got = both_ways(&sock, sizes.bulk_bytes)?;
             out.elapsed = t.elapsed();
+            out.live_rss_kib = sample_rss();
             if got != sizes.bulk_bytes {
                 return Err(format!("client received {got} of {} bytes", sizes.bulk_bytes));
             }
