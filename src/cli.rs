@@ -76,9 +76,16 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_PIPE_SIZE", value_name = "BYTES", default_value = "65536")]
     pub pipe_size: String,
 
-    /// How bytes move: splice with a per-direction copy fallback (auto), or plain copies only (copy).
+    /// How bytes move: auto = splice, except copies into TCP (faster there, docs/BENCHMARKS.md);
+    /// splice = splice everywhere; copy = copies only. Splice falls back to copies per direction
+    /// where the sockets refuse it.
     #[arg(long, env = "KVMI_RELAY_MOVE", value_name = "HOW", default_value = "auto")]
     pub r#move: MoveArg,
+
+    /// Largest copy buffer per direction in bytes. Copy buffers start at --pipe-size and double
+    /// each time a read fills them (bulk), up to this; messages never grow them.
+    #[arg(long, env = "KVMI_RELAY_COPY_BUFFER_MAX", value_name = "BYTES", default_value = "262144")]
+    pub copy_buffer_max: String,
 
     /// Keep polling (yielding the CPU between polls) for this long after the last activity
     /// before sleeping; 0 = always sleep. The default halves the relay's added round trip on
@@ -126,8 +133,10 @@ pub struct RelayArgs {
 /// How the data path moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MoveArg {
-    /// splice(2) through a kernel pipe; a direction whose sockets refuse splice falls back to copies.
+    /// splice(2) through a kernel pipe, except into TCP sockets: copies there.
     Auto,
+    /// splice(2) through a kernel pipe in both directions.
+    Splice,
     /// read/write copies only (splice forced off).
     Copy,
 }

@@ -15,18 +15,35 @@ use nix::unistd::{Group, Uid, User};
 use crate::access::{Policy, canonical_net};
 use crate::cli::{MoveArg, RelayArgs};
 use crate::endpoint::{Endpoint, VSOCK_CID_ANY};
+use crate::pump::Strategy;
 
 /// Smallest and largest pipe size accepted for `--pipe-size`.
 const PIPE_SIZE_MIN_BYTES: usize = 4096;
 const PIPE_SIZE_MAX_BYTES: usize = 16 << 20;
 
-/// How a direction moves bytes.
+/// How the directions move bytes (`--move`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MoveMode {
-    /// splice, falling back to copies per direction when the sockets refuse it.
+    /// splice, except copies into a TCP socket: on loopback a spliced TCP segment carries at
+    /// most 17 pipe pages, while copies let TCP build segments several times that size; the
+    /// per-segment cost (wake-ups, softirq) then dominates (docs/BENCHMARKS.md, bulk).
     Auto,
+    /// splice in both directions.
+    Splice,
     /// copies only.
     Copy,
+}
+
+impl MoveMode {
+    /// The strategy for one direction, given whether its destination is a TCP socket.
+    pub fn strategy(self, into_tcp: bool, pipe_size_bytes: usize, copy_max_bytes: usize) -> Strategy {
+        let copy = Strategy::Copy { initial_bytes: pipe_size_bytes.min(copy_max_bytes), max_bytes: copy_max_bytes };
+        match self {
+            MoveMode::Auto if into_tcp => copy,
+            MoveMode::Auto | MoveMode::Splice => Strategy::Splice { pipe_bytes: pipe_size_bytes },
+            MoveMode::Copy => copy,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +58,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub pipe_size_bytes: usize,
     pub move_mode: MoveMode,
+    /// Ceiling of a copy buffer's growth (`--copy-buffer-max`).
+    pub copy_buffer_max_bytes: usize,
     pub poll_window: Duration,
     pub busy_poll_us: u32,
     pub cpu: Option<usize>,
@@ -333,6 +352,15 @@ impl TryFrom<RelayArgs> for Config {
         if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&pipe_size_bytes) {
             problem!(p, pipe_size, "{pipe_size_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}");
         }
+        let copy_buffer_max_bytes =
+            number::<usize>(&mut p, names("copy_buffer_max"), &a.copy_buffer_max).unwrap_or(PIPE_SIZE_MIN_BYTES);
+        if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&copy_buffer_max_bytes) {
+            problem!(
+                p,
+                copy_buffer_max,
+                "{copy_buffer_max_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}"
+            );
+        }
         let poll_window_us = number::<u64>(&mut p, names("poll_window_us"), &a.poll_window_us).unwrap_or(0);
         if poll_window_us > 1_000_000 {
             problem!(p, poll_window_us, "{poll_window_us} µs is more than a second of spinning; at most 1000000");
@@ -398,8 +426,10 @@ impl TryFrom<RelayArgs> for Config {
             pipe_size_bytes,
             move_mode: match a.r#move {
                 MoveArg::Auto => MoveMode::Auto,
+                MoveArg::Splice => MoveMode::Splice,
                 MoveArg::Copy => MoveMode::Copy,
             },
+            copy_buffer_max_bytes,
             poll_window: Duration::from_micros(poll_window_us),
             busy_poll_us,
             cpu,
@@ -529,6 +559,7 @@ mod tests {
             "max_conns",
             "connect_timeout_ms",
             "pipe_size",
+            "copy_buffer_max",
             "poll_window_us",
             "busy_poll_us",
             "cpu",

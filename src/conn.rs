@@ -25,6 +25,7 @@ use socket2::Socket;
 use crate::access::Peer;
 use crate::config::Config;
 use crate::dial;
+use crate::endpoint::Endpoint;
 use crate::metrics::DirMetrics;
 use crate::pump::Pump;
 
@@ -108,10 +109,13 @@ impl Conn {
                 let _ = s.set_busy_poll(cfg.busy_poll_us);
             }
         }
-        let pumps = [
-            Pump::new(cfg.move_mode, cfg.pipe_size_bytes, DIRECTION_NAMES[0]).map_err(SetupError::Pipe)?,
-            Pump::new(cfg.move_mode, cfg.pipe_size_bytes, DIRECTION_NAMES[1]).map_err(SetupError::Pipe)?,
-        ];
+        // Direction 0 writes to the dialled side, direction 1 back to the peer.
+        let into_tcp = [matches!(cfg.connect, Endpoint::Tcp(_)), peer_is_tcp(&peer)];
+        let pump = |d: usize| {
+            let strategy = cfg.move_mode.strategy(into_tcp[d], cfg.pipe_size_bytes, cfg.copy_buffer_max_bytes);
+            Pump::new(strategy, cfg.copy_buffer_max_bytes, DIRECTION_NAMES[d]).map_err(SetupError::Pipe)
+        };
+        let pumps = [pump(0)?, pump(1)?];
         Ok(Conn {
             id,
             peer,

@@ -2,7 +2,9 @@
 //!
 //! A pump owns the bytes in flight for one direction: a kernel pipe (splice strategy) or a
 //! user-space buffer (copy strategy). It reads from its source while it has room and writes to
-//! its destination while it holds data. It never touches the poller: the caller tells it which
+//! its destination while it holds data. A copy buffer starts small and doubles, up to its
+//! ceiling, each time a read fills all the room it was offered: message traffic keeps the small
+//! buffer, bulk earns big reads and big writes (docs/DESIGN.md, "Into TCP: copies"). It never touches the poller: the caller tells it which
 //! of its sockets became ready and reads back what it wants next.
 //!
 //! Invariants (relied on by `conn.rs` and the event loop):
@@ -25,13 +27,21 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use tracing::{info, warn};
 
-use crate::config::MoveMode;
 use crate::metrics;
 use crate::sys::{self, Pipe};
 
 /// Most read+write rounds one `run` makes before yielding to other connections and the other
 /// direction; the caller runs the pump again on its next loop turn when `Run::more` is set.
 const PUMP_ROUNDS_MAX: usize = 16;
+
+/// How one direction moves its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// splice(2) through a kernel pipe of (at least) `pipe_bytes`; copies if the sockets refuse it.
+    Splice { pipe_bytes: usize },
+    /// read/write through a buffer that starts at `initial_bytes` and may grow to `max_bytes`.
+    Copy { initial_bytes: usize, max_bytes: usize },
+}
 
 /// What a pump needs from a socket. Implemented by `socket2::Socket`, and by fakes in tests.
 pub trait Side {
@@ -101,9 +111,9 @@ pub struct Run {
 
 enum Store {
     Pipe(Pipe),
-    /// `buf[start..start + fill]` holds the bytes in flight.
+    /// `buf[start..start + fill]` holds the bytes in flight; `buf.len()` is the capacity.
     Copy {
-        buf: Box<[u8]>,
+        buf: Vec<u8>,
         start: usize,
     },
 }
@@ -111,6 +121,8 @@ enum Store {
 pub struct Pump {
     store: Store,
     capacity_bytes: usize,
+    /// Ceiling for a copy buffer's growth.
+    copy_max_bytes: usize,
     /// Bytes taken from the source and not yet written to the destination.
     fill: usize,
     /// The source may have bytes (or EOF) to read: set by events, cleared by WouldBlock.
@@ -154,20 +166,27 @@ fn splice_refused(e: &io::Error) -> bool {
 }
 
 impl Pump {
-    pub fn new(mode: MoveMode, pipe_size_bytes: usize, direction: &'static str) -> io::Result<Pump> {
-        let (store, capacity_bytes) = match mode {
-            MoveMode::Auto => {
-                let pipe = Pipe::new(pipe_size_bytes)?;
+    /// `copy_max_bytes` also bounds the buffer a refused splice falls back to.
+    pub fn new(strategy: Strategy, copy_max_bytes: usize, direction: &'static str) -> io::Result<Pump> {
+        let (store, capacity_bytes) = match strategy {
+            Strategy::Splice { pipe_bytes } => {
+                let pipe = Pipe::new(pipe_bytes)?;
                 let cap = pipe.capacity_bytes;
                 (Store::Pipe(pipe), cap)
             }
-            MoveMode::Copy => {
-                (Store::Copy { buf: vec![0; pipe_size_bytes].into_boxed_slice(), start: 0 }, pipe_size_bytes)
+            Strategy::Copy { initial_bytes, .. } => {
+                (Store::Copy { buf: vec![0; initial_bytes], start: 0 }, initial_bytes)
             }
         };
+        let copy_max_bytes = match strategy {
+            Strategy::Copy { max_bytes, .. } => max_bytes,
+            Strategy::Splice { .. } => copy_max_bytes,
+        }
+        .max(capacity_bytes);
         Ok(Pump {
             store,
             capacity_bytes,
+            copy_max_bytes,
             fill: 0,
             src_readable: true,
             dst_writable: true,
@@ -226,11 +245,14 @@ impl Pump {
 
             if may_read && !self.src_eof && self.src_readable && self.fill < self.capacity_bytes {
                 match self.read_from(src) {
-                    Ok(0) => {
+                    Ok((0, _)) => {
                         self.src_eof = true;
                         progressed = true;
                     }
-                    Ok(n) => {
+                    Ok((n, filled)) => {
+                        if filled {
+                            self.grow_copy_buffer();
+                        }
                         self.fill += n;
                         run.read_bytes += n;
                         self.stats.chunks += 1;
@@ -304,19 +326,40 @@ impl Pump {
         run
     }
 
-    fn read_from(&mut self, src: &impl Side) -> io::Result<usize> {
+    /// Reads what fits; also says whether the read took all the room it was offered.
+    fn read_from(&mut self, src: &impl Side) -> io::Result<(usize, bool)> {
         let room = self.capacity_bytes - self.fill;
         match &mut self.store {
-            Store::Pipe(pipe) => src.splice_to_pipe(pipe.write.as_fd(), room),
+            Store::Pipe(pipe) => src.splice_to_pipe(pipe.write.as_fd(), room).map(|n| (n, n == room)),
             Store::Copy { buf, start } => {
                 if *start + self.fill == buf.len() {
                     buf.copy_within(*start..*start + self.fill, 0);
                     *start = 0;
                 }
                 let end = *start + self.fill;
-                src.recv(&mut buf[end..])
+                let offered = buf.len() - end;
+                src.recv(&mut buf[end..]).map(|n| (n, n == offered))
             }
         }
+    }
+
+    /// A read filled the copy buffer: double it (bytes in flight move to its start), up to the
+    /// ceiling. It never shrinks; it goes with the connection.
+    fn grow_copy_buffer(&mut self) {
+        let Store::Copy { buf, start } = &mut self.store else { return };
+        if buf.len() >= self.copy_max_bytes {
+            return;
+        }
+        let grown = (buf.len() * 2).min(self.copy_max_bytes);
+        // Zeroed allocations this size come straight from the kernel's zero pages: the memory
+        // becomes resident only as reads fill it.
+        let mut bigger = vec![0u8; grown];
+        // The caller adds the bytes just read to `fill` after this: carry them too.
+        let held = buf.len() - *start;
+        bigger[..held].copy_from_slice(&buf[*start..]);
+        *buf = bigger;
+        *start = 0;
+        self.capacity_bytes = grown;
     }
 
     fn write_to(&mut self, dst: &impl Side) -> io::Result<usize> {
@@ -334,7 +377,7 @@ impl Pump {
     /// no byte is lost or reordered.
     fn fall_back_to_copy(&mut self, why: &io::Error) -> io::Result<()> {
         let Store::Pipe(pipe) = &self.store else { return Ok(()) };
-        let mut buf = vec![0u8; self.capacity_bytes].into_boxed_slice();
+        let mut buf = vec![0u8; self.capacity_bytes];
         let mut carried = 0;
         while carried < self.fill {
             match sys::read(pipe.read.as_fd(), &mut buf[carried..self.fill])? {
@@ -468,13 +511,16 @@ mod tests {
         }
     }
 
-    fn pump(mode: MoveMode) -> Pump {
-        Pump::new(mode, 4096, "test").unwrap()
+    const SPLICE: Strategy = Strategy::Splice { pipe_bytes: 4096 };
+    const COPY: Strategy = Strategy::Copy { initial_bytes: 4096, max_bytes: 4096 };
+
+    fn pump(strategy: Strategy) -> Pump {
+        Pump::new(strategy, 4096, "test").unwrap()
     }
 
     #[test]
     fn forwards_in_order_and_half_closes_after_draining() {
-        for mode in [MoveMode::Auto, MoveMode::Copy] {
+        for mode in [SPLICE, COPY] {
             let src = Fake::reading(vec![Step::Data(b"hello ".to_vec()), Step::Data(b"world".to_vec()), Step::Eof]);
             let dst = Fake::default();
             let mut p = pump(mode);
@@ -485,13 +531,13 @@ mod tests {
             assert!(run.started && run.emptied);
             assert_eq!(p.stats.bytes, 11);
             assert_eq!(p.stats.splice_bytes + p.stats.copy_bytes, 11);
-            assert_eq!(p.uses_splice(), mode == MoveMode::Auto);
+            assert_eq!(p.uses_splice(), mode == SPLICE);
         }
     }
 
     #[test]
     fn slow_destination_blocks_only_this_direction_and_keeps_bytes() {
-        for mode in [MoveMode::Auto, MoveMode::Copy] {
+        for mode in [SPLICE, COPY] {
             let src = Fake::reading(vec![Step::Data(vec![7; 3000]), Step::Data(vec![8; 3000]), Step::WouldBlock]);
             let dst = Fake::writing(vec![Step::Take(1000), Step::WouldBlock]);
             let mut p = pump(mode);
@@ -512,12 +558,48 @@ mod tests {
         }
     }
 
+    /// Bytes 0, 1, 2, ... wrapping: order and completeness are checked by regenerating them.
+    fn counting(from: usize, len: usize) -> Vec<u8> {
+        (from..from + len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn copy_buffer_doubles_while_reads_fill_it_and_stops_at_its_ceiling() {
+        let total = 100_000;
+        let src = Fake::reading(vec![Step::Data(counting(0, total)), Step::Eof]);
+        // The destination takes little at a time, so the buffer grows while holding bytes.
+        let dst = Fake::writing((0..200).flat_map(|_| [Step::Take(700), Step::WouldBlock]).collect());
+        let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, 1024, "test").unwrap();
+        while !p.finished() {
+            p.dst_writable = true;
+            p.src_readable = true;
+            p.run(&src, &dst, true).unwrap();
+        }
+        assert_eq!(p.capacity_bytes(), 8192, "doubled from 1 KiB up to the ceiling, no further");
+        assert_eq!(*dst.written.borrow(), counting(0, total), "every byte once, in order, across each growth");
+        assert!(p.stats.high_water_bytes > 4096, "the grown buffer was used: {:?}", p.stats);
+    }
+
+    #[test]
+    fn copy_buffer_stays_small_for_messages() {
+        let steps = (0..50).flat_map(|i| [Step::Data(counting(i * 552, 552)), Step::WouldBlock]).collect();
+        let src = Fake::reading(steps);
+        let dst = Fake::default();
+        let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, 1024, "test").unwrap();
+        for _ in 0..50 {
+            p.src_readable = true;
+            p.run(&src, &dst, true).unwrap();
+        }
+        assert_eq!(*dst.written.borrow(), counting(0, 50 * 552));
+        assert_eq!(p.capacity_bytes(), 1024, "no read filled the buffer, so it never grew");
+    }
+
     #[test]
     fn splice_refused_before_any_byte_falls_back_to_copy() {
         let mut src = Fake::reading(vec![Step::Data(b"abc".to_vec()), Step::Eof]);
         src.splice_err = Some(libc::EINVAL);
         let dst = Fake::default();
-        let mut p = pump(MoveMode::Auto);
+        let mut p = pump(SPLICE);
         p.run(&src, &dst, true).unwrap();
         assert!(!p.uses_splice());
         assert_eq!(&*dst.written.borrow(), b"abc");
@@ -529,7 +611,7 @@ mod tests {
     fn splice_refused_on_the_write_side_carries_the_pipe_over() {
         let src = Fake::reading(vec![Step::Data(b"xyz".to_vec()), Step::Eof]);
         let dst = Fake { splice_err: Some(libc::EINVAL), ..Fake::default() };
-        let mut p = pump(MoveMode::Auto);
+        let mut p = pump(SPLICE);
         p.run(&src, &dst, true).unwrap();
         assert!(!p.uses_splice());
         assert_eq!(&*dst.written.borrow(), b"xyz", "bytes already in the pipe must not be lost");
@@ -539,7 +621,7 @@ mod tests {
     fn einval_after_bytes_moved_is_an_error_not_a_fallback() {
         let src = Fake::reading(vec![Step::Data(b"abc".to_vec()), Step::WouldBlock]);
         let dst = Fake::default();
-        let mut p = pump(MoveMode::Auto);
+        let mut p = pump(SPLICE);
         p.run(&src, &dst, true).unwrap();
         let src2 = Fake::reading(vec![Step::Err(libc::EINVAL)]);
         p.src_readable = true;
@@ -552,7 +634,7 @@ mod tests {
     #[test]
     fn reset_is_reported() {
         let src = Fake::reading(vec![Step::Err(libc::ECONNRESET)]);
-        let mut p = pump(MoveMode::Auto);
+        let mut p = pump(SPLICE);
         let err = p.run(&src, &Fake::default(), true).unwrap_err();
         assert!(err.at_source);
         assert_eq!(err.error.raw_os_error(), Some(libc::ECONNRESET));
@@ -562,7 +644,7 @@ mod tests {
     fn drain_only_mode_reads_nothing() {
         let src = Fake::reading(vec![Step::Data(b"late".to_vec())]);
         let dst = Fake::default();
-        let mut p = pump(MoveMode::Copy);
+        let mut p = pump(COPY);
         let run = p.run(&src, &dst, false).unwrap();
         assert_eq!(run.read_bytes, 0);
         assert!(dst.written.borrow().is_empty());
@@ -572,7 +654,7 @@ mod tests {
     fn a_busy_source_yields_at_the_round_cap() {
         let src = Fake::reading((0..100).map(|_| Step::Data(vec![1; 100])).collect());
         let dst = Fake::default();
-        let mut p = pump(MoveMode::Auto);
+        let mut p = pump(SPLICE);
         let run = p.run(&src, &dst, true).unwrap();
         assert!(run.more, "a pump with work left must say so instead of starving the loop");
         assert_eq!(run.written_bytes, PUMP_ROUNDS_MAX * 100);

@@ -1,6 +1,7 @@
 //! The data path against real sockets: every pair of endpoint kinds this host can run, 256 MiB
-//! each way at once with random write sizes, checked byte for byte at both ends; splice proven
-//! by the relay's own per-strategy counters; half-close, reset, backpressure, far side down.
+//! each way at once with random write sizes, checked byte for byte at both ends; which
+//! strategy moved each direction (splice, or copies into TCP) proven by the relay's own
+//! per-strategy counters; half-close, reset, backpressure, far side down.
 
 mod util;
 
@@ -86,55 +87,97 @@ fn tcp6() -> Endpoint {
     Endpoint::Tcp("[::1]:0".parse().unwrap())
 }
 
-/// The relay's counters say every byte went through splice.
-fn assert_all_spliced(line: &str) {
-    for d in ["l2c", "c2l"] {
-        assert_eq!(field_u64(line, &format!("{d}_splice_bytes")), field_u64(line, &format!("{d}_bytes")), "{line}");
-        assert_eq!(field_u64(line, &format!("{d}_copy_bytes")), 0, "{line}");
-    }
+/// How the relay's counters say a direction moved its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moved {
+    Spliced,
+    Copied,
 }
+
+/// Every byte of `dir` ("l2c" or "c2l") went the way `how` says, none the other way.
+fn assert_moved(line: &str, dir: &str, how: Moved) {
+    let all = field_u64(line, &format!("{dir}_bytes"));
+    let (yes, no) = match how {
+        Moved::Spliced => ("splice", "copy"),
+        Moved::Copied => ("copy", "splice"),
+    };
+    assert_eq!(field_u64(line, &format!("{dir}_{yes}_bytes")), all, "{dir} should be {how:?}: {line}");
+    assert_eq!(field_u64(line, &format!("{dir}_{no}_bytes")), 0, "{dir} should be {how:?}: {line}");
+}
+
+/// Bulk into TCP copies through a buffer that grew past its 64 KiB start.
+fn assert_copy_buffer_grew(line: &str, dir: &str) {
+    let hw = field_u64(line, &format!("{dir}_high_water"));
+    assert!(hw > 64 * 1024, "{dir} held at most {hw} bytes: the copy buffer never grew: {line}");
+}
+
+// Default (`--move auto`): splice, except into TCP, where copies through a growing buffer make
+// bigger segments (docs/DESIGN.md, "Into TCP: copies"). l2c writes to the --connect side, c2l
+// back to the peer.
 
 #[test]
 fn unix_to_unix_256mib_each_way_spliced() {
     let d = tmpdir();
     let line = bulk_through(unix(&d, "relay.sock"), unix(&d, "server.sock"), &[], BULK_BYTES);
-    assert_all_spliced(&line);
+    assert_moved(&line, "l2c", Moved::Spliced);
+    assert_moved(&line, "c2l", Moved::Spliced);
 }
 
 #[test]
-fn unix_to_tcp4_256mib_each_way_spliced() {
+fn unix_to_tcp4_256mib_each_way_copied_into_tcp_spliced_into_unix() {
     let d = tmpdir();
     let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &[], BULK_BYTES);
-    assert_all_spliced(&line);
+    assert_moved(&line, "l2c", Moved::Copied);
+    assert_copy_buffer_grew(&line, "l2c");
+    assert_moved(&line, "c2l", Moved::Spliced);
 }
 
 #[test]
-fn tcp4_to_unix_256mib_each_way_spliced() {
+fn tcp4_to_unix_256mib_each_way_spliced_into_unix_copied_into_tcp() {
     let d = tmpdir();
     let line = bulk_through(tcp4(), unix(&d, "server.sock"), &[], BULK_BYTES);
-    assert_all_spliced(&line);
+    assert_moved(&line, "l2c", Moved::Spliced);
+    assert_moved(&line, "c2l", Moved::Copied);
+    assert_copy_buffer_grew(&line, "c2l");
 }
 
 #[test]
-fn tcp6_to_tcp4_256mib_each_way_spliced() {
+fn tcp6_to_tcp4_256mib_each_way_copied() {
     let line = bulk_through(tcp6(), tcp4(), &[], BULK_BYTES);
-    assert_all_spliced(&line);
+    assert_moved(&line, "l2c", Moved::Copied);
+    assert_moved(&line, "c2l", Moved::Copied);
 }
 
 #[test]
-fn tcp4_to_tcp6_256mib_each_way_spliced() {
+fn tcp4_to_tcp6_256mib_each_way_copied() {
     let line = bulk_through(tcp4(), tcp6(), &[], BULK_BYTES);
-    assert_all_spliced(&line);
+    assert_moved(&line, "l2c", Moved::Copied);
+    assert_moved(&line, "c2l", Moved::Copied);
+}
+
+#[test]
+fn forced_splice_mode_splices_into_tcp_too() {
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &["--move=splice"], 64 << 20);
+    assert_moved(&line, "l2c", Moved::Spliced);
+    assert_moved(&line, "c2l", Moved::Spliced);
+}
+
+#[test]
+fn copy_buffer_ceiling_is_kept() {
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &["--copy-buffer-max=131072"], 64 << 20);
+    assert_moved(&line, "l2c", Moved::Copied);
+    let hw = field_u64(&line, "l2c_high_water");
+    assert!(hw <= 131072, "held {hw} bytes with --copy-buffer-max=131072: {line}");
 }
 
 #[test]
 fn forced_copy_mode_moves_everything_by_copy() {
     let d = tmpdir();
     let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &["--move=copy"], 32 << 20);
-    for dir in ["l2c", "c2l"] {
-        assert_eq!(field_u64(&line, &format!("{dir}_copy_bytes")), 32 << 20, "{line}");
-        assert_eq!(field_u64(&line, &format!("{dir}_splice_bytes")), 0, "{line}");
-    }
+    assert_moved(&line, "l2c", Moved::Copied);
+    assert_moved(&line, "c2l", Moved::Copied);
 }
 
 #[test]
@@ -143,7 +186,18 @@ fn small_pipe_and_tiny_writes_still_deliver_in_order() {
     // the drain and never lose track of bytes still in the socket.
     let d = tmpdir();
     let line = bulk_through(unix(&d, "relay.sock"), unix(&d, "server.sock"), &["--pipe-size=4096"], 16 << 20);
-    assert_all_spliced(&line);
+    assert_moved(&line, "l2c", Moved::Spliced);
+    assert_moved(&line, "c2l", Moved::Spliced);
+}
+
+#[test]
+fn copy_buffer_growing_from_one_page_still_delivers_in_order() {
+    // Into TCP the copy buffer starts at --pipe-size and doubles while reads fill it, moving the
+    // bytes it holds each time: 4 KiB → 256 KiB is six moves, all under random write sizes.
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &["--pipe-size=4096"], 16 << 20);
+    assert_moved(&line, "l2c", Moved::Copied);
+    assert_copy_buffer_grew(&line, "l2c");
 }
 
 /// Relay unix:relay.sock → unix:server.sock with a server listener the test drives by hand.
