@@ -67,7 +67,7 @@ pub struct Outcome {
     /// Round trips, reads, events or bytes (both directions added for BulkBoth).
     pub ops: u64,
     pub elapsed: Duration,
-    /// VmHWM of the serving process(es), sampled while the session was live (ping-pong only).
+    /// VmRSS of the serving process(es), sampled at the end of the session, before it closes.
     pub live_rss_kib: u64,
 }
 
