@@ -374,9 +374,15 @@ impl TryFrom<RelayArgs> for Config {
         }
         let shutdown_timeout_ms =
             number::<u64>(&mut p, names("shutdown_timeout_ms"), &a.shutdown_timeout_ms).unwrap_or(0);
-        if let Some(level) = &a.log_level {
-            if tracing_subscriber::EnvFilter::try_new(level).is_err() {
-                problem!(p, log_level, "'{level}' is not a level (error, warn, info, debug, trace) or filter");
+        // An empty value (`KVMI_RELAY_LOG_LEVEL=` in an environment file) means unset.
+        let log_level = a.log_level.filter(|l| !l.trim().is_empty());
+        if let Some(level) = &log_level {
+            if !log_filter_is_valid(level) {
+                problem!(
+                    p,
+                    log_level,
+                    "'{level}' is not a level (off, error, warn, info, debug, trace) or target=level list"
+                );
             }
         }
 
@@ -434,7 +440,7 @@ impl TryFrom<RelayArgs> for Config {
             busy_poll_us,
             cpu,
             shutdown_timeout: Duration::from_millis(shutdown_timeout_ms),
-            log_level: a.log_level,
+            log_level,
             name,
             control,
             hist_log,
@@ -461,6 +467,18 @@ fn parent_of(path: &Path) -> &Path {
 fn is_socket(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// A level, or `target=level` directives separated by commas. A bare word is also valid syntax
+/// for the filter (all levels of that target, nothing else), which turns a misspelt level into
+/// silence: refused here.
+pub(crate) fn log_filter_is_valid(filter: &str) -> bool {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let every_directive_has_a_level = filter.split(',').all(|d| match d.split_once('=') {
+        Some((target, level)) => !target.trim().is_empty() && level.trim().parse::<LevelFilter>().is_ok(),
+        None => !d.trim().is_empty() && d.trim().parse::<LevelFilter>().is_ok(),
+    });
+    every_directive_has_a_level && filter.parse::<Targets>().is_ok()
 }
 
 #[cfg(test)]
@@ -541,6 +559,16 @@ mod tests {
     fn missing_parent_directory_is_refused() {
         let e = problems(&["--listen", "unix:/nonexistent-kvmi-dir/x.sock", "--connect", "unix:/tmp/b"]);
         assert!(e[0].contains("parent directory /nonexistent-kvmi-dir of the socket does not exist"), "{e:?}");
+    }
+
+    #[test]
+    fn log_filters_need_a_level_in_every_directive() {
+        for ok in ["info", "WARN", "off", "kvmi_relay=debug", "kvmi_relay=debug,warn", "kvmi_relay::pump=trace"] {
+            assert!(log_filter_is_valid(ok), "{ok}");
+        }
+        for bad in ["", "infoo", "debgu", "kvmi_relay=loud", "warn,kvmi_relay", "=info"] {
+            assert!(!log_filter_is_valid(bad), "{bad}");
+        }
     }
 
     #[test]
