@@ -71,6 +71,7 @@ pub fn init_logging(level: Option<&str>) {
 /// Everything start-up does after the configuration is valid: bind, set up the loop, run.
 pub fn serve(cfg: Config) -> Result<(), StartError> {
     sys::ignore_sigpipe().map_err(StartError::SigPipe)?;
+    sys::return_big_buffers_to_the_kernel();
     if let Some(cpu) = cfg.cpu {
         let mut set = nix::sched::CpuSet::new();
         set.set(cpu).map_err(|e| StartError::Pin { cpu, source: e.into() })?;

@@ -60,6 +60,25 @@ pub fn ignore_sigpipe() -> io::Result<()> {
     unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) }.map(|_| ()).map_err(io_err)
 }
 
+/// Allocations this size and larger get their own mapping, returned to the kernel when freed.
+const MMAP_THRESHOLD_BYTES: i32 = 128 * 1024;
+
+/// Pins glibc's mmap threshold so that copy buffers grown for bulk (128 KiB and up) are mapped
+/// on their own and unmapped when their connection closes. Left alone, glibc raises the
+/// threshold after the first such free; later buffers then come from the heap, and freed ones
+/// may stay resident.
+pub fn return_big_buffers_to_the_kernel() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only changes a tuning parameter of the allocator; called once at
+        // start-up on the only thread, before the event loop allocates any buffer.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; freed copy buffers may stay resident");
+        }
+    }
+}
+
 /// Takes ownership of an fd handed over by the service manager (LISTEN_FDS).
 ///
 /// Returns an error unless `fd` is open. The caller must be the only owner of `fd`: the
