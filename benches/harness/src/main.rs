@@ -65,8 +65,8 @@ pub struct Opts {
     pub topologies: Vec<Topology>,
     pub workloads: Vec<Workload>,
     pub only: Vec<String>,
-    /// Extra relay contenders from `--variant NAME=FLAG,FLAG`.
-    pub variants: Vec<(String, Vec<String>)>,
+    /// Extra relay contenders from `--variant NAME=FLAG,FLAG` and `--build NAME=PATH`.
+    pub variants: Vec<(String, Vec<String>, Option<PathBuf>)>,
 }
 
 /// One contender × topology × workload, merged over its rounds.
@@ -94,7 +94,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: kvmi-relay-bench [--quick] [--relay PATH] [--out DIR] [--rounds N] [--bulk-rounds N]\n\
          \x20      [--topology unix-unix|unix-tcp|chain]... [--workload NAME]... [--contender NAME]...\n\
-         \x20      [--variant 'NAME=--flag=v,--flag2=v']...\n\
+         \x20      [--variant 'NAME=--flag=v,--flag2=v']... [--build NAME=PATH]...\n\
          runs every contender interleaved; see docs/BENCHMARKS.md"
     );
     std::process::exit(2)
@@ -138,7 +138,19 @@ fn parse_args() -> Opts {
                     usage()
                 };
                 let flags = flags.split(',').filter(|f| !f.is_empty()).map(str::to_string).collect();
-                variants.push((format!("kvmi-relay {name}"), flags));
+                variants.push((format!("kvmi-relay {name}"), flags, None));
+            }
+            "--build" => {
+                let spec = args.next().unwrap_or_else(|| usage());
+                let Some((name, path)) = spec.split_once('=') else {
+                    eprintln!("--build: expected NAME=PATH, got {spec:?}");
+                    usage()
+                };
+                if !Path::new(path).is_file() {
+                    eprintln!("--build: {path} is not a file");
+                    usage()
+                }
+                variants.push((format!("kvmi-relay {name}"), Vec::new(), Some(PathBuf::from(path))));
             }
             // `cargo bench` passes this to harness = false targets.
             "--bench" => {}
@@ -171,8 +183,12 @@ fn parse_args() -> Opts {
 /// The contenders `opts` selects: the standard set plus `--variant`s, narrowed by `--contender`.
 pub fn contenders(opts: &Opts) -> Result<Vec<Contender>, String> {
     let mut v = standard_contenders();
-    for (name, flags) in &opts.variants {
-        v.push(Contender { name: name.clone(), kind: Kind::Relay { flags: flags.clone() }, bulk: true });
+    for (name, flags, bin) in &opts.variants {
+        v.push(Contender {
+            name: name.clone(),
+            kind: Kind::Relay { flags: flags.clone(), bin: bin.clone() },
+            bulk: true,
+        });
     }
     if let Some(missing) = opts.only.iter().find(|n| !v.iter().any(|c| &c.name == *n)) {
         return Err(format!("--contender: no contender named {missing:?}"));
@@ -186,7 +202,7 @@ pub fn contenders(opts: &Opts) -> Result<Vec<Contender>, String> {
 fn standard_contenders() -> Vec<Contender> {
     let relay = |name: &str, flags: &[&str], bulk: bool| Contender {
         name: name.into(),
-        kind: Kind::Relay { flags: flags.iter().map(|s| s.to_string()).collect() },
+        kind: Kind::Relay { flags: flags.iter().map(|s| s.to_string()).collect(), bin: None },
         bulk,
     };
     let mut v = vec![
@@ -387,7 +403,9 @@ fn startup_all(opts: &Opts, base: &Path) -> Result<Vec<Startup>, String> {
     let dir = base.join("startup");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let mut out = Vec::new();
-    for (name, kind) in [("kvmi-relay", Kind::Relay { flags: vec![] }), ("socat", Kind::Socat { nodelay: false })] {
+    for (name, kind) in
+        [("kvmi-relay", Kind::Relay { flags: vec![], bin: None }), ("socat", Kind::Socat { nodelay: false })]
+    {
         let times = procs::startup_times(&kind, &opts.relay_bin, &dir, opts.startup_reps)?;
         out.push(Startup { contender: name.into(), times });
     }

@@ -27,8 +27,8 @@ const READY_TIMEOUT_MS: u64 = 5000;
 pub enum Kind {
     /// No relay: the physical floor.
     Direct,
-    /// kvmi-relay with these extra flags.
-    Relay { flags: Vec<String> },
+    /// kvmi-relay with these extra flags; `bin` replaces `--relay` (another build to compare).
+    Relay { flags: Vec<String>, bin: Option<PathBuf> },
     /// socat as KVMIveggur ran it (`nodelay: false`), or with TCP_NODELAY on its TCP sockets.
     Socat { nodelay: bool },
     /// systemd-socket-proxyd, handed its listening socket as systemd would (LISTEN_FDS).
@@ -70,8 +70,8 @@ pub fn spawn_hop(
     let mut listener = None;
     let mut cmd = match kind {
         Kind::Direct => return Err("direct has no hop".into()),
-        Kind::Relay { flags } => {
-            let mut c = Command::new(relay_bin);
+        Kind::Relay { flags, bin } => {
+            let mut c = Command::new(bin.as_deref().unwrap_or(relay_bin));
             c.arg(format!("--listen={listen}")).arg(format!("--connect={connect}")).arg("--log-level=warn");
             // Sessions run one after another, but the relay may see a session's last close a
             // moment after the harness's next client connects; with the default --max-conns 1
@@ -263,8 +263,8 @@ pub fn startup_times(kind: &Kind, relay_bin: &Path, dir: &Path, reps: usize) -> 
         let log = dir.join("startup.log");
         let err = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
         let mut cmd = match kind {
-            Kind::Relay { flags } => {
-                let mut c = Command::new(relay_bin);
+            Kind::Relay { flags, bin } => {
+                let mut c = Command::new(bin.as_deref().unwrap_or(relay_bin));
                 c.arg(format!("--listen={listen}"))
                     .arg(format!("--connect={target}"))
                     .arg("--log-level=warn")
