@@ -180,6 +180,7 @@ impl Conn {
         if readable || read_closed {
             self.pumps[side].src_readable = true;
         }
+        self.pumps[side].src_read_closed |= read_closed;
         if writable || read_closed {
             self.pumps[1 - side].dst_writable = true;
         }

@@ -8,8 +8,14 @@
 //! of its sockets became ready and reads back what it wants next.
 //!
 //! Invariants (relied on by `conn.rs` and the event loop):
-//! - Edge-triggered: a readiness flag is cleared only by `WouldBlock`, so the pump drains until
-//!   the kernel says there is nothing more; a spurious event costs one `WouldBlock`.
+//! - Edge-triggered: a readiness flag is cleared by `WouldBlock`, so the pump drains until the
+//!   kernel says there is nothing more; a spurious event costs one `WouldBlock`. One exception
+//!   saves the read that would say it: a copy read that got less than the room it offered has
+//!   emptied a stream socket's queue (recv copies across every queued segment until the buffer
+//!   is full), and the next byte to arrive raises a new edge. Unless the source has reported
+//!   read-closed: then the pump reads on until EOF, because the event carrying the FIN may be
+//!   the one already being handled. A short splice proves nothing (the pipe may have run out
+//!   of slots), so splice keeps the `WouldBlock` read.
 //! - Bytes leave in the order they came, each exactly once: `fill` counts what was taken from
 //!   the source and not yet written, and the only way bytes leave the store is to the
 //!   destination (or, on fallback, from the pipe into the copy buffer, before anything else).
@@ -129,6 +135,8 @@ pub struct Pump {
     pub src_readable: bool,
     /// The destination may take bytes: set by events, cleared by WouldBlock.
     pub dst_writable: bool,
+    /// The source reported read-closed (peer's FIN or hang-up): from then on read until EOF.
+    pub src_read_closed: bool,
     /// A splice into the pipe said WouldBlock while the pipe held bytes: the pipe may be out of
     /// slots rather than the socket out of data, so read again once the pipe is drained.
     recheck_src_after_drain: bool,
@@ -190,6 +198,7 @@ impl Pump {
             fill: 0,
             src_readable: true,
             dst_writable: true,
+            src_read_closed: false,
             recheck_src_after_drain: false,
             src_eof: false,
             dst_shut: false,
@@ -252,6 +261,9 @@ impl Pump {
                     Ok((n, filled)) => {
                         if filled {
                             self.grow_copy_buffer();
+                        } else if !self.uses_splice() && !self.src_read_closed {
+                            // Less than offered: the socket's queue is empty (module docs).
+                            self.src_readable = false;
                         }
                         self.fill += n;
                         run.read_bytes += n;
@@ -524,6 +536,8 @@ mod tests {
             let src = Fake::reading(vec![Step::Data(b"hello ".to_vec()), Step::Data(b"world".to_vec()), Step::Eof]);
             let dst = Fake::default();
             let mut p = pump(mode);
+            // The FIN is already queued: the kernel reports read-closed with the data.
+            p.src_read_closed = true;
             let run = p.run(&src, &dst, true).unwrap();
             assert_eq!(&*dst.written.borrow(), b"hello world");
             assert!(*dst.shut.borrow(), "EOF must travel as a half-close");
@@ -582,8 +596,8 @@ mod tests {
 
     #[test]
     fn copy_buffer_stays_small_for_messages() {
-        let steps = (0..50).flat_map(|i| [Step::Data(counting(i * 552, 552)), Step::WouldBlock]).collect();
-        let src = Fake::reading(steps);
+        // One message per readiness event.
+        let src = Fake::reading((0..50).map(|i| Step::Data(counting(i * 552, 552))).collect());
         let dst = Fake::default();
         let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, 1024, "test").unwrap();
         for _ in 0..50 {
@@ -592,6 +606,37 @@ mod tests {
         }
         assert_eq!(*dst.written.borrow(), counting(0, 50 * 552));
         assert_eq!(p.capacity_bytes(), 1024, "no read filled the buffer, so it never grew");
+    }
+
+    #[test]
+    fn a_short_copy_read_waits_for_the_next_edge_unless_the_source_is_closing() {
+        let script = || vec![Step::Data(vec![1; 100]), Step::Data(vec![2; 100]), Step::WouldBlock];
+        // Copy: 100 bytes where 4096 were offered means the queue is empty; no second read.
+        let (src, dst) = (Fake::reading(script()), Fake::default());
+        let mut p = pump(COPY);
+        p.run(&src, &dst, true).unwrap();
+        assert_eq!(dst.written.borrow().len(), 100);
+        assert!(!p.src_readable, "waits for the next edge");
+        assert_eq!(src.reads.borrow().len(), 2, "no read after the short one");
+        // The next edge: the rest arrives.
+        p.src_readable = true;
+        p.run(&src, &dst, true).unwrap();
+        assert_eq!(dst.written.borrow().len(), 200);
+
+        // Read-closed reported: read on until EOF or WouldBlock, whatever the sizes.
+        let (src, dst) = (Fake::reading(script()), Fake::default());
+        let mut p = pump(COPY);
+        p.src_read_closed = true;
+        p.run(&src, &dst, true).unwrap();
+        assert_eq!(dst.written.borrow().len(), 200);
+        assert!(src.reads.borrow().is_empty(), "read until WouldBlock");
+
+        // Splice: a short splice may be a pipe out of slots, so it reads until WouldBlock.
+        let (src, dst) = (Fake::reading(script()), Fake::default());
+        let mut p = pump(SPLICE);
+        p.run(&src, &dst, true).unwrap();
+        assert_eq!(dst.written.borrow().len(), 200);
+        assert!(src.reads.borrow().is_empty());
     }
 
     #[test]

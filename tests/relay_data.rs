@@ -419,3 +419,58 @@ fn dial_timeout_closes_the_peer() {
     relay.wait_log("dial timed out", Duration::from_secs(2));
     assert!(t.elapsed() >= Duration::from_millis(250), "closed before the timeout");
 }
+
+/// `sessions` short sessions through a relay from `listen` to `connect`: the client sends a
+/// message and its FIN back to back, the server answers with a message and closes at once. In
+/// each direction the data and the FIN usually reach the relay in one readiness event, which is
+/// what a reader that stops after a short read must not lose.
+fn message_then_fin_sessions(listen: Endpoint, connect: Endpoint, sessions: usize) {
+    let server_listener = net::listen(&connect).expect("server listens");
+    let connect = match connect {
+        Endpoint::Tcp(_) => Endpoint::Tcp(server_listener.local_addr().unwrap().as_socket().unwrap()),
+        other => other,
+    };
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(s) = net::accept(&server_listener) {
+            let mut got = 0;
+            while let Ok(n) = (&s).read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            // Answer with the count, then close: data and FIN leave together.
+            let _ = (&s).write_all(&(got as u32).to_le_bytes());
+        }
+    });
+    let mut args = vec![format!("--listen={listen}"), format!("--connect={connect}"), "--max-conns=4".into()];
+    args.extend(allow_args(&listen));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = Relay::start(&args);
+    let listen = match listen {
+        Endpoint::Tcp(_) => Endpoint::Tcp(relay.bound_tcp()),
+        other => other,
+    };
+    for i in 0..sessions {
+        let c = net::connect(&listen).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = vec![0x42u8; 24 + i % 4089];
+        (&c).write_all(&msg).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        (&c).read_to_end(&mut answer).unwrap_or_else(|e| panic!("session {i}: {e}\n{}", relay.log()));
+        assert_eq!(answer, (msg.len() as u32).to_le_bytes(), "session {i}: the message, its FIN, the answer and its FIN");
+    }
+}
+
+#[test]
+fn message_and_fin_together_through_copies_into_tcp() {
+    let d = tmpdir();
+    // l2c copies into TCP; the answer comes back spliced into UNIX.
+    message_then_fin_sessions(unix(&d, "relay.sock"), tcp4(), 300);
+    // c2l copies into TCP; the request goes spliced into UNIX.
+    message_then_fin_sessions(tcp4(), unix(&d, "server.sock"), 300);
+    // Both directions copy.
+    message_then_fin_sessions(tcp4(), tcp6(), 300);
+}
