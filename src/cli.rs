@@ -72,9 +72,16 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_CONNECT_TIMEOUT_MS", value_name = "MS", default_value = "5000")]
     pub connect_timeout_ms: String,
 
-    /// Kernel pipe size per direction in bytes (set with F_SETPIPE_SZ, the kernel's answer is used).
+    /// Kernel pipe size per direction in bytes, to start with (F_SETPIPE_SZ; the kernel's answer
+    /// is used). Also where copy buffers start.
     #[arg(long, env = "KVMI_RELAY_PIPE_SIZE", value_name = "BYTES", default_value = "65536")]
     pub pipe_size: String,
+
+    /// Largest pipe per direction in bytes. A pipe doubles each time a splice fills it (bulk),
+    /// up to this, while the kernel allows (fs.pipe-max-size, fs.pipe-user-pages-soft); messages
+    /// never grow it.
+    #[arg(long, env = "KVMI_RELAY_PIPE_SIZE_MAX", value_name = "BYTES", default_value = "1048576")]
+    pub pipe_size_max: String,
 
     /// How bytes move: auto = splice, except copies into TCP (faster there, docs/BENCHMARKS.md);
     /// splice = splice everywhere; copy = copies only. Splice falls back to copies per direction

@@ -36,11 +36,15 @@ pub enum MoveMode {
 
 impl MoveMode {
     /// The strategy for one direction, given whether its destination is a TCP socket.
-    pub fn strategy(self, into_tcp: bool, pipe_size_bytes: usize, copy_max_bytes: usize) -> Strategy {
-        let copy = Strategy::Copy { initial_bytes: pipe_size_bytes.min(copy_max_bytes), max_bytes: copy_max_bytes };
+    pub fn strategy(self, into_tcp: bool, cfg: &Config) -> Strategy {
+        let copy = Strategy::Copy {
+            initial_bytes: cfg.pipe_size_bytes.min(cfg.copy_buffer_max_bytes),
+            max_bytes: cfg.copy_buffer_max_bytes,
+        };
+        let splice = Strategy::Splice { pipe_bytes: cfg.pipe_size_bytes, max_bytes: cfg.pipe_size_max_bytes };
         match self {
             MoveMode::Auto if into_tcp => copy,
-            MoveMode::Auto | MoveMode::Splice => Strategy::Splice { pipe_bytes: pipe_size_bytes },
+            MoveMode::Auto | MoveMode::Splice => splice,
             MoveMode::Copy => copy,
         }
     }
@@ -57,6 +61,8 @@ pub struct Config {
     pub max_conns: usize,
     pub connect_timeout: Duration,
     pub pipe_size_bytes: usize,
+    /// Ceiling of a pipe's growth (`--pipe-size-max`).
+    pub pipe_size_max_bytes: usize,
     pub move_mode: MoveMode,
     /// Ceiling of a copy buffer's growth (`--copy-buffer-max`).
     pub copy_buffer_max_bytes: usize,
@@ -352,6 +358,15 @@ impl TryFrom<RelayArgs> for Config {
         if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&pipe_size_bytes) {
             problem!(p, pipe_size, "{pipe_size_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}");
         }
+        let pipe_size_max_bytes =
+            number::<usize>(&mut p, names("pipe_size_max"), &a.pipe_size_max).unwrap_or(PIPE_SIZE_MIN_BYTES);
+        if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&pipe_size_max_bytes) {
+            problem!(
+                p,
+                pipe_size_max,
+                "{pipe_size_max_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}"
+            );
+        }
         let copy_buffer_max_bytes =
             number::<usize>(&mut p, names("copy_buffer_max"), &a.copy_buffer_max).unwrap_or(PIPE_SIZE_MIN_BYTES);
         if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&copy_buffer_max_bytes) {
@@ -430,6 +445,7 @@ impl TryFrom<RelayArgs> for Config {
             max_conns,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             pipe_size_bytes,
+            pipe_size_max_bytes,
             move_mode: match a.r#move {
                 MoveArg::Auto => MoveMode::Auto,
                 MoveArg::Splice => MoveMode::Splice,
@@ -587,6 +603,7 @@ mod tests {
             "max_conns",
             "connect_timeout_ms",
             "pipe_size",
+            "pipe_size_max",
             "copy_buffer_max",
             "poll_window_us",
             "busy_poll_us",

@@ -112,7 +112,7 @@ impl Conn {
         // Direction 0 writes to the dialled side, direction 1 back to the peer.
         let into_tcp = [matches!(cfg.connect, Endpoint::Tcp(_)), peer_is_tcp(&peer)];
         let pump = |d: usize| {
-            let strategy = cfg.move_mode.strategy(into_tcp[d], cfg.pipe_size_bytes, cfg.copy_buffer_max_bytes);
+            let strategy = cfg.move_mode.strategy(into_tcp[d], cfg);
             Pump::new(strategy, cfg.copy_buffer_max_bytes, DIRECTION_NAMES[d]).map_err(SetupError::Pipe)
         };
         let pumps = [pump(0)?, pump(1)?];

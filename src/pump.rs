@@ -2,9 +2,9 @@
 //!
 //! A pump owns the bytes in flight for one direction: a kernel pipe (splice strategy) or a
 //! user-space buffer (copy strategy). It reads from its source while it has room and writes to
-//! its destination while it holds data. A copy buffer starts small and doubles, up to its
+//! its destination while it holds data. Either store starts small and doubles, up to its
 //! ceiling, each time a read fills all the room it was offered: message traffic keeps the small
-//! buffer, bulk earns big reads and big writes (docs/DESIGN.md, "Into TCP: copies"). It never touches the poller: the caller tells it which
+//! store, bulk earns big reads and big writes (docs/DESIGN.md, "Stores that grow"). It never touches the poller: the caller tells it which
 //! of its sockets became ready and reads back what it wants next.
 //!
 //! Invariants (relied on by `conn.rs` and the event loop):
@@ -31,7 +31,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics;
 use crate::sys::{self, Pipe};
@@ -43,8 +43,9 @@ const PUMP_ROUNDS_MAX: usize = 16;
 /// How one direction moves its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
-    /// splice(2) through a kernel pipe of (at least) `pipe_bytes`; copies if the sockets refuse it.
-    Splice { pipe_bytes: usize },
+    /// splice(2) through a kernel pipe that starts at `pipe_bytes` and may grow to `max_bytes`;
+    /// copies if the sockets refuse splice.
+    Splice { pipe_bytes: usize, max_bytes: usize },
     /// read/write through a buffer that starts at `initial_bytes` and may grow to `max_bytes`.
     Copy { initial_bytes: usize, max_bytes: usize },
 }
@@ -129,6 +130,8 @@ pub struct Pump {
     capacity_bytes: usize,
     /// Ceiling for a copy buffer's growth.
     copy_max_bytes: usize,
+    /// Ceiling for the pipe's growth; zeroed when the kernel refused to grow it.
+    pipe_max_bytes: usize,
     /// Bytes taken from the source and not yet written to the destination.
     fill: usize,
     /// The source may have bytes (or EOF) to read: set by events, cleared by WouldBlock.
@@ -177,7 +180,7 @@ impl Pump {
     /// `copy_max_bytes` also bounds the buffer a refused splice falls back to.
     pub fn new(strategy: Strategy, copy_max_bytes: usize, direction: &'static str) -> io::Result<Pump> {
         let (store, capacity_bytes) = match strategy {
-            Strategy::Splice { pipe_bytes } => {
+            Strategy::Splice { pipe_bytes, .. } => {
                 let pipe = Pipe::new(pipe_bytes)?;
                 let cap = pipe.capacity_bytes;
                 (Store::Pipe(pipe), cap)
@@ -191,10 +194,15 @@ impl Pump {
             Strategy::Splice { .. } => copy_max_bytes,
         }
         .max(capacity_bytes);
+        let pipe_max_bytes = match strategy {
+            Strategy::Splice { max_bytes, .. } => max_bytes,
+            Strategy::Copy { .. } => 0,
+        };
         Ok(Pump {
             store,
             capacity_bytes,
             copy_max_bytes,
+            pipe_max_bytes,
             fill: 0,
             src_readable: true,
             dst_writable: true,
@@ -260,7 +268,7 @@ impl Pump {
                     }
                     Ok((n, filled)) => {
                         if filled {
-                            self.grow_copy_buffer();
+                            self.grow_store();
                         } else if !self.uses_splice() && !self.src_read_closed {
                             // Less than offered: the socket's queue is empty (module docs).
                             self.src_readable = false;
@@ -355,8 +363,34 @@ impl Pump {
         }
     }
 
-    /// A read filled the copy buffer: double it (bytes in flight move to its start), up to the
-    /// ceiling. It never shrinks; it goes with the connection.
+    /// A read filled the store: double it, up to its ceiling. It never shrinks; it goes with
+    /// the connection.
+    fn grow_store(&mut self) {
+        match self.store {
+            Store::Pipe(_) => self.grow_pipe(),
+            Store::Copy { .. } => self.grow_copy_buffer(),
+        }
+    }
+
+    /// Bytes in the pipe stay where they are. A refusal (fs.pipe-user-pages-soft is counted per
+    /// user, and every relay under the systemd unit runs as one user) ends growth for this
+    /// pipe: it keeps working at the size it has.
+    fn grow_pipe(&mut self) {
+        let Store::Pipe(pipe) = &mut self.store else { return };
+        if self.capacity_bytes >= self.pipe_max_bytes {
+            return;
+        }
+        let wanted = (self.capacity_bytes * 2).min(self.pipe_max_bytes);
+        match pipe.grow(wanted) {
+            Ok(cap) => self.capacity_bytes = cap,
+            Err(e) => {
+                debug!(direction = self.direction, wanted, error = %e, "pipe stays at {} bytes", self.capacity_bytes);
+                self.pipe_max_bytes = 0;
+            }
+        }
+    }
+
+    /// Bytes in flight move to the start of the new buffer.
     fn grow_copy_buffer(&mut self) {
         let Store::Copy { buf, start } = &mut self.store else { return };
         if buf.len() >= self.copy_max_bytes {
@@ -523,7 +557,7 @@ mod tests {
         }
     }
 
-    const SPLICE: Strategy = Strategy::Splice { pipe_bytes: 4096 };
+    const SPLICE: Strategy = Strategy::Splice { pipe_bytes: 4096, max_bytes: 4096 };
     const COPY: Strategy = Strategy::Copy { initial_bytes: 4096, max_bytes: 4096 };
 
     fn pump(strategy: Strategy) -> Pump {
@@ -592,6 +626,26 @@ mod tests {
         assert_eq!(p.capacity_bytes(), 8192, "doubled from 1 KiB up to the ceiling, no further");
         assert_eq!(*dst.written.borrow(), counting(0, total), "every byte once, in order, across each growth");
         assert!(p.stats.high_water_bytes > 4096, "the grown buffer was used: {:?}", p.stats);
+    }
+
+    #[test]
+    fn pipe_doubles_while_splices_fill_it_and_stops_at_its_ceiling() {
+        let total = 300_000;
+        let src = Fake::reading(vec![Step::Data(counting(0, total)), Step::Eof]);
+        // The destination takes all: a splice into a part-drained pipe can run out of slots
+        // before it runs out of room, and only a splice that fills the room grows the pipe.
+        let dst = Fake::default();
+        let mut p = Pump::new(Strategy::Splice { pipe_bytes: 4096, max_bytes: 65536 }, 4096, "test").unwrap();
+        assert_eq!(p.capacity_bytes(), 4096);
+        while !p.finished() {
+            p.dst_writable = true;
+            p.src_readable = true;
+            p.run(&src, &dst, true).unwrap();
+        }
+        assert!(p.uses_splice());
+        assert_eq!(p.capacity_bytes(), 65536, "doubled from 4 KiB up to the ceiling, no further");
+        assert_eq!(*dst.written.borrow(), counting(0, total), "every byte once, in order, across each growth");
+        assert_eq!(p.stats.high_water_bytes, 65536, "the grown pipe was used: {:?}", p.stats);
     }
 
     #[test]

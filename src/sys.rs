@@ -30,6 +30,15 @@ impl Pipe {
         let capacity_bytes = fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_err(io_err)? as usize;
         Ok(Pipe { read, write, capacity_bytes })
     }
+
+    /// Asks for `wanted_bytes` (more than now; bytes in the pipe stay). Err when the kernel
+    /// refuses: above pipe-max-size, or the user is over fs.pipe-user-pages-soft. On Ok the
+    /// capacity is the kernel's answer.
+    pub fn grow(&mut self, wanted_bytes: usize) -> io::Result<usize> {
+        fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(wanted_bytes as libc::c_int)).map_err(io_err)?;
+        self.capacity_bytes = fcntl(&self.write, FcntlArg::F_GETPIPE_SZ).map_err(io_err)? as usize;
+        Ok(self.capacity_bytes)
+    }
 }
 
 /// Moves up to `len` bytes between two fds, one of which is a pipe, without copying them

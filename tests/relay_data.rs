@@ -121,6 +121,21 @@ fn unix_to_unix_256mib_each_way_spliced() {
     let line = bulk_through(unix(&d, "relay.sock"), unix(&d, "server.sock"), &[], BULK_BYTES);
     assert_moved(&line, "l2c", Moved::Spliced);
     assert_moved(&line, "c2l", Moved::Spliced);
+    // Bulk grows the pipes past their 64 KiB start (up to --pipe-size-max, 1 MiB).
+    for dir in ["l2c", "c2l"] {
+        let hw = field_u64(&line, &format!("{dir}_high_water"));
+        assert!(hw > 64 * 1024, "{dir} held at most {hw} bytes: the pipe never grew: {line}");
+    }
+}
+
+#[test]
+fn pipe_ceiling_is_kept() {
+    let d = tmpdir();
+    let line = bulk_through(unix(&d, "relay.sock"), unix(&d, "server.sock"), &["--pipe-size-max=65536"], 64 << 20);
+    for dir in ["l2c", "c2l"] {
+        let hw = field_u64(&line, &format!("{dir}_high_water"));
+        assert!(hw <= 65536, "{dir} held {hw} bytes with --pipe-size-max=65536: {line}");
+    }
 }
 
 #[test]
@@ -460,7 +475,11 @@ fn message_then_fin_sessions(listen: Endpoint, connect: Endpoint, sessions: usiz
         c.shutdown(Shutdown::Write).unwrap();
         let mut answer = Vec::new();
         (&c).read_to_end(&mut answer).unwrap_or_else(|e| panic!("session {i}: {e}\n{}", relay.log()));
-        assert_eq!(answer, (msg.len() as u32).to_le_bytes(), "session {i}: the message, its FIN, the answer and its FIN");
+        assert_eq!(
+            answer,
+            (msg.len() as u32).to_le_bytes(),
+            "session {i}: the message, its FIN, the answer and its FIN"
+        );
     }
 }
 
