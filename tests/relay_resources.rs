@@ -231,7 +231,9 @@ fn bulk_sessions_do_not_ratchet_the_relays_memory_up() {
         assert!(field_u64(&line, "l2c_high_water") > 128 * 1024, "the buffer never grew, nothing tested: {line}");
         let rss = rss_kib(relay.pid());
         assert!(
-            rss <= settled + 64,
+            // A buffer kept per session would add 256 KiB each time (2 MiB over 8); one-off
+            // allocator steps stay under 512 (seen: +352 KiB once under a parallel test run).
+            rss <= settled + 512,
             "after bulk session {} the relay holds {rss} KiB, {} KiB more than after {WARM_UP}",
             i + 1,
             rss - settled
