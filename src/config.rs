@@ -158,6 +158,15 @@ fn number<T: std::str::FromStr>(p: &mut Problems, (flag, env): (&'static str, &'
     }
 }
 
+/// A pipe or copy-buffer size: a number of bytes in PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES.
+fn store_size(p: &mut Problems, names: (&'static str, &'static str), text: &str) -> usize {
+    let bytes = number::<usize>(p, names, text).unwrap_or(PIPE_SIZE_MIN_BYTES);
+    if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&bytes) {
+        p.add(names.0, names.1, format!("{bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}"));
+    }
+    bytes
+}
+
 fn resolve_uid(name: &str) -> Result<u32, String> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
@@ -354,28 +363,9 @@ impl TryFrom<RelayArgs> for Config {
         if connect_timeout_ms == 0 {
             problem!(p, connect_timeout_ms, "must be at least 1");
         }
-        let pipe_size_bytes = number::<usize>(&mut p, names("pipe_size"), &a.pipe_size).unwrap_or(PIPE_SIZE_MIN_BYTES);
-        if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&pipe_size_bytes) {
-            problem!(p, pipe_size, "{pipe_size_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}");
-        }
-        let pipe_size_max_bytes =
-            number::<usize>(&mut p, names("pipe_size_max"), &a.pipe_size_max).unwrap_or(PIPE_SIZE_MIN_BYTES);
-        if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&pipe_size_max_bytes) {
-            problem!(
-                p,
-                pipe_size_max,
-                "{pipe_size_max_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}"
-            );
-        }
-        let copy_buffer_max_bytes =
-            number::<usize>(&mut p, names("copy_buffer_max"), &a.copy_buffer_max).unwrap_or(PIPE_SIZE_MIN_BYTES);
-        if !(PIPE_SIZE_MIN_BYTES..=PIPE_SIZE_MAX_BYTES).contains(&copy_buffer_max_bytes) {
-            problem!(
-                p,
-                copy_buffer_max,
-                "{copy_buffer_max_bytes} is outside {PIPE_SIZE_MIN_BYTES}..={PIPE_SIZE_MAX_BYTES}"
-            );
-        }
+        let pipe_size_bytes = store_size(&mut p, names("pipe_size"), &a.pipe_size);
+        let pipe_size_max_bytes = store_size(&mut p, names("pipe_size_max"), &a.pipe_size_max);
+        let copy_buffer_max_bytes = store_size(&mut p, names("copy_buffer_max"), &a.copy_buffer_max);
         let poll_window_us = number::<u64>(&mut p, names("poll_window_us"), &a.poll_window_us).unwrap_or(0);
         if poll_window_us > 1_000_000 {
             problem!(p, poll_window_us, "{poll_window_us} µs is more than a second of spinning; at most 1000000");

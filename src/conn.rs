@@ -113,7 +113,7 @@ impl Conn {
         let into_tcp = [matches!(cfg.connect, Endpoint::Tcp(_)), peer_is_tcp(&peer)];
         let pump = |d: usize| {
             let strategy = cfg.move_mode.strategy(into_tcp[d], cfg);
-            Pump::new(strategy, cfg.copy_buffer_max_bytes, DIRECTION_NAMES[d]).map_err(SetupError::Pipe)
+            Pump::new(strategy, DIRECTION_NAMES[d]).map_err(SetupError::Pipe)
         };
         let pumps = [pump(0)?, pump(1)?];
         Ok(Conn {

@@ -45,17 +45,13 @@ pub fn init_logging(level: Option<&str>) {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::prelude::*;
 
-    // RUST_LOG is nobody's typed-in flag: when it is not a filter this relay understands, it is
-    // ignored rather than allowed to silence the relay.
-    let from_env = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|l| config::log_filter_is_valid(l))
-        .and_then(|l| l.parse::<Targets>().ok());
-    let filter = match level {
-        Some(l) => l.parse::<Targets>().ok(),
-        None => from_env,
-    }
-    .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    // `level` was checked by the configuration. RUST_LOG is nobody's typed-in flag: when it is
+    // not a filter this relay understands, it is ignored rather than allowed to silence the relay.
+    let text =
+        level.map(str::to_owned).or_else(|| std::env::var("RUST_LOG").ok().filter(|l| config::log_filter_is_valid(l)));
+    let filter = text
+        .and_then(|t| t.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

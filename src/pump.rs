@@ -4,8 +4,9 @@
 //! user-space buffer (copy strategy). It reads from its source while it has room and writes to
 //! its destination while it holds data. Either store starts small and doubles, up to its
 //! ceiling, each time a read fills all the room it was offered: message traffic keeps the small
-//! store, bulk earns big reads and big writes (docs/DESIGN.md, "Stores that grow"). It never touches the poller: the caller tells it which
-//! of its sockets became ready and reads back what it wants next.
+//! store, bulk earns big reads and big writes (docs/DESIGN.md, "Stores that grow"). It never
+//! touches the poller: the caller tells it which of its sockets became ready and reads back
+//! what it wants next.
 //!
 //! Invariants (relied on by `conn.rs` and the event loop):
 //! - Edge-triggered: a readiness flag is cleared by `WouldBlock`, so the pump drains until the
@@ -128,10 +129,9 @@ enum Store {
 pub struct Pump {
     store: Store,
     capacity_bytes: usize,
-    /// Ceiling for a copy buffer's growth.
-    copy_max_bytes: usize,
-    /// Ceiling for the pipe's growth; zeroed when the kernel refused to grow it.
-    pipe_max_bytes: usize,
+    /// Ceiling for the store's growth (a copy buffer a refused splice falls back to keeps the
+    /// pipe's); lowered to the capacity when the kernel refuses to grow a pipe.
+    max_bytes: usize,
     /// Bytes taken from the source and not yet written to the destination.
     fill: usize,
     /// The source may have bytes (or EOF) to read: set by events, cleared by WouldBlock.
@@ -177,32 +177,21 @@ fn splice_refused(e: &io::Error) -> bool {
 }
 
 impl Pump {
-    /// `copy_max_bytes` also bounds the buffer a refused splice falls back to.
-    pub fn new(strategy: Strategy, copy_max_bytes: usize, direction: &'static str) -> io::Result<Pump> {
-        let (store, capacity_bytes) = match strategy {
-            Strategy::Splice { pipe_bytes, .. } => {
+    pub fn new(strategy: Strategy, direction: &'static str) -> io::Result<Pump> {
+        let (store, capacity_bytes, max_bytes) = match strategy {
+            Strategy::Splice { pipe_bytes, max_bytes } => {
                 let pipe = Pipe::new(pipe_bytes)?;
                 let cap = pipe.capacity_bytes;
-                (Store::Pipe(pipe), cap)
+                (Store::Pipe(pipe), cap, max_bytes)
             }
-            Strategy::Copy { initial_bytes, .. } => {
-                (Store::Copy { buf: vec![0; initial_bytes], start: 0 }, initial_bytes)
+            Strategy::Copy { initial_bytes, max_bytes } => {
+                (Store::Copy { buf: vec![0; initial_bytes], start: 0 }, initial_bytes, max_bytes)
             }
-        };
-        let copy_max_bytes = match strategy {
-            Strategy::Copy { max_bytes, .. } => max_bytes,
-            Strategy::Splice { .. } => copy_max_bytes,
-        }
-        .max(capacity_bytes);
-        let pipe_max_bytes = match strategy {
-            Strategy::Splice { max_bytes, .. } => max_bytes,
-            Strategy::Copy { .. } => 0,
         };
         Ok(Pump {
             store,
             capacity_bytes,
-            copy_max_bytes,
-            pipe_max_bytes,
+            max_bytes,
             fill: 0,
             src_readable: true,
             dst_writable: true,
@@ -364,48 +353,34 @@ impl Pump {
     }
 
     /// A read filled the store: double it, up to its ceiling. It never shrinks; it goes with
-    /// the connection.
+    /// the connection. Bytes in a pipe stay where they are; a copy buffer's move to the start
+    /// of the new one. A pipe the kernel refuses to grow (fs.pipe-user-pages-soft is counted per
+    /// user, and every relay under the systemd unit runs as one user) keeps working at its size.
     fn grow_store(&mut self) {
-        match self.store {
-            Store::Pipe(_) => self.grow_pipe(),
-            Store::Copy { .. } => self.grow_copy_buffer(),
-        }
-    }
-
-    /// Bytes in the pipe stay where they are. A refusal (fs.pipe-user-pages-soft is counted per
-    /// user, and every relay under the systemd unit runs as one user) ends growth for this
-    /// pipe: it keeps working at the size it has.
-    fn grow_pipe(&mut self) {
-        let Store::Pipe(pipe) = &mut self.store else { return };
-        if self.capacity_bytes >= self.pipe_max_bytes {
+        if self.capacity_bytes >= self.max_bytes {
             return;
         }
-        let wanted = (self.capacity_bytes * 2).min(self.pipe_max_bytes);
-        match pipe.grow(wanted) {
-            Ok(cap) => self.capacity_bytes = cap,
-            Err(e) => {
-                debug!(direction = self.direction, wanted, error = %e, "pipe stays at {} bytes", self.capacity_bytes);
-                self.pipe_max_bytes = 0;
+        let wanted = (self.capacity_bytes * 2).min(self.max_bytes);
+        match &mut self.store {
+            Store::Pipe(pipe) => match pipe.grow(wanted) {
+                Ok(cap) => self.capacity_bytes = cap,
+                Err(e) => {
+                    debug!(direction = self.direction, wanted, error = %e, "pipe stays at {} bytes", self.capacity_bytes);
+                    self.max_bytes = self.capacity_bytes;
+                }
+            },
+            Store::Copy { buf, start } => {
+                // Zeroed allocations this size come straight from the kernel's zero pages: the
+                // memory becomes resident only as reads fill it.
+                let mut bigger = vec![0u8; wanted];
+                // The caller adds the bytes just read to `fill` after this: carry them too.
+                let held = buf.len() - *start;
+                bigger[..held].copy_from_slice(&buf[*start..]);
+                *buf = bigger;
+                *start = 0;
+                self.capacity_bytes = wanted;
             }
         }
-    }
-
-    /// Bytes in flight move to the start of the new buffer.
-    fn grow_copy_buffer(&mut self) {
-        let Store::Copy { buf, start } = &mut self.store else { return };
-        if buf.len() >= self.copy_max_bytes {
-            return;
-        }
-        let grown = (buf.len() * 2).min(self.copy_max_bytes);
-        // Zeroed allocations this size come straight from the kernel's zero pages: the memory
-        // becomes resident only as reads fill it.
-        let mut bigger = vec![0u8; grown];
-        // The caller adds the bytes just read to `fill` after this: carry them too.
-        let held = buf.len() - *start;
-        bigger[..held].copy_from_slice(&buf[*start..]);
-        *buf = bigger;
-        *start = 0;
-        self.capacity_bytes = grown;
     }
 
     fn write_to(&mut self, dst: &impl Side) -> io::Result<usize> {
@@ -561,7 +536,7 @@ mod tests {
     const COPY: Strategy = Strategy::Copy { initial_bytes: 4096, max_bytes: 4096 };
 
     fn pump(strategy: Strategy) -> Pump {
-        Pump::new(strategy, 4096, "test").unwrap()
+        Pump::new(strategy, "test").unwrap()
     }
 
     #[test]
@@ -617,7 +592,7 @@ mod tests {
         let src = Fake::reading(vec![Step::Data(counting(0, total)), Step::Eof]);
         // The destination takes little at a time, so the buffer grows while holding bytes.
         let dst = Fake::writing((0..200).flat_map(|_| [Step::Take(700), Step::WouldBlock]).collect());
-        let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, 1024, "test").unwrap();
+        let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, "test").unwrap();
         while !p.finished() {
             p.dst_writable = true;
             p.src_readable = true;
@@ -635,7 +610,7 @@ mod tests {
         // The destination takes all: a splice into a part-drained pipe can run out of slots
         // before it runs out of room, and only a splice that fills the room grows the pipe.
         let dst = Fake::default();
-        let mut p = Pump::new(Strategy::Splice { pipe_bytes: 4096, max_bytes: 65536 }, 4096, "test").unwrap();
+        let mut p = Pump::new(Strategy::Splice { pipe_bytes: 4096, max_bytes: 65536 }, "test").unwrap();
         assert_eq!(p.capacity_bytes(), 4096);
         while !p.finished() {
             p.dst_writable = true;
@@ -653,7 +628,7 @@ mod tests {
         // One message per readiness event.
         let src = Fake::reading((0..50).map(|i| Step::Data(counting(i * 552, 552))).collect());
         let dst = Fake::default();
-        let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, 1024, "test").unwrap();
+        let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, "test").unwrap();
         for _ in 0..50 {
             p.src_readable = true;
             p.run(&src, &dst, true).unwrap();
