@@ -10,6 +10,7 @@
 //! CSV and JSON and a PNG plot under the output directory (target/bench by default).
 //! docs/BENCHMARKS.md says how to read them.
 
+mod copyloop;
 mod plot;
 mod procs;
 mod report;
@@ -170,7 +171,7 @@ fn parse_args() -> Opts {
         relay_bin,
         out_dir,
         latency_rounds: rounds.unwrap_or(if quick { 2 } else { 40 }),
-        bulk_rounds: bulk_rounds.unwrap_or(if quick { 1 } else { 4 }),
+        bulk_rounds: bulk_rounds.unwrap_or(if quick { 1 } else { 8 }),
         sizes,
         startup_reps: if quick { 3 } else { 20 },
         topologies,
@@ -214,6 +215,7 @@ fn standard_contenders() -> Vec<Contender> {
         relay("kvmi-relay splice", &["--move=splice"], true),
         relay("kvmi-relay copy", &["--move=copy"], true),
         relay("kvmi-relay pipe=1M", &["--pipe-size=1048576"], true),
+        Contender { name: report::COPY_LOOP.into(), kind: Kind::CopyLoop, bulk: true },
         Contender { name: "socat".into(), kind: Kind::Socat { nodelay: false }, bulk: true },
         Contender { name: "socat nodelay".into(), kind: Kind::Socat { nodelay: true }, bulk: true },
     ];
@@ -326,6 +328,15 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("copy-loop") {
+        // The `copy loop` contender's hop: this binary, started again by the harness.
+        if let Err(e) = copyloop::main(&args[2..]) {
+            eprintln!("copy-loop: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let opts = parse_args();
     if let Err(e) = run(&opts) {
         eprintln!("bench FAIL: {e}");

@@ -31,6 +31,9 @@ pub enum Kind {
     Relay { flags: Vec<String>, bin: Option<PathBuf> },
     /// socat as KVMIveggur ran it (`nodelay: false`), or with TCP_NODELAY on its TCP sockets.
     Socat { nodelay: bool },
+    /// The harness itself as a blocking read/write loop (`copy-loop`): the cost floor of any
+    /// copying relay (see copyloop.rs).
+    CopyLoop,
     /// systemd-socket-proxyd, handed its listening socket as systemd would (LISTEN_FDS).
     Proxyd,
 }
@@ -103,6 +106,12 @@ pub fn spawn_hop(
             let mut cmd = Command::new("socat");
             cmd.arg(l).arg(c);
             cmd
+        }
+        Kind::CopyLoop => {
+            let me = std::env::current_exe().map_err(|e| format!("find the harness binary: {e}"))?;
+            let mut c = Command::new(me);
+            c.arg("copy-loop").arg(listen.to_string()).arg(connect.to_string());
+            c
         }
         Kind::Proxyd => {
             let sock = net::listen(listen).map_err(|e| format!("listen {listen} for proxyd: {e}"))?;
