@@ -2,7 +2,8 @@
 //!
 //! Where things are:
 //! - bytes move in `pump.rs` (splice or copy, one pump per direction) driven by `conn.rs`
-//!   (one session's state machine) and `relay.rs` (the event loop, the only poller user);
+//!   (one session's state machine) and `relay/mod.rs` (the event loop, the only poller user;
+//!   `relay/operator.rs` serves the control socket, snapshots and the interval log from it);
 //! - access is decided in `access.rs` (pure functions), identities are gathered in
 //!   `listener.rs`; dialling is `dial.rs`;
 //! - `unsafe` lives in `sys.rs` only;

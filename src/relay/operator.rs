@@ -1,0 +1,195 @@
+//! What operators see, served from the event loop: control-socket clients (`stats`, `reset`),
+//! snapshots of every live and closed session, and the interval log's ticks.
+//!
+//! Invariants:
+//! - Reading only: a snapshot or an interval tick reads connections and never changes the data
+//!   path; `reset` zeroes counters and histograms and touches nothing else.
+//! - Control clients are registered, re-registered and removed here with the loop's poller, like
+//!   relayed connections; a client that fails or overstays its deadline is closed, never waited on.
+
+use std::time::Instant;
+
+use mio::Token;
+use mio::unix::SourceFd;
+use tracing::{error, info, warn};
+
+use super::{CONTROL_CONN_BASE, ClosedDir, Relay, Totals};
+use crate::conn::DIRECTION_NAMES;
+use crate::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
+use crate::export::{self, ConnSnap, DirSnap, HistSnap, Snapshot};
+use crate::pump::DirStats;
+
+impl Relay {
+    pub(super) fn accept_control(&mut self, now: Instant) {
+        loop {
+            let Some(server) = &self.control else { return };
+            match server.accept(now) {
+                Ok(None) => return,
+                Ok(Some(Err(peer))) => warn!(%peer, "control socket: refused"),
+                Ok(Some(Ok(conn))) => {
+                    let Some(i) = self.control_conns.iter().position(Option::is_none) else {
+                        warn!(max = CONTROL_CONNS_MAX, "control socket: too many clients; closing one");
+                        continue;
+                    };
+                    let token = Token(CONTROL_CONN_BASE + i);
+                    let interest = conn.interest();
+                    if let Err(e) = self.poll.registry().register(&mut SourceFd(&conn.raw_fd()), token, interest) {
+                        warn!(error = %e, "control socket: cannot register a client");
+                        continue;
+                    }
+                    self.control_conns[i] = Some((conn, interest));
+                    self.advance_control(i, now);
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    warn!(error = %e, "control socket: out of fds");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket: accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn advance_control(&mut self, i: usize, now: Instant) {
+        let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return };
+        let step = match conn.advance() {
+            Ok(ControlStep::Request(req)) => {
+                let answer = self.answer(req, now);
+                let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return };
+                conn.answer(answer)
+            }
+            other => other,
+        };
+        match step {
+            Ok(ControlStep::Done) | Err(_) => self.close_control(i),
+            Ok(ControlStep::Waiting) | Ok(ControlStep::Request(_)) => {
+                let Some(Some((conn, registered))) = self.control_conns.get_mut(i) else { return };
+                let want = conn.interest();
+                if want != *registered {
+                    let token = Token(CONTROL_CONN_BASE + i);
+                    if self.poll.registry().reregister(&mut SourceFd(&conn.raw_fd()), token, want).is_err() {
+                        self.close_control(i);
+                        return;
+                    }
+                    *registered = want;
+                }
+            }
+        }
+    }
+
+    pub(super) fn close_control(&mut self, i: usize) {
+        if let Some((conn, _)) = self.control_conns.get_mut(i).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&conn.raw_fd()));
+        }
+    }
+
+    fn answer(&mut self, req: Option<Request>, now: Instant) -> String {
+        match req {
+            Some(Request::Stats(Format::Text)) => export::text(&self.snapshot(now)),
+            Some(Request::Stats(Format::Json)) => export::json(&self.snapshot(now)),
+            Some(Request::Stats(Format::Prometheus)) => export::prometheus(&self.snapshot(now)),
+            Some(Request::Reset) => {
+                self.reset();
+                info!("control socket: counters and histograms reset");
+                "reset\n".into()
+            }
+            None => "error: unknown request (stats text|json|prometheus, reset)\n".into(),
+        }
+    }
+
+    /// Zeroes every counter and histogram; sessions and the data path go on untouched.
+    fn reset(&mut self) {
+        self.totals = Totals::default();
+        self.closed = [ClosedDir::default(), ClosedDir::default()];
+        for s in self.slots.iter_mut().flatten() {
+            for d in 0..2 {
+                s.conn.pump_mut(d).reset_stats();
+                s.conn.metrics[d].reset();
+            }
+        }
+    }
+
+    pub(super) fn write_intervals(&mut self, now: Instant) {
+        let Some(h) = &mut self.hist_log else { return };
+        let live = self.slots.iter_mut().flatten().map(|s| &mut s.conn.metrics);
+        if let Err(e) = h.tick(now, live) {
+            error!(path = %h.path().display(), error = %e, "cannot write the histogram log");
+        }
+    }
+
+    /// Everything `stats` shows, as of `now`.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut all: [(ClosedDir, DirStats); 2] =
+            [(self.closed[0].clone(), self.closed_stats(0)), (self.closed[1].clone(), self.closed_stats(1))];
+        let mut connections = Vec::new();
+        for s in self.slots.iter().flatten() {
+            let c = &s.conn;
+            let dirs = [0, 1].map(|d| {
+                let p = c.pump(d);
+                let (agg, stats) = &mut all[d];
+                agg.figures.add(&c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns);
+                let _ = agg.chunk_bytes.add(&p.chunk_bytes);
+                stats.bytes += p.stats.bytes;
+                stats.splice_bytes += p.stats.splice_bytes;
+                stats.copy_bytes += p.stats.copy_bytes;
+                stats.chunks += p.stats.chunks;
+                stats.high_water_bytes = stats.high_water_bytes.max(p.stats.high_water_bytes);
+                dir_snap(d, &p.stats, &c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns, &p.chunk_bytes)
+            });
+            connections.push(ConnSnap {
+                id: c.id,
+                peer: c.peer.to_string(),
+                age_s: now.saturating_duration_since(c.opened).as_secs_f64(),
+                directions: dirs,
+            });
+        }
+        let all_sessions = [0, 1].map(|d| {
+            let (agg, stats) = &all[d];
+            dir_snap(d, stats, &agg.figures.transit_ns, &agg.figures.turnaround_ns, &agg.chunk_bytes)
+        });
+        Snapshot {
+            name: self.cfg.name.clone(),
+            pid: std::process::id(),
+            uptime_s: now.saturating_duration_since(self.started).as_secs_f64(),
+            listen: self.bound.clone(),
+            connect: self.cfg.connect.to_string(),
+            live: self.live,
+            max_conns: self.cfg.max_conns,
+            totals: self.totals,
+            connections,
+            all_sessions,
+        }
+    }
+
+    fn closed_stats(&self, d: usize) -> DirStats {
+        DirStats {
+            bytes: self.totals.bytes[d],
+            splice_bytes: self.totals.splice_bytes[d],
+            copy_bytes: self.totals.copy_bytes[d],
+            chunks: self.closed[d].chunks,
+            high_water_bytes: self.closed[d].high_water_bytes,
+        }
+    }
+}
+
+fn dir_snap(
+    d: usize,
+    stats: &DirStats,
+    transit: &hdrhistogram::Histogram<u64>,
+    turnaround: &hdrhistogram::Histogram<u64>,
+    chunks: &hdrhistogram::Histogram<u64>,
+) -> DirSnap {
+    DirSnap {
+        direction: DIRECTION_NAMES[d],
+        bytes: stats.bytes,
+        splice_bytes: stats.splice_bytes,
+        copy_bytes: stats.copy_bytes,
+        chunks: stats.chunks,
+        high_water_bytes: stats.high_water_bytes,
+        transit_ns: HistSnap::of_time(transit),
+        turnaround_ns: HistSnap::of_time(turnaround),
+        chunk_bytes: HistSnap::of(chunks),
+    }
+}
