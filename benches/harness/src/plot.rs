@@ -18,8 +18,8 @@ const HEIGHT_PX: u32 = 1000;
 const DRAWN: [(&str, RGBColor); 7] = [
     ("direct", RGBColor(0, 0, 0)),
     ("kvmi-relay", RGBColor(0, 114, 178)),
-    ("kvmi-relay pw=100", RGBColor(86, 180, 233)),
     ("kvmi-relay copy", RGBColor(0, 158, 115)),
+    ("copy loop", RGBColor(120, 120, 120)),
     ("socat", RGBColor(213, 94, 0)),
     ("socat nodelay", RGBColor(230, 159, 0)),
     ("proxyd", RGBColor(204, 121, 167)),
