@@ -32,7 +32,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::metrics;
 use crate::sys::{self, Pipe};
@@ -365,7 +365,17 @@ impl Pump {
             Store::Pipe(pipe) => match pipe.grow(wanted) {
                 Ok(cap) => self.capacity_bytes = cap,
                 Err(e) => {
-                    debug!(direction = self.direction, wanted, error = %e, "pipe stays at {} bytes", self.capacity_bytes);
+                    // Once per direction (the ceiling drops to the capacity): an operator should
+                    // know when the per-user pipe budget, shared by every relay of the unit's
+                    // user, is spent.
+                    info!(
+                        direction = self.direction,
+                        wanted,
+                        error = %e,
+                        "pipe not grown: the kernel refused (over fs.pipe-max-size, or the user's \
+                         fs.pipe-user-pages-soft budget is spent); it stays at {} bytes",
+                        self.capacity_bytes
+                    );
                     self.max_bytes = self.capacity_bytes;
                 }
             },

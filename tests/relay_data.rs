@@ -7,6 +7,8 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use kvmi_relay::endpoint::Endpoint;
@@ -26,7 +28,23 @@ fn allow_args(listen: &Endpoint) -> Vec<String> {
 /// Runs a full bidirectional transfer client → relay → server and returns the relay's close line.
 /// TCP endpoints may say port 0: the server's listener and the relay pick ephemeral ports.
 fn bulk_through(listen: Endpoint, connect: Endpoint, extra: &[&str], bytes: u64) -> String {
+    bulk_through_as(None, listen, connect, extra, bytes).0
+}
+
+/// `bulk_through` with the relay running as `uid` (and the same gid) when given: the server's
+/// UNIX socket file is then opened to everyone so that the relay can dial it. Returns the close
+/// line and the relay's whole log.
+fn bulk_through_as(
+    uid: Option<u32>,
+    listen: Endpoint,
+    connect: Endpoint,
+    extra: &[&str],
+    bytes: u64,
+) -> (String, String) {
     let server_listener = net::listen(&connect).expect("server listens");
+    if let (Some(_), Endpoint::Unix(p)) = (uid, &connect) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)).expect("chmod the server's socket");
+    }
     let connect = match connect {
         Endpoint::Tcp(_) => Endpoint::Tcp(server_listener.local_addr().unwrap().as_socket().unwrap()),
         other => other,
@@ -42,7 +60,12 @@ fn bulk_through(listen: Endpoint, connect: Endpoint, extra: &[&str], bytes: u64)
     args.extend(allow_args(&listen));
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut relay = Relay::start(&args);
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(&args);
+    if let Some(id) = uid {
+        cmd.uid(id).gid(id);
+    }
+    let mut relay = Relay::start_with(&mut cmd);
     let listen = match listen {
         Endpoint::Tcp(_) => Endpoint::Tcp(relay.bound_tcp()),
         other => other,
@@ -72,7 +95,7 @@ fn bulk_through(listen: Endpoint, connect: Endpoint, extra: &[&str], bytes: u64)
     assert!(line.contains("end=\"finished\""), "{line}");
     assert_eq!(field_u64(&line, "l2c_bytes"), bytes, "{line}");
     assert_eq!(field_u64(&line, "c2l_bytes"), bytes, "{line}");
-    line
+    (line, log)
 }
 
 fn unix(dir: &tempfile::TempDir, name: &str) -> Endpoint {
@@ -199,6 +222,39 @@ fn forced_copy_mode_moves_everything_by_copy() {
     let line = bulk_through(unix(&d, "relay.sock"), tcp4(), &["--move=copy"], 32 << 20);
     assert_moved(&line, "l2c", Moved::Copied);
     assert_moved(&line, "c2l", Moved::Copied);
+}
+
+#[test]
+fn pipe_growth_the_kernel_refuses_keeps_relaying() {
+    // An unprivileged relay (every instance of the unit runs as one unprivileged user) may not
+    // grow a pipe past fs.pipe-max-size, nor past its user's fs.pipe-user-pages-soft budget:
+    // F_SETPIPE_SZ fails with EPERM. Asked for twice pipe-max-size, the relay as uid 65534 must
+    // stop at pipe-max-size, log the refusal once per direction and still deliver every byte.
+    // (Root may exceed both limits, so the relay under test must not be root.)
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP pipe_growth_the_kernel_refuses_keeps_relaying: only root can start the relay as uid 65534");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let max: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size").unwrap().trim().parse().unwrap();
+    let d = tmpdir();
+    nix::unistd::chown(d.path(), Some(NOBODY.into()), Some(NOBODY.into())).expect("chown the test directory");
+    let (line, log) = bulk_through_as(
+        Some(NOBODY),
+        unix(&d, "relay.sock"),
+        unix(&d, "server.sock"),
+        &["--allow-uid=0", &format!("--pipe-size-max={}", 2 * max)],
+        64 << 20,
+    );
+    assert_moved(&line, "l2c", Moved::Spliced);
+    assert_moved(&line, "c2l", Moved::Spliced);
+    // Grown up to the kernel's limit, refused there once per direction, and no further.
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("pipe not grown")).collect();
+    assert_eq!(refusals.len(), 2, "one refusal per direction:\n{log}");
+    for dir in ["l2c", "c2l"] {
+        assert!(refusals.iter().any(|l| l.contains(&format!("direction=\"{dir}\""))), "{dir} refusal:\n{log}");
+        assert_eq!(high_water(&line, dir), max, "{dir} stops at fs.pipe-max-size: {line}");
+    }
 }
 
 #[test]

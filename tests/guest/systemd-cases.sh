@@ -77,7 +77,7 @@ case_transient_vsock() {
 # --- unit cases ------------------------------------------------------------------------------
 
 UNIT_CASES="unit-install unit-start-active unit-session unit-stop-no-socket-file unit-socket-restart-no-refused
-unit-stop-socket-removes-file unit-broken-config-status"
+unit-stop-socket-removes-file unit-broken-config-status unit-pipe-budget-spent"
 
 case_units() {
     if [ ! -f "$STAGE/usr/lib/systemd/system/kvmi-relay@.service" ]; then
@@ -198,6 +198,41 @@ EOF
     grep -q 'ExecStartPre' /tmp/bad-status.out || bad "status does not show the failed ExecStartPre"
     DETAIL="status shows: $(grep -m1 -- '--allow-cid' /tmp/bad-status.out | sed 's/^.*kvmi-relay\[[0-9]*\]: //')"
     end kvmi-relay@bad.service
+
+    # Every instance runs as the unit's user, and the kernel counts pipe pages per user
+    # (fs.pipe-user-pages-soft; root is exempt, the sandboxed relay is not). With the budget
+    # lowered to 40 pages a session's two 16-page pipes fit and their first doubling does not:
+    # the relay must keep relaying at 64 KiB, say so once per direction, and lose nothing.
+    begin unit-pipe-budget-spent
+    soft=$(cat /proc/sys/fs/pipe-user-pages-soft)
+    bulk=8388608
+    bg /tmp/pb-far.out $P peer bulk --listen vsock:1:6201 --send-bytes $bulk --expect-bytes $bulk
+    far=$BG_PID
+    sleep 0.5
+    printf '%s\n' KVMI_RELAY_LISTEN=unix:/run/kvmi/vm3/vmi-sock KVMI_RELAY_CONNECT=vsock:1:6201 \
+        KVMI_RELAY_ALLOW_UID=0 >/etc/kvmi-relay/vm3.conf
+    echo 40 >/proc/sys/fs/pipe-user-pages-soft
+    timeout 60 systemctl start kvmi-relay@vm3.service || bad "systemctl start failed"
+    timeout 120 $P peer bulk --connect unix:/run/kvmi/vm3/vmi-sock --send-bytes $bulk --expect-bytes $bulk >/tmp/pb-near.out 2>&1
+    wait $far
+    sleep 0.5
+    systemctl stop kvmi-relay@vm3.service
+    echo "$soft" >/proc/sys/fs/pipe-user-pages-soft
+    expect_ok /tmp/pb-near.out bulk
+    expect_ok /tmp/pb-far.out bulk
+    journalctl -q --no-pager -u kvmi-relay@vm3.service >/tmp/pb.journal 2>&1
+    closed=$(grep 'closed end=' /tmp/pb.journal | tail -1)
+    echo "$closed" | grep -q 'end="finished"' || bad "no finished session: ${closed:-no close line}"
+    for d in l2c c2l; do
+        b=$(echo "$closed" | tr ' ' '\n' | sed -n "s/^${d}_bytes=//p")
+        hw=$(echo "$closed" | tr ' ' '\n' | sed -n "s/^${d}_high_water=//p")
+        [ "$b" = $bulk ] || bad "$d moved ${b:-?} bytes (want $bulk)"
+        [ -n "$hw" ] && [ "$hw" -le 65536 ] || bad "$d high water ${hw:-?} bytes: a pipe grew past the budget"
+    done
+    refusals=$(grep -c 'pipe not grown' /tmp/pb.journal)
+    [ "$refusals" = 2 ] || bad "$refusals 'pipe not grown' lines in the journal (want 2, one per direction)"
+    DETAIL="8 MiB each way through the unit, pipe-user-pages-soft=40: $(echo "$closed" | tr ' ' '\n' | grep -E '^(l2c|c2l)_high_water=' | tr '\n' ' ')refusals=$refusals"
+    end kvmi-relay@vm3.service
     reap
 }
 

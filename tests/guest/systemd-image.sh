@@ -94,7 +94,10 @@ systemd_share() {
     cp "$RELAY" "$s/kvmi-relay"
     if [ -f "$ROOT/systemd/kvmi-relay@.service" ] && grep -q '^install:' "$ROOT/Makefile"; then
         say "make install DESTDIR=$s/stage PREFIX=/usr (the project's own install)"
-        $CARGO build --release --locked --quiet
+        # `make install` takes target/dist/kvmi-relay as it is when present (it never runs cargo,
+        # for `sudo make install`): build it from this tree first, or a stale binary is staged.
+        make -C "$ROOT" --no-print-directory build CARGO="$CARGO" >"$CACHE/make-build.log" 2>&1 ||
+            die "make build failed: $(tail -5 "$CACHE/make-build.log")"
         make -C "$ROOT" --no-print-directory install DESTDIR="$s/stage" PREFIX=/usr >"$CACHE/make-install.log" 2>&1 ||
             die "make install failed: $(tail -5 "$CACHE/make-install.log")"
     else
