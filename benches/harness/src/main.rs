@@ -81,8 +81,8 @@ pub struct Row {
     pub sessions: u32,
     /// CPU seconds the contender's processes used during this workload (0 for direct).
     pub cpu_s: f64,
-    /// Largest RSS of one serving process sampled while a session of this workload was still
-    /// open, KiB (0 for direct).
+    /// Largest peak RSS (VmHWM, reset before each session) of one serving process over this
+    /// workload's sessions, KiB (0 for direct).
     pub rss_kib: u64,
 }
 
@@ -301,7 +301,8 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
             for k in (0..n).map(|j| (r + j) % n) {
                 let i = entrants[k];
                 let (c, hops, dial) = &deployed[i];
-                let sample = || procs::serving_rss_kib(hops);
+                procs::reset_peak_rss(hops)?;
+                let sample = || procs::serving_peak_rss_kib(hops);
                 let o = work::session(w, opts.sizes, &listener, dial, &sample)
                     .map_err(|e| format!("{} / {} / {}: {e}", t.name(), w.name(), c.name))?;
                 procs::settle(hops);
@@ -309,7 +310,7 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
                 row.ops += o.ops;
                 row.elapsed += o.elapsed;
                 row.sessions += 1;
-                row.rss_kib = row.rss_kib.max(o.live_rss_kib);
+                row.rss_kib = row.rss_kib.max(o.peak_rss_kib);
                 if let Some(h) = o.rtt {
                     match &mut row.rtt {
                         Some(m) => m.add(&h).map_err(|e| format!("merge histograms: {e}"))?,

@@ -225,27 +225,38 @@ fn clock_ticks_per_s() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// Resident set (VmRSS) of `pid` now, in KiB.
-pub fn rss_kib(pid: u32) -> u64 {
+/// Peak resident set (VmHWM) of `pid` since it started or since `reset_peak_rss`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|t| {
-            t.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            t.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
 
-/// Largest VmRSS among the hops and their live children: the memory one serving process holds
-/// while a session is open.
-pub fn serving_rss_kib(hops: &[Hop]) -> u64 {
+/// Largest peak RSS among the hops and their live children during the session now open (read
+/// before it closes: socat's fork takes its figure with it when it exits).
+pub fn serving_peak_rss_kib(hops: &[Hop]) -> u64 {
     hops.iter()
         .flat_map(|h| {
             let pid = h.child.id();
             std::iter::once(pid).chain(children(pid))
         })
-        .map(rss_kib)
+        .map(peak_rss_kib)
         .max()
         .unwrap_or(0)
+}
+
+/// Starts a new peak for every hop process: writing 5 to /proc/PID/clear_refs sets VmHWM to
+/// the current RSS (proc(5)), so the next reading is the peak of the session about to run, not
+/// of the process's whole life (an earlier bulk workload's buffers would otherwise stay in it).
+pub fn reset_peak_rss(hops: &[Hop]) -> Result<(), String> {
+    for h in hops {
+        let path = format!("/proc/{}/clear_refs", h.child.id());
+        std::fs::write(&path, "5").map_err(|e| format!("reset the peak RSS through {path}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Waits (up to a second) until no hop has a live child, so that CPU reads include every session.

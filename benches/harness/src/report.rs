@@ -119,7 +119,7 @@ impl Report<'_> {
              - per session: {} ping-pongs, {} reads, {} events, {} MiB bulk per direction; {} interleaved rounds \
              (bulk: {}), contenders in the order listed, rotated by one each round\n- times are µs unless named; `+p50` = contender − direct \
              at the same percentile, same run; CPU = the relay processes' user+system time (children included), \
-             RSS = the largest VmRSS of one serving process sampled at the end of each session, still open; CPU is exact (schedstat) for kvmi-relay, the copy loop and proxyd, \
+             RSS = the largest peak RSS (VmHWM, reset before each session) of one serving process; CPU is exact (schedstat) for kvmi-relay, the copy loop and proxyd, \
              in 10 ms clock ticks for socat's exited forks\n",
             m.cpus,
             m.cpu,
@@ -300,7 +300,7 @@ impl Report<'_> {
                     what: what.into(),
                     met: r.rss_kib <= RSS_TARGET_KIB,
                     evidence: format!(
-                        "{} KiB (VmRSS sampled while each session was open; largest: {} / {})",
+                        "{} KiB (peak RSS of one session, VmHWM reset before each; largest: {} / {})",
                         r.rss_kib,
                         r.topology.name(),
                         r.workload.name()

@@ -67,8 +67,8 @@ pub struct Outcome {
     /// Round trips, reads, events or bytes (both directions added for BulkBoth).
     pub ops: u64,
     pub elapsed: Duration,
-    /// VmRSS of the serving process(es), sampled at the end of the session, before it closes.
-    pub live_rss_kib: u64,
+    /// Peak RSS (VmHWM) of the serving process(es) during the session, read before it closes.
+    pub peak_rss_kib: u64,
 }
 
 fn timeouts(s: &Socket) -> Result<(), String> {
@@ -212,7 +212,7 @@ pub fn session(
 fn client(w: Workload, sizes: Sizes, dial: &Endpoint, sample_rss: &dyn Fn() -> u64) -> Result<Outcome, String> {
     let mut sock = net::connect_retrying(dial, Duration::from_secs(5)).map_err(|e| format!("dial {dial}: {e}"))?;
     timeouts(&sock)?;
-    let mut out = Outcome { rtt: None, ops: 0, elapsed: Duration::ZERO, live_rss_kib: 0 };
+    let mut out = Outcome { rtt: None, ops: 0, elapsed: Duration::ZERO, peak_rss_kib: 0 };
     match w {
         Workload::PingPong => {
             let t = Instant::now();
@@ -221,11 +221,11 @@ fn client(w: Workload, sizes: Sizes, dial: &Endpoint, sample_rss: &dyn Fn() -> u
             out.elapsed = t.elapsed();
             out.ops = sizes.round_trips;
             out.rtt = Some(h);
-            out.live_rss_kib = sample_rss();
+            out.peak_rss_kib = sample_rss();
         }
         Workload::Passive | Workload::Active => {
             let hv = kvmi::serve_hypervisor(&mut sock, "one-7").map_err(|e| format!("fake hypervisor: {e}"))?;
-            out.live_rss_kib = sample_rss();
+            out.peak_rss_kib = sample_rss();
             if w == Workload::Active {
                 out.ops = hv.events;
                 out.rtt = Some(hv.event_rtt);
@@ -237,13 +237,13 @@ fn client(w: Workload, sizes: Sizes, dial: &Endpoint, sample_rss: &dyn Fn() -> u
             take(&sock, 1)?;
             out.elapsed = t.elapsed();
             out.ops = sizes.bulk_bytes;
-            out.live_rss_kib = sample_rss();
+            out.peak_rss_kib = sample_rss();
         }
         Workload::BulkBoth => {
             let t = Instant::now();
             let got = both_ways(&sock, sizes.bulk_bytes)?;
             out.elapsed = t.elapsed();
-            out.live_rss_kib = sample_rss();
+            out.peak_rss_kib = sample_rss();
             if got != sizes.bulk_bytes {
                 return Err(format!("client received {got} of {} bytes", sizes.bulk_bytes));
             }
