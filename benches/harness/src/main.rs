@@ -2,10 +2,11 @@
 //!
 //! `make bench` runs the full mode, `make bench-quick` (also part of `make test`) the quick one.
 //! For each topology the bench starts every contender once, then for each workload runs rounds
-//! of one session per contender, the order rotated by one each round (round r starts at contender
-//! r mod n: A B C, B C A, C A B, ...), so that whatever else the machine does hits all of them
-//! alike and every contender takes every place in a round (neighbours mostly stay: B follows A
-//! except in the rounds B opens). Histograms and counts are merged over the rounds; the relay's
+//! of one session per contender in an order shuffled afresh every round (seeded: `--seed` repeats
+//! a run's orders), so that whatever else the machine does hits all of them alike and no
+//! contender keeps a place or a neighbour: with a fixed or rotated list the contender after
+//! `direct` inherited what direct's session left behind in every round. Histograms and counts are
+//! merged over the rounds; the relay's
 //! CPU is read from /proc before and after each workload. Results: a markdown table on stdout,
 //! CSV and JSON and a PNG plot under the output directory (target/bench by default).
 //! docs/BENCHMARKS.md says how to read them.
@@ -68,6 +69,8 @@ pub struct Opts {
     pub only: Vec<String>,
     /// Extra relay contenders from `--variant NAME=FLAG,FLAG` and `--build NAME=PATH`.
     pub variants: Vec<(String, Vec<String>, Option<PathBuf>)>,
+    /// Seeds the per-round order of the contenders (`--seed`; by default from the clock).
+    pub seed: u64,
 }
 
 /// One contender × topology × workload, merged over its rounds.
@@ -95,7 +98,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: kvmi-relay-bench [--quick] [--relay PATH] [--out DIR] [--rounds N] [--bulk-rounds N]\n\
          \x20      [--topology unix-unix|unix-tcp|chain]... [--workload NAME]... [--contender NAME]...\n\
-         \x20      [--variant 'NAME=--flag=v,--flag2=v']... [--build NAME=PATH]...\n\
+         \x20      [--variant 'NAME=--flag=v,--flag2=v']... [--build NAME=PATH]... [--seed N]\n\
          runs every contender interleaved; see docs/BENCHMARKS.md"
     );
     std::process::exit(2)
@@ -108,6 +111,7 @@ fn parse_args() -> Opts {
     let mut out_dir = root.join("target/bench");
     let mut rounds = None;
     let mut bulk_rounds = None;
+    let mut seed = None;
     let (mut topologies, mut workloads, mut only, mut variants) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -117,6 +121,7 @@ fn parse_args() -> Opts {
             "--out" => out_dir = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
             "--rounds" => rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
             "--bulk-rounds" => bulk_rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            "--seed" => seed = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
             "--topology" => {
                 let name = args.next().unwrap_or_else(|| usage());
                 topologies.push(Topology::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| {
@@ -178,6 +183,9 @@ fn parse_args() -> Opts {
         workloads,
         only,
         variants,
+        seed: seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        }),
     }
 }
 
@@ -295,10 +303,14 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
             .collect();
         let started = Instant::now();
         let n = entrants.len();
-        for r in 0..rounds as usize {
-            // Round r starts at entrant r mod n (A B C, B C A, C A B, ...): every contender
-            // once per round, and each place in the round taken by each in turn.
-            for k in (0..n).map(|j| (r + j) % n) {
+        // One stream per topology and workload, so that a focused run (`--topology`,
+        // `--workload`) with the same seed orders its rounds as the full run did.
+        let mut rng = fastrand::Rng::with_seed(opts.seed ^ ((t as u64) << 40) ^ ((w as u64) << 32));
+        for _ in 0..rounds {
+            // Every contender once per round, in a fresh order.
+            let mut order: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut order);
+            for k in order {
                 let i = entrants[k];
                 let (c, hops, dial) = &deployed[i];
                 procs::reset_peak_rss(hops)?;
