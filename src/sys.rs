@@ -88,6 +88,17 @@ pub fn return_big_buffers_to_the_kernel() {
     }
 }
 
+/// Hands the heap's free pages back to the kernel (glibc `malloc_trim`): memory that start-up or
+/// a closed session freed stops counting in the relay's RSS until it is used again.
+pub fn give_back_free_heap_pages() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only returns free memory to the kernel (madvise on free chunks,
+        // sbrk for the top); it never touches allocated memory. The relay has one thread.
+        unsafe { libc::malloc_trim(0) };
+    }
+}
+
 /// Takes ownership of an fd handed over by the service manager (LISTEN_FDS).
 ///
 /// Returns an error unless `fd` is open. The caller must be the only owner of `fd`: the

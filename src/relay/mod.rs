@@ -38,6 +38,7 @@ use crate::listener::Listener;
 use crate::metrics::percentiles_us;
 use crate::metrics::{self, Figures};
 use crate::service::{Notifier, Status};
+use crate::sys;
 
 mod operator;
 
@@ -182,6 +183,7 @@ impl Relay {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut touched: Vec<usize> = Vec::with_capacity(8);
         self.service.ready(Instant::now(), Status::new(self.live, self.cfg.max_conns, &self.totals));
+        sys::give_back_free_heap_pages();
         loop {
             let now = Instant::now();
             let timeout = self.next_timeout(now);
@@ -236,8 +238,14 @@ impl Relay {
                     }
                 }
             }
+            let live_before = self.live;
             for slot in touched.drain(..) {
                 self.advance(slot, now);
+            }
+            if self.live == 0 && live_before > 0 {
+                // The last session's buffers and histograms are free now; a VM's relay may sit
+                // idle for hours before the next one.
+                sys::give_back_free_heap_pages();
             }
 
             self.sweep_timeouts(now);
