@@ -188,54 +188,77 @@ fn rss_kib(pid: i32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-#[test]
-fn bulk_sessions_do_not_ratchet_the_relays_memory_up() {
-    // Bulk into TCP grows a copy buffer to --copy-buffer-max (256 KiB) for its session. A relay
-    // serves one VM for months: session after session, its resident memory must come back to
-    // the same level, not climb by a buffer each time.
-    let d = tmpdir();
-    let (sink, at) = tcp_listener("127.0.0.1");
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 256 * 1024];
-        while let Ok(s) = net::accept(&sink) {
-            while matches!((&s).read(&mut buf), Ok(n) if n > 0) {}
-        }
-    });
-    let front = path_in(d.path(), "relay.sock");
-    let mut relay = Relay::start(&[&format!("--listen=unix:{}", front.display()), &format!("--connect=tcp:{at}")]);
-    let session = || {
-        let s = net::connect(&Endpoint::Unix(front.clone())).unwrap();
+/// A relay from a UNIX socket into a TCP sink that reads everything, for bulk sessions into TCP
+/// (the sessions whose copy buffers grow to --copy-buffer-max).
+struct BulkIntoTcp {
+    _dir: tempfile::TempDir,
+    front: std::path::PathBuf,
+    relay: Relay,
+}
+
+impl BulkIntoTcp {
+    fn start() -> BulkIntoTcp {
+        let dir = tmpdir();
+        let (sink, at) = tcp_listener("127.0.0.1");
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(s) = net::accept(&sink) {
+                while matches!((&s).read(&mut buf), Ok(n) if n > 0) {}
+            }
+        });
+        let front = path_in(dir.path(), "relay.sock");
+        let relay = Relay::start(&[&format!("--listen=unix:{}", front.display()), &format!("--connect=tcp:{at}")]);
+        BulkIntoTcp { _dir: dir, front, relay }
+    }
+
+    /// One session of `chunks` × 128 KiB, ended by a half-close; returns its close line once
+    /// the relay has logged it as its `n`-th.
+    fn session(&mut self, chunks: usize, n: usize) -> String {
+        let s = net::connect(&Endpoint::Unix(self.front.clone())).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let chunk = vec![0x5au8; 128 * 1024];
-        for _ in 0..128 {
+        for _ in 0..chunks {
             (&s).write_all(&chunk).unwrap();
         }
         s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut b = [0u8; 1];
         assert_eq!((&s).read(&mut b).unwrap(), 0, "the sink's EOF travels back");
-    };
+        let log = self.relay.wait_log_count("closed", n, Duration::from_secs(10));
+        let line = closed_lines(&log).pop().unwrap();
+        assert!(field_u64(&line, "l2c_high_water") > 128 * 1024, "the buffer never grew, nothing tested: {line}");
+        line
+    }
 
+    /// VmRSS once the loop turn that closed the last session has ended (it logs the close, then
+    /// hands the session's heap back: reading between the two would catch the heap still held).
+    fn rss_kib(&self) -> u64 {
+        std::thread::sleep(Duration::from_millis(50));
+        rss_kib(self.relay.pid())
+    }
+}
+
+#[test]
+fn bulk_sessions_do_not_ratchet_the_relays_memory_up() {
+    // Bulk into TCP grows a copy buffer to --copy-buffer-max (256 KiB) for its session. A relay
+    // serves one VM for months: session after session, its resident memory must come back to
+    // the same level, not climb by a buffer each time.
+    let mut r = BulkIntoTcp::start();
     // The first bulk sessions leave a one-time step (measured: +128 KiB after the second, then
     // flat): histogram pages that now hold 256 KiB chunks, and the allocator keeping a freed
     // buffer's worth for reuse. Measure from after them: what must not happen is growth per session.
     const WARM_UP: usize = 2;
-    for _ in 0..WARM_UP {
-        session();
+    for n in 1..=WARM_UP {
+        r.session(128, n);
     }
-    relay.wait_log_count("closed", WARM_UP, Duration::from_secs(10));
-    let settled = rss_kib(relay.pid());
-    for i in WARM_UP..WARM_UP + 8 {
-        session();
-        let log = relay.wait_log_count("closed", i + 1, Duration::from_secs(10));
-        let line = closed_lines(&log).pop().unwrap();
-        assert!(field_u64(&line, "l2c_high_water") > 128 * 1024, "the buffer never grew, nothing tested: {line}");
-        let rss = rss_kib(relay.pid());
+    let settled = r.rss_kib();
+    for n in WARM_UP + 1..=WARM_UP + 8 {
+        r.session(128, n);
+        let rss = r.rss_kib();
         assert!(
             // A buffer kept per session would add 256 KiB each time (2 MiB over 8); one-off
             // allocator steps stay under 512 (seen: +352 KiB once under a parallel test run).
             rss <= settled + 512,
-            "after bulk session {} the relay holds {rss} KiB, {} KiB more than after {WARM_UP}",
-            i + 1,
+            "after bulk session {n} the relay holds {rss} KiB, {} KiB more than after {WARM_UP}",
             rss - settled
         );
     }
@@ -245,41 +268,12 @@ fn bulk_sessions_do_not_ratchet_the_relays_memory_up() {
 fn an_idle_relay_gives_a_finished_sessions_memory_back() {
     // A VM's relay spends most of its life idle between introspection sessions. Once the last
     // session has closed, the heap it used (buffers, histograms) goes back to the kernel:
-    // measured without that, the relay stayed 190 KiB and more above its idle start after one bulk
-    // session (244–308 KiB in this test); with it, within 80 KiB (code pages the session
-    // touched stay mapped).
-    let d = tmpdir();
-    let (sink, at) = tcp_listener("127.0.0.1");
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 256 * 1024];
-        while let Ok(s) = net::accept(&sink) {
-            while matches!((&s).read(&mut buf), Ok(n) if n > 0) {}
-        }
-    });
-    let front = path_in(d.path(), "relay.sock");
-    let mut relay = Relay::start(&[&format!("--listen=unix:{}", front.display()), &format!("--connect=tcp:{at}")]);
-    let idle = rss_kib(relay.pid());
-    {
-        let s = net::connect(&Endpoint::Unix(front.clone())).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let chunk = vec![0x5au8; 128 * 1024];
-        for _ in 0..256 {
-            (&s).write_all(&chunk).unwrap();
-        }
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut b = [0u8; 1];
-        assert_eq!((&s).read(&mut b).unwrap(), 0, "the sink's EOF travels back");
-    }
-    let log = relay.wait_log("closed", Duration::from_secs(10));
-    let line = closed_lines(&log).pop().unwrap();
-    assert!(field_u64(&line, "l2c_high_water") > 128 * 1024, "the buffer never grew, nothing tested: {line}");
-    // The heap is handed back in the same loop turn that logs the close: allow that turn to end.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut rss = rss_kib(relay.pid());
-    while rss > idle + 128 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        rss = rss_kib(relay.pid());
-    }
+    // measured without that, one bulk session left the relay 244–308 KiB above its idle start
+    // in this test; with it, 12–76 KiB (code pages the session touched stay mapped).
+    let mut r = BulkIntoTcp::start();
+    let idle = r.rss_kib();
+    r.session(256, 1);
+    let rss = r.rss_kib();
     eprintln!("idle {idle} KiB, after one bulk session {rss} KiB");
     assert!(
         rss <= idle + 128,
