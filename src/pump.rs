@@ -180,8 +180,7 @@ impl Pump {
     pub fn new(strategy: Strategy, direction: &'static str) -> io::Result<Pump> {
         let (store, capacity_bytes, max_bytes) = match strategy {
             Strategy::Splice { pipe_bytes, max_bytes } => {
-                let pipe = Pipe::new(pipe_bytes)?;
-                let cap = pipe.capacity_bytes;
+                let (pipe, cap) = Pipe::new(pipe_bytes)?;
                 (Store::Pipe(pipe), cap, max_bytes)
             }
             Strategy::Copy { initial_bytes, max_bytes } => {
@@ -354,8 +353,9 @@ impl Pump {
 
     /// A read filled the store: double it, up to its ceiling. It never shrinks; it goes with
     /// the connection. Bytes in a pipe stay where they are; a copy buffer's move to the start
-    /// of the new one. A pipe the kernel refuses to grow (fs.pipe-user-pages-soft is counted per
-    /// user, and every relay under the systemd unit runs as one user) keeps working at its size.
+    /// of the new one. A pipe the kernel refuses to grow (over fs.pipe-max-size unprivileged, or
+    /// over fs.pipe-user-pages-soft, which is counted per user, and every relay under the
+    /// systemd unit runs as one user) keeps working at its size.
     fn grow_store(&mut self) {
         if self.capacity_bytes >= self.max_bytes {
             return;

@@ -12,32 +12,31 @@ fn io_err(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-/// A kernel pipe: both ends non-blocking and close-on-exec.
+/// A kernel pipe: both ends non-blocking and close-on-exec. Its capacity is the kernel's
+/// answer to each request; the owner keeps it (one copy, so it cannot go stale).
 pub struct Pipe {
     pub read: OwnedFd,
     pub write: OwnedFd,
-    /// The capacity the kernel granted (F_GETPIPE_SZ after F_SETPIPE_SZ), in bytes.
-    pub capacity_bytes: usize,
 }
 
 impl Pipe {
-    /// Creates a pipe and asks for `wanted_bytes`; the kernel's answer is the capacity.
-    /// Asking for more than /proc/sys/fs/pipe-max-size fails for unprivileged users: the pipe
-    /// then keeps the size it has, which is still correct, only smaller.
-    pub fn new(wanted_bytes: usize) -> io::Result<Pipe> {
+    /// Creates a pipe and asks for `wanted_bytes`; returns it with the capacity the kernel
+    /// granted (F_GETPIPE_SZ after F_SETPIPE_SZ). Asking for more than
+    /// /proc/sys/fs/pipe-max-size fails for unprivileged users: the pipe then keeps the size it
+    /// has, which is still correct, only smaller.
+    pub fn new(wanted_bytes: usize) -> io::Result<(Pipe, usize)> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io_err)?;
         let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(wanted_bytes as libc::c_int));
         let capacity_bytes = fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_err(io_err)? as usize;
-        Ok(Pipe { read, write, capacity_bytes })
+        Ok((Pipe { read, write }, capacity_bytes))
     }
 
-    /// Asks for `wanted_bytes` (more than now; bytes in the pipe stay). Err when the kernel
-    /// refuses: above pipe-max-size, or the user is over fs.pipe-user-pages-soft. On Ok the
-    /// capacity is the kernel's answer.
+    /// Asks for `wanted_bytes` (more than now; bytes in the pipe stay) and returns the capacity
+    /// the kernel granted. Err when the kernel refuses: above pipe-max-size, or the user is over
+    /// fs.pipe-user-pages-soft.
     pub fn grow(&mut self, wanted_bytes: usize) -> io::Result<usize> {
         fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(wanted_bytes as libc::c_int)).map_err(io_err)?;
-        self.capacity_bytes = fcntl(&self.write, FcntlArg::F_GETPIPE_SZ).map_err(io_err)? as usize;
-        Ok(self.capacity_bytes)
+        Ok(fcntl(&self.write, FcntlArg::F_GETPIPE_SZ).map_err(io_err)? as usize)
     }
 }
 

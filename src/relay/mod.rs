@@ -185,6 +185,7 @@ impl Relay {
         self.service.ready(Instant::now(), Status::new(self.live, self.cfg.max_conns, &self.totals));
         sys::give_back_free_heap_pages();
         loop {
+            let live_before = self.live;
             let now = Instant::now();
             let timeout = self.next_timeout(now);
             if timeout == Some(Duration::ZERO) && self.rerun.is_empty() && self.spin_until.is_some_and(|t| t > now) {
@@ -238,17 +239,16 @@ impl Relay {
                     }
                 }
             }
-            let live_before = self.live;
             for slot in touched.drain(..) {
                 self.advance(slot, now);
             }
-            if self.live == 0 && live_before > 0 {
-                // The last session's buffers and histograms are free now; a VM's relay may sit
-                // idle for hours before the next one.
-                sys::give_back_free_heap_pages();
-            }
 
             self.sweep_timeouts(now);
+            if self.live == 0 && live_before > 0 {
+                // This turn closed the last session (by its pumps or by a deadline): its buffers
+                // and histograms are free now, and a VM's relay may sit idle for hours.
+                sys::give_back_free_heap_pages();
+            }
             // Watchdog pings come from here, so a loop that stops turning stops pinging.
             self.service.turn(now, Status::new(self.live, self.cfg.max_conns, &self.totals));
             if self.shutdown_deadline.is_some() && self.live == 0 {

@@ -117,7 +117,7 @@ impl Report<'_> {
             md,
             "- machine: {} CPUs, {}, kernel {}; {}; commit {}\n- load average before / after: {} / {}; wall time {:.0} s\n\
              - per session: {} ping-pongs, {} reads, {} events, {} MiB bulk per direction; {} interleaved rounds \
-             (bulk: {}), contenders in an order shuffled every round (seed {}: `--seed {}` repeats it)\n- times are µs unless named; `+p50` = contender − direct \
+             (bulk: {}), contenders in an order shuffled every round (seed {seed}: `--seed {seed}` repeats it)\n- times are µs unless named; `+p50` = contender − direct \
              at the same percentile, same run; CPU = the relay processes' user+system time (children included), \
              RSS = the largest peak RSS (VmHWM, reset before each session) of one serving process; CPU is exact (schedstat) for kvmi-relay, the copy loop and proxyd, \
              in 10 ms clock ticks for socat's exited forks\n",
@@ -135,8 +135,7 @@ impl Report<'_> {
             s.bulk_bytes >> 20,
             o.latency_rounds,
             o.bulk_rounds,
-            o.seed,
-            o.seed
+            seed = o.seed,
         );
         for (w, title) in [
             (Workload::PingPong, "64-byte ping-pong: round trips"),
