@@ -2,6 +2,8 @@
 CARGO ?= cargo
 # The shipped binary (profile dist: fat LTO, see Cargo.toml); tests build their own (release).
 BIN := target/dist/kvmi-relay
+# Its companion for tests, benches, the demo and the man page (never installed).
+TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-quick bench-lint
@@ -23,7 +25,7 @@ deps:
 	fi
 
 demo: build
-	$(BIN) demo
+	$(TOOLS) demo
 
 fmt:
 	$(CARGO) fmt --check
@@ -62,7 +64,7 @@ BINDIR ?= $(PREFIX)/bin
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 MANDIR ?= $(PREFIX)/share/man
 DOCDIR ?= $(PREFIX)/share/doc/kvmi-relay
-# kvmi-relay(1), generated from the clap definition by the binary itself (never edited by hand).
+# kvmi-relay(1), generated from the relay's clap definition by kvmi-relay-tools (never edited by hand).
 MAN ?= target/man/kvmi-relay.1
 EXAMPLES := $(sort $(wildcard docs/examples/*.conf))
 # Exactly what `make install` creates, and `make uninstall` removes.
@@ -70,14 +72,14 @@ INSTALLED = $(BINDIR)/kvmi-relay $(UNITDIR)/kvmi-relay@.service $(UNITDIR)/kvmi-
 	$(MANDIR)/man1/kvmi-relay.1 $(addprefix $(DOCDIR)/examples/,$(notdir $(EXAMPLES)))
 
 # Built only when missing, so that `sudo make install` after `make` does not run cargo as root.
-$(BIN):
+$(BIN) $(TOOLS):
 	$(CARGO) build --profile dist --locked
 
 man: $(MAN)
 
-$(MAN): $(BIN)
+$(MAN): $(TOOLS)
 	@mkdir -p $(dir $@)
-	$(BIN) man > $@.tmp && mv $@.tmp $@
+	$(TOOLS) man > $@.tmp && mv $@.tmp $@
 
 # The units name /usr/bin/kvmi-relay; installed, they name $(BINDIR)/kvmi-relay.
 install: $(BIN) $(MAN)

@@ -150,21 +150,6 @@ pub enum MoveArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Fake hypervisor (QEMU+KVM side of KVMi): dials ENDPOINT, sends the handshake, serves commands.
-    #[command(hide = true)]
-    FakeHypervisor(crate::peers::cli::FakeHypervisorArgs),
-    /// Fake introspector (libkvmi side): listens on ENDPOINT, runs a passive and an active burst.
-    #[command(hide = true)]
-    FakeIntrospector(crate::peers::cli::FakeIntrospectorArgs),
-    /// Test peers for the test suite, benches and the guest: bulk, echo, ping-pong.
-    #[command(hide = true)]
-    Peer(crate::peers::cli::PeerArgs),
-    /// The network flavor end to end on this machine: fake hypervisor → relay → TCP → relay → fake introspector.
-    #[command(hide = true)]
-    Demo(crate::demo::DemoArgs),
     /// Live connections and their latency percentiles from a relay's control socket.
     Stats(crate::control::StatsArgs),
-    /// Writes the kvmi-relay(1) man page, generated from these definitions, to stdout (`make man`).
-    #[command(hide = true)]
-    Man,
 }

@@ -69,10 +69,20 @@ fn wait_for_bound_port(log: &Path, child: &mut Child) -> Result<u16, String> {
     Err("relay B did not listen within 5 s".into())
 }
 
-fn spawn_relay(args: &[String], log: &Path) -> std::io::Result<Child> {
-    let exe = std::env::current_exe()?;
+/// The relay the demo runs: the `kvmi-relay` built beside this binary (same cargo profile).
+fn relay_binary() -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
+    let relay = me.with_file_name("kvmi-relay");
+    if relay.is_file() {
+        Ok(relay)
+    } else {
+        Err(format!("no relay at {} (the demo runs the kvmi-relay built beside it: make build)", relay.display()))
+    }
+}
+
+fn spawn_relay(relay: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
     let err = std::fs::File::create(log)?;
-    Command::new(exe).args(args).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn()
+    Command::new(relay).args(args).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn()
 }
 
 fn wait_for_socket(path: &Path, child: &mut Child) -> Result<(), String> {
@@ -116,14 +126,15 @@ pub fn run(a: DemoArgs) -> i32 {
 }
 
 fn demo(a: &DemoArgs) -> Result<(), String> {
+    let relay = relay_binary()?;
     let dir: PathBuf = std::env::temp_dir().join(format!("kvmi-relay-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let result = demo_in(a, &dir);
+    let result = demo_in(a, &relay, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
+fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
     let intro_sock = dir.join("introspector.sock");
     let vm_sock = dir.join("one-7.sock");
     let intro_ep = Endpoint::Unix(intro_sock.clone());
@@ -143,6 +154,7 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
     let (a_ctl, b_ctl) = (dir.join("relay-a.control"), dir.join("relay-b.control"));
     // Relay B picks its own port (tcp:127.0.0.1:0) and says which in its "listening" line.
     let mut relay_b = spawn_relay(
+        relay,
         &[
             "--listen=tcp:127.0.0.1:0".into(),
             "--allow-ip=127.0.0.1/32".into(),
@@ -162,6 +174,7 @@ fn demo_in(a: &DemoArgs, dir: &Path) -> Result<(), String> {
     };
     println!("  relay B listens on tcp:127.0.0.1:{port} (allow-list 127.0.0.1/32)");
     let relay_a = spawn_relay(
+        relay,
         &[
             format!("--listen=unix:{}", vm_sock.display()),
             format!("--connect=tcp:127.0.0.1:{port}"),

@@ -9,7 +9,8 @@
 //! - `unsafe` lives in `sys.rs` only;
 //! - systemd (readiness, watchdog, socket activation) is `service.rs`;
 //! - the command line stops at `cli.rs`; `config.rs` is the border to everything else;
-//! - `peers/` holds the fake KVMi peers and test peers; `demo.rs` is `make demo`.
+//! - `peers/` holds the fake KVMi peers and test peers; `demo.rs` is `make demo`; both run from
+//!   the companion binary `kvmi-relay-tools` (`src/bin/`), never from the daemon.
 
 pub mod access;
 pub mod cli;

@@ -1,4 +1,5 @@
-//! `kvmi-relay`: parse, validate, serve. Start-up problems end here as one line each on
+//! `kvmi-relay`: the daemon (and its `stats` client): parse, validate, serve. Test peers, the
+//! demo and the man page are `kvmi-relay-tools` (src/bin/). Start-up problems end here as one line each on
 //! stderr and exit code 2; a clean stop (SIGTERM/SIGINT) exits 0.
 
 use std::process::ExitCode;
@@ -6,7 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvmi_relay::cli::{Cli, Command};
 use kvmi_relay::config::Config;
-use kvmi_relay::peers::cli as peers;
 
 /// Exit code for bad input and failed start-up (as clap uses for usage errors).
 const EXIT_BAD_START: u8 = 2;
@@ -14,18 +14,7 @@ const EXIT_BAD_START: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Some(Command::FakeHypervisor(a)) => peers::fake_hypervisor(a),
-        Some(Command::FakeIntrospector(a)) => peers::fake_introspector(a),
-        Some(Command::Peer(a)) => peers::peer(a),
-        Some(Command::Demo(a)) => kvmi_relay::demo::run(a),
         Some(Command::Stats(a)) => kvmi_relay::control::stats(a),
-        Some(Command::Man) => match kvmi_relay::manpage::render(&mut std::io::stdout().lock()) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kvmi-relay: cannot write the man page: {e}");
-                1
-            }
-        },
         None => return relay(cli),
     };
     ExitCode::from(code.clamp(0, 255) as u8)

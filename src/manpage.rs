@@ -1,5 +1,5 @@
 //! kvmi-relay(1), generated from the clap definition so that it never drifts from `--help`
-//! (`kvmi-relay man`, hidden; `make man`). clap_mangen renders the name, synopsis, description
+//! (`kvmi-relay-tools man`; `make man`). clap_mangen renders the name, synopsis, description
 //! and every option with its `KVMI_RELAY_*` variable; the sections clap knows nothing about
 //! (systemd, files, exit status) follow as fixed roff text.
 

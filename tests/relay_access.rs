@@ -26,7 +26,7 @@ fn open_dir() -> tempfile::TempDir {
 }
 
 fn as_nobody(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).uid(NOBODY).gid(NOGROUP).output().expect("run client as nobody");
+    let out = Command::new(TOOLS).args(args).uid(NOBODY).gid(NOGROUP).output().expect("run client as nobody");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -182,3 +182,21 @@ fn under_the_journal_lines_carry_no_timestamp_of_their_own() {
     let line = log.lines().find(|l| l.contains(" listening ")).unwrap();
     assert!(line.trim_start().starts_with("INFO"), "the journal stamps lines itself: {line}");
 }
+
+/// The daemon has no test peers, demo or man page: those live in `kvmi-relay-tools`, which
+/// `make install` never installs. Both halves are checked so the split cannot drift.
+#[test]
+fn test_peers_live_in_the_tools_binary_not_in_the_daemon() {
+    for tool in ["peer", "fake-hypervisor", "fake-introspector", "demo", "man"] {
+        let (code, _out, err) = run(&[tool]);
+        assert_eq!(code, 2, "kvmi-relay {tool} should be a usage error: {err}");
+        let out = std::process::Command::new(TOOLS).args([tool, "--help"]).output().unwrap();
+        assert!(out.status.success(), "kvmi-relay-tools {tool} --help: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let man = std::process::Command::new(TOOLS).arg("man").output().unwrap();
+    assert!(man.status.success());
+    assert!(
+        String::from_utf8_lossy(&man.stdout).contains("\\-\\-allow\\-uid"),
+        "the man page documents the relay's flags"
+    );
+}

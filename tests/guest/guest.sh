@@ -57,18 +57,23 @@ kernel() {
     KMOD=$CACHE/kpkg/lib/modules/$k/kernel
 }
 
-# The relay, statically linked (glibc, crt-static) so it runs in a bare initramfs; its own
-# target dir so the shared target/release is not rebuilt with other flags.
+# The relay and its tools (the test peers), statically linked (glibc, crt-static) so they run
+# in a bare initramfs; their own target dir so the shared target/release is not rebuilt with
+# other flags.
 relay_static() {
-    say "building the static relay (target/guest)"
+    say "building the static relay and tools (target/guest)"
     RUSTFLAGS="-C target-feature=+crt-static" $CARGO build --release --locked --quiet \
         --target x86_64-unknown-linux-gnu --target-dir "$ROOT/target/guest"
-    local bin=$ROOT/target/guest/x86_64-unknown-linux-gnu/release/kvmi-relay
-    if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
-        die "$bin is dynamically linked; the initramfs has no libc"
-    fi
-    strip -o "$CACHE/kvmi-relay.static" "$bin"
+    local name bin
+    for name in kvmi-relay kvmi-relay-tools; do
+        bin=$ROOT/target/guest/x86_64-unknown-linux-gnu/release/$name
+        if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
+            die "$bin is dynamically linked; the initramfs has no libc"
+        fi
+        strip -o "$CACHE/$name.static" "$bin"
+    done
     RELAY=$CACHE/kvmi-relay.static
+    TOOLS=$CACHE/kvmi-relay-tools.static
 }
 
 need() {
@@ -171,6 +176,7 @@ vsock() {
     rm -rf "$ird" && mkdir -p "$ird"/{bin,proc,sys,dev,tmp,lib/modules}
     cp "$(command -v busybox)" "$ird/bin/busybox"
     cp "$RELAY" "$ird/bin/kvmi-relay"
+    cp "$TOOLS" "$ird/bin/kvmi-relay-tools"
     cp "$HERE/vsock-cases.sh" "$ird/bin/vsock-cases.sh"
     local m
     for m in vsock vmw_vsock_virtio_transport_common vsock_loopback; do

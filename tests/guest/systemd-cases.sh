@@ -4,9 +4,10 @@
 # "CASE <name> PASS|FAIL|NOTRUN [detail]" per case of systemd-cases.txt, then GUEST_RC.
 #
 # The unit cases use the project's own `make install` (staged by the host in /mnt/host/stage);
-# without it they report NOTRUN, never PASS. Peers are the static relay from the share.
+# without it they report NOTRUN, never PASS. Peers are the static kvmi-relay-tools from the share.
 
 P=/mnt/host/kvmi-relay
+T=/mnt/host/kvmi-relay-tools
 STAGE=/mnt/host/stage
 FAILED=0
 PIDS=""
@@ -60,12 +61,12 @@ case_pid1() {
 # The relay as a transient systemd service, listening on vsock CID 1 inside this guest.
 case_transient_vsock() {
     begin sd-transient-relay-vsock
-    bg /tmp/tr-echo.out $P peer echo --listen unix:/run/tr-echo.sock --count 1
+    bg /tmp/tr-echo.out $T peer echo --listen unix:/run/tr-echo.sock --count 1
     wait_sock /run/tr-echo.sock || bad "echo did not bind"
     systemd-run -q --unit=kvmi-transient -p Type=exec $P --listen vsock:1:6100 --allow-cid 1 \
         --connect unix:/run/tr-echo.sock || bad "systemd-run failed"
     sleep 1
-    timeout 60 $P peer pingpong --connect vsock:1:6100 --count 200 >/tmp/tr-pp.out 2>&1
+    timeout 60 $T peer pingpong --connect vsock:1:6100 --count 200 >/tmp/tr-pp.out 2>&1
     expect_ok /tmp/tr-pp.out pingpong
     systemctl stop kvmi-transient
     r=$(systemctl show -p Result --value kvmi-transient 2>/dev/null)
@@ -95,7 +96,7 @@ case_units() {
     end
 
     # The far side: an echo server on vsock CID 1, serving every session of the unit cases.
-    bg /tmp/unit-echo.out $P peer echo --listen vsock:1:6200 --count 0
+    bg /tmp/unit-echo.out $T peer echo --listen vsock:1:6200 --count 0
     mkdir -p /etc/kvmi-relay
     cat >/etc/kvmi-relay/vm1.conf <<'EOF'
 KVMI_RELAY_LISTEN=unix:/run/kvmi/vm1.sock
@@ -122,7 +123,7 @@ EOF
     end kvmi-relay@vm2.service
 
     begin unit-session
-    timeout 60 $P peer pingpong --connect unix:/run/kvmi/vm2/vmi-sock --count 200 >/tmp/u-pp.out 2>&1
+    timeout 60 $T peer pingpong --connect unix:/run/kvmi/vm2/vmi-sock --count 200 >/tmp/u-pp.out 2>&1
     expect_ok /tmp/u-pp.out pingpong
     sleep 0.5
     journalctl -q -u kvmi-relay@vm2.service | grep -q 'closed end="finished"' || bad "no finished session in the journal"
@@ -143,12 +144,12 @@ EOF
     wait_sock /run/kvmi/vm1.sock || bad "socket unit did not create /run/kvmi/vm1.sock"
     ino0=$(stat -c %i /run/kvmi/vm1.sock 2>/dev/null)
     # first dial activates the service
-    timeout 60 $P peer pingpong --connect unix:/run/kvmi/vm1.sock --count 50 >/tmp/s-pp0.out 2>&1
+    timeout 60 $T peer pingpong --connect unix:/run/kvmi/vm1.sock --count 50 >/tmp/s-pp0.out 2>&1
     expect_ok /tmp/s-pp0.out pingpong
     pid0=$(systemctl show -p MainPID --value kvmi-relay@vm1.service)
     # a client dials once per try (no retry: `peer reset` connects once) while the service restarts
     : >/tmp/dials.out
-    (for i in $(seq 60); do $P peer reset --connect unix:/run/kvmi/vm1.sock --bytes 64 >>/tmp/dials.out 2>&1; sleep 0.05; done) &
+    (for i in $(seq 60); do $T peer reset --connect unix:/run/kvmi/vm1.sock --bytes 64 >>/tmp/dials.out 2>&1; sleep 0.05; done) &
     dialler=$!
     sleep 0.5
     systemctl restart kvmi-relay@vm1.service || bad "restart 1 failed"
@@ -162,7 +163,7 @@ EOF
     [ "$pid0" != "$pid1" ] && [ "$pid1" != 0 ] || bad "the service did not restart (MainPID $pid0 → $pid1)"
     [ "$(stat -c %i /run/kvmi/vm1.sock 2>/dev/null)" = "$ino0" ] || bad "the socket file changed across the restarts"
     # and data still flows through the restarted relay
-    timeout 60 $P peer pingpong --connect unix:/run/kvmi/vm1.sock --count 50 >/tmp/s-pp1.out 2>&1
+    timeout 60 $T peer pingpong --connect unix:/run/kvmi/vm1.sock --count 50 >/tmp/s-pp1.out 2>&1
     expect_ok /tmp/s-pp1.out pingpong
     DETAIL="dials ok=$ok failed=$nok over 2 restarts; MainPID $pid0 → $pid1; same socket inode $ino0"
     end kvmi-relay@vm1.service kvmi-relay@vm1.socket
@@ -206,14 +207,14 @@ EOF
     begin unit-pipe-budget-spent
     soft=$(cat /proc/sys/fs/pipe-user-pages-soft)
     bulk=8388608
-    bg /tmp/pb-far.out $P peer bulk --listen vsock:1:6201 --send-bytes $bulk --expect-bytes $bulk
+    bg /tmp/pb-far.out $T peer bulk --listen vsock:1:6201 --send-bytes $bulk --expect-bytes $bulk
     far=$BG_PID
     sleep 0.5
     printf '%s\n' KVMI_RELAY_LISTEN=unix:/run/kvmi/vm3/vmi-sock KVMI_RELAY_CONNECT=vsock:1:6201 \
         KVMI_RELAY_ALLOW_UID=0 >/etc/kvmi-relay/vm3.conf
     echo 40 >/proc/sys/fs/pipe-user-pages-soft
     timeout 60 systemctl start kvmi-relay@vm3.service || bad "systemctl start failed"
-    timeout 120 $P peer bulk --connect unix:/run/kvmi/vm3/vmi-sock --send-bytes $bulk --expect-bytes $bulk >/tmp/pb-near.out 2>&1
+    timeout 120 $T peer bulk --connect unix:/run/kvmi/vm3/vmi-sock --send-bytes $bulk --expect-bytes $bulk >/tmp/pb-near.out 2>&1
     wait $far
     sleep 0.5
     systemctl stop kvmi-relay@vm3.service

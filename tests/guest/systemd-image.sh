@@ -85,13 +85,15 @@ EOF
     echo "$stamp" >"$CACHE/rootfs.img.stamp"
 }
 
-# This run's share: the case script, the static relay (for the cases that need no units), and
+# This run's share: the case script, the static relay (for the cases that need no units) and its
+# tools (the test peers), and
 # `make install DESTDIR=stage PREFIX=/usr` when the project has units and an install target.
 systemd_share() {
     local s=$CACHE/sd-share
     rm -rf "$s" && mkdir -p "$s"
     cp "$HERE/systemd-cases.sh" "$s/"
     cp "$RELAY" "$s/kvmi-relay"
+    cp "$TOOLS" "$s/kvmi-relay-tools"
     if [ -f "$ROOT/systemd/kvmi-relay@.service" ] && grep -q '^install:' "$ROOT/Makefile"; then
         say "make install DESTDIR=$s/stage PREFIX=/usr (the project's own install)"
         # `make install` takes target/dist/kvmi-relay as it is when present (it never runs cargo,

@@ -12,6 +12,7 @@
 # stderr goes to /tmp/<case>.relay*.log and is shown on the console when the case fails.
 
 R=/bin/kvmi-relay
+T=/bin/kvmi-relay-tools   # the test peers and fake KVMi peers
 BULK_BYTES=${BULK_BYTES:-33554432}   # 32 MiB each way: long enough to cross many pipe refills under TCG
 PINGPONG_COUNT=${PINGPONG_COUNT:-2000}
 STEP_TIMEOUT_S=120
@@ -126,11 +127,11 @@ bulk_through() {
     rm -f /tmp/far.out
     # a socket file left by the previous far peer would make wait_file return before this one binds
     case $2 in unix:*) rm -f "${2#unix:}" ;; esac
-    bg /tmp/far.out $R peer bulk --listen "$2" --send-bytes "$4" --expect-bytes "$3"
+    bg /tmp/far.out $T peer bulk --listen "$2" --send-bytes "$4" --expect-bytes "$3"
     _far=$BG_PID
     # the relay dials once per session: the far side must listen before the near side dials
     case $2 in unix:*) wait_file "${2#unix:}" || bad "far peer did not bind $2" ;; *) sleep 0.5 ;; esac
-    timeout $STEP_TIMEOUT_S $R peer bulk --connect "$1" --send-bytes "$3" --expect-bytes "$4" >/tmp/near.out 2>&1
+    timeout $STEP_TIMEOUT_S $T peer bulk --connect "$1" --send-bytes "$3" --expect-bytes "$4" >/tmp/near.out 2>&1
     wait $_far
     expect_ok /tmp/near.out bulk
     expect_ok /tmp/far.out bulk
@@ -194,11 +195,11 @@ case_vsock_to_unix() {
 case_allow_cid_7_refuses() {
     begin vsock-allow-cid-7-refuses
     # A far side that would show any admitted session: it counts connections it serves.
-    bg /tmp/ref-far.out $R peer echo --listen unix:/tmp/ref-far.sock --count 1
+    bg /tmp/ref-far.out $T peer echo --listen unix:/tmp/ref-far.sock --count 1
     far=$BG_PID
     relay /tmp/ref.relay.log --listen vsock:1:5103 --allow-cid 7 --connect unix:/tmp/ref-far.sock
     settle
-    timeout 20 $R peer expect-refused --connect vsock:1:5103 >/tmp/ref.out 2>&1 || bad "expect-refused: $(cat /tmp/ref.out)"
+    timeout 20 $T peer expect-refused --connect vsock:1:5103 >/tmp/ref.out 2>&1 || bad "expect-refused: $(cat /tmp/ref.out)"
     sleep 0.2
     stop $RELAY_PID || bad "relay exit $? on SIGTERM"
     line=$(grep 'WARN refused' /tmp/ref.relay.log | head -1)
@@ -242,17 +243,17 @@ case_half_close() {
 reset_case() {
     begin "$1"
     _listen=$2 _far=$3 _log=$4 _bytes=$5; shift 5
-    bg /tmp/rst-far.out $R peer echo --listen "$_far" --count 2
+    bg /tmp/rst-far.out $T peer echo --listen "$_far" --count 2
     far=$BG_PID
     case $_far in unix:*) wait_file "${_far#unix:}" ;; *) sleep 0.5 ;; esac
     relay "$_log" --listen "$_listen" "$@" --connect "$_far"
     case $_listen in unix:*) wait_file "${_listen#unix:}" ;; *) settle ;; esac
-    timeout 10 $R peer reset --connect "$_listen" --bytes $_bytes >/tmp/rst.out 2>&1 || bad "reset peer: $(cat /tmp/rst.out)"
+    timeout 10 $T peer reset --connect "$_listen" --bytes $_bytes >/tmp/rst.out 2>&1 || bad "reset peer: $(cat /tmp/rst.out)"
     # the torn-down pair must be closed before the next session is judged
     for _i in $(seq 150); do grep -q 'closed end=' "$_log" && break; sleep 0.1; done
     first=$(closed_line "$_log" 1)
     [ -n "$first" ] || bad "the reset session was never closed"
-    timeout 60 $R peer pingpong --connect "$_listen" --count 200 >/tmp/rst-next.out 2>&1
+    timeout 60 $T peer pingpong --connect "$_listen" --count 200 >/tmp/rst-next.out 2>&1
     expect_ok /tmp/rst-next.out pingpong
     sleep 0.2
     stop $RELAY_PID || bad "relay exit $? on SIGTERM"
@@ -280,13 +281,13 @@ case_copy_mode() {
 
 case_kvmi_session() {
     begin kvmi-session-over-vsock
-    bg /tmp/intro.out $R fake-introspector --listen vsock:1:5109 --reads 300 --events 200
+    bg /tmp/intro.out $T fake-introspector --listen vsock:1:5109 --reads 300 --events 200
     intro=$BG_PID
     sleep 0.5
     relay /tmp/kvmi.relay.log --listen unix:/tmp/vmi-sock --connect vsock:1:5109
     wait_file /tmp/vmi-sock || bad "relay did not bind"
     settle
-    timeout 60 $R fake-hypervisor --connect unix:/tmp/vmi-sock >/tmp/hv.out 2>&1
+    timeout 60 $T fake-hypervisor --connect unix:/tmp/vmi-sock >/tmp/hv.out 2>&1
     wait $intro
     expect_ok /tmp/hv.out fake-hypervisor
     expect_ok /tmp/intro.out fake-introspector
@@ -306,10 +307,10 @@ figures() {
 
 case_pingpong() {
     begin pingpong-latency
-    bg /tmp/echo.out $R peer echo --listen unix:/tmp/echo.sock --count 2
+    bg /tmp/echo.out $T peer echo --listen unix:/tmp/echo.sock --count 2
     wait_file /tmp/echo.sock || bad "echo did not bind"
     # direct: client → unix → echo
-    timeout 120 $R peer pingpong --connect unix:/tmp/echo.sock --size 64 --count $PINGPONG_COUNT >/tmp/pp-direct.out 2>&1
+    timeout 120 $T peer pingpong --connect unix:/tmp/echo.sock --size 64 --count $PINGPONG_COUNT >/tmp/pp-direct.out 2>&1
     expect_ok /tmp/pp-direct.out pingpong
     # relayed: client → unix → relay A → vsock → relay B → unix → echo
     relay /tmp/ppb.relay.log --listen vsock:1:5110 --allow-cid 1 --connect unix:/tmp/echo.sock
@@ -319,7 +320,7 @@ case_pingpong() {
     a=$RELAY_PID
     wait_file /tmp/pp.sock || bad "relay A did not bind"
     settle
-    timeout 120 $R peer pingpong --connect unix:/tmp/pp.sock --size 64 --count $PINGPONG_COUNT >/tmp/pp-relay.out 2>&1
+    timeout 120 $T peer pingpong --connect unix:/tmp/pp.sock --size 64 --count $PINGPONG_COUNT >/tmp/pp-relay.out 2>&1
     expect_ok /tmp/pp-relay.out pingpong
     stop $a || bad "relay A exit $? on SIGTERM"
     stop $b || bad "relay B exit $? on SIGTERM"
@@ -332,13 +333,13 @@ case_pingpong() {
 # The relay must exit 0 on SIGTERM with a session open (bytes in flight are delivered first).
 case_sigterm() {
     begin sigterm-clean-exit
-    bg /tmp/st-echo.out $R peer echo --listen vsock:1:5111 --count 1
+    bg /tmp/st-echo.out $T peer echo --listen vsock:1:5111 --count 1
     sleep 0.5
     relay /tmp/st.relay.log --listen unix:/tmp/st.sock --connect vsock:1:5111
     wait_file /tmp/st.sock || bad "relay did not bind"
     settle
     # a session that stays open while SIGTERM arrives
-    (timeout 60 $R peer pingpong --connect unix:/tmp/st.sock --count 100000 >/tmp/st-pp.out 2>&1) &
+    (timeout 60 $T peer pingpong --connect unix:/tmp/st.sock --count 100000 >/tmp/st-pp.out 2>&1) &
     PIDS="$PIDS $!"
     sleep 1
     kill -TERM $RELAY_PID

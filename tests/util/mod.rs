@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kvmi-relay");
+/// The test peers, fake KVMi peers, demo and man page (`src/bin/kvmi-relay-tools.rs`).
+pub const TOOLS: &str = env!("CARGO_BIN_EXE_kvmi-relay-tools");
 
 /// A relay process whose stderr is collected line by line.
 pub struct Relay {
