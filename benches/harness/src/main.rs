@@ -79,6 +79,9 @@ pub struct Row {
     pub workload: Workload,
     pub contender: String,
     pub rtt: Option<Histogram<u64>>,
+    /// Each session's own p50 RTT in µs, in the order run: the merged histogram hides whether
+    /// sessions agreed or fell into two regimes (docs/BENCHMARKS.md, "Why latency is bimodal").
+    pub session_p50_us: Vec<f64>,
     pub ops: u64,
     pub elapsed: Duration,
     pub sessions: u32,
@@ -294,6 +297,7 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
                 workload: w,
                 contender: deployed[i].0.name.clone(),
                 rtt: None,
+                session_p50_us: Vec::new(),
                 ops: 0,
                 elapsed: Duration::ZERO,
                 sessions: 0,
@@ -324,6 +328,7 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
                 row.sessions += 1;
                 row.rss_kib = row.rss_kib.max(o.peak_rss_kib);
                 if let Some(h) = o.rtt {
+                    row.session_p50_us.push(us(&h, 0.5));
                     match &mut row.rtt {
                         Some(m) => m.add(&h).map_err(|e| format!("merge histograms: {e}"))?,
                         None => row.rtt = Some(h),

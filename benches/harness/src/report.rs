@@ -81,6 +81,24 @@ impl Row {
     pub fn cpu_s_per_gib(&self) -> f64 {
         self.cpu_s / (self.ops as f64 / GIB).max(1e-12)
     }
+    /// Smallest, median and largest of the sessions' own p50s (µs).
+    pub fn session_p50_spread(&self) -> Option<(f64, f64, f64)> {
+        let mut v = self.session_p50_us.clone();
+        v.sort_by(f64::total_cmp);
+        Some((*v.first()?, v[v.len() / 2], *v.last()?))
+    }
+}
+
+/// "; session p50s min/median/max: relay 19.8/21.0/44.3 µs, ..." for a verdict line.
+fn spread_note(rows: &[(&str, &Row)]) -> String {
+    let parts: Vec<String> = rows
+        .iter()
+        .filter_map(|(name, r)| {
+            let (lo, mid, hi) = r.session_p50_spread()?;
+            Some(format!("{name} {lo:.1}/{mid:.1}/{hi:.1}"))
+        })
+        .collect();
+    if parts.is_empty() { String::new() } else { format!("; session p50s min/median/max µs: {}", parts.join(", ")) }
 }
 
 fn ms(d: &Duration) -> f64 {
@@ -236,7 +254,11 @@ impl Report<'_> {
                     out.push(Target {
                         what: format!("64 B ping-pong UNIX→TCP, added RTT at {label} ≤ ½ socat's"),
                         met: ra <= 0.5 * sa,
-                        evidence: format!("{relay} {ra:+.1} µs vs socat {sa:+.1} µs (limit {:+.1})", 0.5 * sa),
+                        evidence: format!(
+                            "{relay} {ra:+.1} µs vs socat {sa:+.1} µs (limit {:+.1}){}",
+                            0.5 * sa,
+                            if q == 0.5 { spread_note(&[(relay, r), (SOCAT, s)]) } else { String::new() }
+                        ),
                     });
                 }
             }
@@ -329,7 +351,8 @@ impl Report<'_> {
         std::fs::write(dir.join("results.md"), self.markdown())?;
         let mut csv = String::from(
             "topology,workload,contender,sessions,ops,elapsed_s,ops_per_s,gib_per_s,p50_us,p90_us,p99_us,p999_us,max_us,\
-             mean_us,added_p50_us,added_p999_us,ratio_direct,ratio_socat,cpu_s,cpu_us_per_op,cpu_s_per_gib,rss_kib\n",
+             mean_us,added_p50_us,added_p999_us,ratio_direct,ratio_socat,cpu_s,cpu_us_per_op,cpu_s_per_gib,rss_kib,\
+             session_p50_min_us,session_p50_median_us,session_p50_max_us\n",
         );
         let mut records = Vec::new();
         for r in self.rows {
@@ -355,6 +378,10 @@ impl Report<'_> {
                 "cpu_us_per_op": if bulk { None } else { Some(r.cpu_us_per_op()) },
                 "cpu_s_per_gib": if bulk { Some(r.cpu_s_per_gib()) } else { None },
                 "rss_kib": r.rss_kib,
+                "session_p50_min_us": r.session_p50_spread().map(|s| s.0),
+                "session_p50_median_us": r.session_p50_spread().map(|s| s.1),
+                "session_p50_max_us": r.session_p50_spread().map(|s| s.2),
+                "session_p50_us": r.session_p50_us,
             });
             let cell = |k: &str| match &rec[k] {
                 serde_json::Value::Null => String::new(),
@@ -388,6 +415,9 @@ impl Report<'_> {
                 "cpu_us_per_op",
                 "cpu_s_per_gib",
                 "rss_kib",
+                "session_p50_min_us",
+                "session_p50_median_us",
+                "session_p50_max_us",
             ];
             csv.push_str(&cols.iter().map(|c| cell(c)).collect::<Vec<_>>().join(","));
             csv.push('\n');
