@@ -192,6 +192,51 @@ fn stats_in_every_format_and_reset() {
     drop(relay);
 }
 
+/// Polls the control socket until `closed` sessions have closed (and none is live).
+fn wait_closed(control: &std::path::Path, closed: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = json(control);
+        if v["totals"]["closed"] == closed && v["live"] == 0 {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{closed} sessions never closed: {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The "every session" figures keep the sessions that closed (they are folded into totals the
+/// relay allocates at the first close), start again from zero after a reset, and fill again.
+#[test]
+fn closed_sessions_stay_in_the_every_session_figures() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let (relay, listen, control) = start(d.path(), &server, &[]);
+    let v = json(&control);
+    assert_eq!(v["all_sessions"][0]["transit_ns"]["count"], 0, "nothing closed yet: {v}");
+    for (round_trips, closed) in [(30, 1), (20, 2)] {
+        let client = net::connect(&listen).unwrap();
+        pingpong::round_trips(&client, 64, 64, round_trips).unwrap();
+        drop(client);
+        wait_closed(&control, closed);
+    }
+    let v = json(&control);
+    for d in 0..2 {
+        assert_eq!(v["all_sessions"][d]["transit_ns"]["count"], 50, "{v}");
+        assert_eq!(v["all_sessions"][d]["bytes"], 50 * 64, "{v}");
+    }
+    let out = Command::new(BIN).args(["stats", "--reset", control.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(json(&control)["all_sessions"][1]["transit_ns"]["count"], 0);
+    let client = net::connect(&listen).unwrap();
+    pingpong::round_trips(&client, 64, 64, 5).unwrap();
+    drop(client);
+    let v = wait_closed(&control, 1);
+    assert_eq!(v["all_sessions"][0]["transit_ns"]["count"], 5, "{v}");
+    assert_eq!(v["all_sessions"][1]["bytes"], 5 * 64, "{v}");
+    drop(relay);
+}
+
 #[test]
 fn the_control_socket_refuses_another_uid() {
     let d = tmpdir();

@@ -103,8 +103,10 @@ pub struct Relay {
     control: Option<ControlServer>,
     control_conns: Vec<Option<(ControlConn, Interest)>>,
     hist_log: Option<HistLog>,
-    /// Figures of the sessions that have closed (since start or the last reset).
-    closed: [ClosedDir; 2],
+    /// Figures of the sessions that have closed (since start or the last reset), per direction.
+    /// Allocated when the first session closes: a relay whose VM keeps one session open for its
+    /// whole life never holds these six histograms (~175 KiB).
+    closed: Option<Box<[ClosedDir; 2]>>,
 }
 
 /// One direction's figures over every closed session.
@@ -174,7 +176,7 @@ impl Relay {
             control,
             control_conns: (0..CONTROL_CONNS_MAX).map(|_| None).collect(),
             hist_log,
-            closed: [ClosedDir::default(), ClosedDir::default()],
+            closed: None,
         })
     }
 
@@ -446,12 +448,13 @@ impl Relay {
         }
         self.totals.closed += 1;
         let (a, b) = (conn.pump(0), conn.pump(1));
+        let closed = self.closed.get_or_insert_with(Default::default);
         for d in 0..2 {
             let p = conn.pump(d);
             self.totals.bytes[d] += p.stats.bytes;
             self.totals.splice_bytes[d] += p.stats.splice_bytes;
             self.totals.copy_bytes[d] += p.stats.copy_bytes;
-            let c = &mut self.closed[d];
+            let c = &mut closed[d];
             c.figures.add(&conn.metrics[d].transit_ns, &conn.metrics[d].turnaround_ns);
             let _ = c.chunk_bytes.add(&p.chunk_bytes);
             c.chunks += p.stats.chunks;

@@ -102,7 +102,7 @@ impl Relay {
     /// Zeroes every counter and histogram; sessions and the data path go on untouched.
     fn reset(&mut self) {
         self.totals = Totals::default();
-        self.closed = [ClosedDir::default(), ClosedDir::default()];
+        self.closed = None;
         for s in self.slots.iter_mut().flatten() {
             for d in 0..2 {
                 s.conn.pump_mut(d).reset_stats();
@@ -121,8 +121,8 @@ impl Relay {
 
     /// Everything `stats` shows, as of `now`.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
-        let mut all: [(ClosedDir, DirStats); 2] =
-            [(self.closed[0].clone(), self.closed_stats(0)), (self.closed[1].clone(), self.closed_stats(1))];
+        let closed = |d: usize| self.closed.as_ref().map_or_else(ClosedDir::default, |c| c[d].clone());
+        let mut all: [(ClosedDir, DirStats); 2] = [0, 1].map(|d| (closed(d), self.closed_stats(d)));
         let mut connections = Vec::new();
         for s in self.slots.iter().flatten() {
             let c = &s.conn;
@@ -168,8 +168,8 @@ impl Relay {
             bytes: self.totals.bytes[d],
             splice_bytes: self.totals.splice_bytes[d],
             copy_bytes: self.totals.copy_bytes[d],
-            chunks: self.closed[d].chunks,
-            high_water_bytes: self.closed[d].high_water_bytes,
+            chunks: self.closed.as_ref().map_or(0, |c| c[d].chunks),
+            high_water_bytes: self.closed.as_ref().map_or(0, |c| c[d].high_water_bytes),
         }
     }
 }
