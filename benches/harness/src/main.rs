@@ -71,6 +71,36 @@ pub struct Opts {
     pub variants: Vec<(String, Vec<String>, Option<PathBuf>)>,
     /// Seeds the per-round order of the contenders (`--seed`; by default from the clock).
     pub seed: u64,
+    /// `--pin`: where client, server and hops run (default: wherever the scheduler puts them).
+    pub pin: Option<Placement>,
+}
+
+/// A fixed placement of every process and thread (`--pin`), for latency figures that repeat:
+/// on this machine a wake-up across vCPUs costs tens of microseconds (docs/BENCHMARKS.md, "Why
+/// latency is bimodal"), and the scheduler picks the placement anew for each session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Client, server and every hop on CPU 0: no wake-up crosses vCPUs, so each hop shows what
+    /// it costs by itself.
+    OneCpu,
+    /// Client and server on CPU 0, every hop on CPU 1: each message crosses vCPUs on its way
+    /// into and out of the hops.
+    HopsApart,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::OneCpu => "one-cpu",
+            Placement::HopsApart => "hops-apart",
+        }
+    }
+    pub fn describe(self) -> &'static str {
+        match self {
+            Placement::OneCpu => "client, server and every hop pinned to CPU 0",
+            Placement::HopsApart => "client and server pinned to CPU 0, every hop to CPU 1",
+        }
+    }
 }
 
 /// One contender × topology × workload, merged over its rounds.
@@ -102,6 +132,7 @@ fn usage() -> ! {
         "usage: kvmi-relay-bench [--quick] [--relay PATH] [--out DIR] [--rounds N] [--bulk-rounds N]\n\
          \x20      [--topology unix-unix|unix-tcp|chain]... [--workload NAME]... [--contender NAME]...\n\
          \x20      [--variant 'NAME=--flag=v,--flag2=v']... [--build NAME=PATH]... [--seed N]\n\
+         \x20      [--pin one-cpu|hops-apart]\n\
          runs every contender interleaved; see docs/BENCHMARKS.md"
     );
     std::process::exit(2)
@@ -115,6 +146,7 @@ fn parse_args() -> Opts {
     let mut rounds = None;
     let mut bulk_rounds = None;
     let mut seed = None;
+    let mut pin = None;
     let (mut topologies, mut workloads, mut only, mut variants) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -125,6 +157,17 @@ fn parse_args() -> Opts {
             "--rounds" => rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
             "--bulk-rounds" => bulk_rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
             "--seed" => seed = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            "--pin" => {
+                let name = args.next().unwrap_or_else(|| usage());
+                pin = Some(
+                    [Placement::OneCpu, Placement::HopsApart].into_iter().find(|p| p.name() == name).unwrap_or_else(
+                        || {
+                            eprintln!("--pin: expected one-cpu or hops-apart, got {name:?}");
+                            usage()
+                        },
+                    ),
+                );
+            }
             "--topology" => {
                 let name = args.next().unwrap_or_else(|| usage());
                 topologies.push(Topology::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| {
@@ -189,6 +232,7 @@ fn parse_args() -> Opts {
         seed: seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         }),
+        pin,
     }
 }
 
@@ -261,7 +305,12 @@ fn deploy(
     let slug: String = c.name.chars().map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' }).collect();
     let front = Endpoint::Unix(dir.join(format!("{slug}.sock")));
     let spawn = |listen: &Endpoint, connect: &Endpoint, tag: &str| {
-        procs::spawn_hop(&c.kind, &opts.relay_bin, listen, connect, &dir.join(format!("{slug}-{tag}.log")))
+        let hop = procs::spawn_hop(&c.kind, &opts.relay_bin, listen, connect, &dir.join(format!("{slug}-{tag}.log")))?;
+        if opts.pin == Some(Placement::HopsApart) {
+            // Every thread it has now; children it forks later (socat) inherit from them.
+            procs::pin_process(hop.child.id(), 1)?;
+        }
+        Ok::<Hop, String>(hop)
     };
     match t {
         Topology::UnixUnix | Topology::UnixTcp => Ok((vec![spawn(&front, server, "hop")?], front)),
@@ -367,6 +416,14 @@ fn run(opts: &Opts) -> Result<(), String> {
         return Err(format!("{} not found: run `make build` first", opts.relay_bin.display()));
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| format!("create {}: {e}", opts.out_dir.display()))?;
+    if let Some(p) = opts.pin {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if p == Placement::HopsApart && cpus < 2 {
+            return Err(format!("--pin hops-apart needs 2 CPUs; this process may use {cpus}"));
+        }
+        // Before any thread or hop exists: they all inherit CPU 0 from here.
+        procs::pin_process(std::process::id(), 0)?;
+    }
     let machine_before = report::Machine::read();
     let base = std::env::temp_dir().join(format!("kvmi-relay-bench-{}", std::process::id()));
     let all = contenders(opts)?;

@@ -61,6 +61,20 @@ impl Drop for Hop {
     }
 }
 
+/// Pins every thread `pid` has now to `cpu` (`--pin`); threads and children made later inherit
+/// the mask of the thread that makes them.
+pub fn pin_process(pid: u32, cpu: usize) -> Result<(), String> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).map_err(|e| format!("--pin: CPU {cpu}: {e}"))?;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("--pin: threads of {pid}: {e}"))?;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
+            .map_err(|e| format!("--pin: pin thread {tid} of {pid} to CPU {cpu}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Starts one hop of `kind` listening on `listen` and dialling `connect`.
 pub fn spawn_hop(
     kind: &Kind,

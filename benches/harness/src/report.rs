@@ -138,7 +138,7 @@ impl Report<'_> {
              (bulk: {}), contenders in an order shuffled every round (seed {seed}: `--seed {seed}` repeats it)\n- times are µs unless named; `+p50` = contender − direct \
              at the same percentile, same run; CPU = the relay processes' user+system time (children included), \
              RSS = the largest peak RSS (VmHWM, reset before each session) of one serving process; CPU is exact (schedstat) for kvmi-relay, the copy loop and proxyd, \
-             in 10 ms clock ticks for socat's exited forks\n",
+             in 10 ms clock ticks for socat's exited forks\n- placement: {placement}\n",
             m.cpus,
             m.cpu,
             m.kernel,
@@ -154,6 +154,7 @@ impl Report<'_> {
             o.latency_rounds,
             o.bulk_rounds,
             seed = o.seed,
+            placement = o.pin.map_or("wherever the scheduler puts each process (no `--pin`)", |p| p.describe()),
         );
         for (w, title) in [
             (Workload::PingPong, "64-byte ping-pong: round trips"),
@@ -437,6 +438,7 @@ impl Report<'_> {
                 "bulk_bytes_per_direction": o.sizes.bulk_bytes, "latency_rounds": o.latency_rounds,
                 "bulk_rounds": o.bulk_rounds,
                 "seed": o.seed,
+                "pin": o.pin.map(|p| p.name()),
             },
             "rows": records,
             "startup": self.startup.iter().map(|s| json!({
