@@ -6,7 +6,7 @@ BIN := target/dist/kvmi-relay
 TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-quick bench-lint
+.PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-pinned bench-quick bench-lint
 
 all: build
 
@@ -48,10 +48,23 @@ bench: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
 	$(BENCH_CARGO) --relay $(BIN)
 
+# The same with every process pinned (docs/BENCHMARKS.md, "Why latency is bimodal"): unix-tcp
+# and chain, 20 rounds, once with everything on CPU 0 and once with the hops on CPU 1. Output in
+# target/bench/pin-one-cpu/ and target/bench/pin-hops-apart/. About 4 minutes; needs 2 CPUs.
+bench-pinned: build
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
+	for p in one-cpu hops-apart; do \
+	  $(BENCH_CARGO) --relay $(BIN) --pin $$p --rounds 20 --topology unix-tcp --topology chain --out target/bench/pin-$$p || exit 1; \
+	done
+
 # Seconds, not minutes: every contender, topology and workload with small counts, so the
 # harness cannot rot. Its numbers are not for judging.
 bench-quick: build bench-lint
 	$(BENCH_CARGO) --quick --relay $(BIN)
+	@if [ "$$(nproc)" -ge 2 ]; then \
+	  echo "bench-quick: the chain again with --pin hops-apart"; \
+	  $(BENCH_CARGO) --quick --relay $(BIN) --pin hops-apart --topology chain --out target/bench/quick-pinned >/dev/null; \
+	else echo "bench-quick: SKIP --pin hops-apart: needs 2 CPUs, this machine has $$(nproc)"; fi
 
 bench-lint:
 	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
