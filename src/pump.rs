@@ -100,6 +100,17 @@ pub struct DirStats {
     pub high_water_bytes: usize,
 }
 
+impl DirStats {
+    /// Folds `other` in: counts add up, the high-water mark is the larger one.
+    pub fn add(&mut self, other: &DirStats) {
+        self.bytes += other.bytes;
+        self.splice_bytes += other.splice_bytes;
+        self.copy_bytes += other.copy_bytes;
+        self.chunks += other.chunks;
+        self.high_water_bytes = self.high_water_bytes.max(other.high_water_bytes);
+    }
+}
+
 /// What one `run` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Run {

@@ -35,8 +35,8 @@ use crate::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
 use crate::error::StartError;
 use crate::histlog::HistLog;
 use crate::listener::Listener;
-use crate::metrics::percentiles_us;
-use crate::metrics::{self, Figures};
+use crate::metrics::{self, DirMetrics, Figures, percentiles_us};
+use crate::pump::Pump;
 use crate::service::{Notifier, Status};
 use crate::sys;
 
@@ -116,6 +116,16 @@ struct ClosedDir {
     chunk_bytes: hdrhistogram::Histogram<u64>,
     chunks: u64,
     high_water_bytes: usize,
+}
+
+impl ClosedDir {
+    /// Folds one session's direction in: its histograms, chunk count and high-water mark.
+    fn absorb(&mut self, metrics: &DirMetrics, pump: &Pump) {
+        self.figures.add(&metrics.transit_ns, &metrics.turnaround_ns);
+        let _ = self.chunk_bytes.add(&pump.chunk_bytes);
+        self.chunks += pump.stats.chunks;
+        self.high_water_bytes = self.high_water_bytes.max(pump.stats.high_water_bytes);
+    }
 }
 
 impl Default for ClosedDir {
@@ -454,11 +464,7 @@ impl Relay {
             self.totals.bytes[d] += p.stats.bytes;
             self.totals.splice_bytes[d] += p.stats.splice_bytes;
             self.totals.copy_bytes[d] += p.stats.copy_bytes;
-            let c = &mut closed[d];
-            c.figures.add(&conn.metrics[d].transit_ns, &conn.metrics[d].turnaround_ns);
-            let _ = c.chunk_bytes.add(&p.chunk_bytes);
-            c.chunks += p.stats.chunks;
-            c.high_water_bytes = c.high_water_bytes.max(p.stats.high_water_bytes);
+            closed[d].absorb(&conn.metrics[d], p);
         }
         if let Some(h) = &mut self.hist_log {
             h.absorb(&conn.metrics);

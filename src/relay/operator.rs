@@ -128,14 +128,11 @@ impl Relay {
             let c = &s.conn;
             let dirs = [0, 1].map(|d| {
                 let p = c.pump(d);
+                // The figures come from `agg`, the counts from `stats` (closed counts live partly
+                // in `totals`, see `closed_stats`).
                 let (agg, stats) = &mut all[d];
-                agg.figures.add(&c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns);
-                let _ = agg.chunk_bytes.add(&p.chunk_bytes);
-                stats.bytes += p.stats.bytes;
-                stats.splice_bytes += p.stats.splice_bytes;
-                stats.copy_bytes += p.stats.copy_bytes;
-                stats.chunks += p.stats.chunks;
-                stats.high_water_bytes = stats.high_water_bytes.max(p.stats.high_water_bytes);
+                agg.absorb(&c.metrics[d], p);
+                stats.add(&p.stats);
                 dir_snap(d, &p.stats, &c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns, &p.chunk_bytes)
             });
             connections.push(ConnSnap {
