@@ -240,6 +240,11 @@ fn parse_args() -> Opts {
 pub fn contenders(opts: &Opts) -> Result<Vec<Contender>, String> {
     let mut v = standard_contenders();
     for (name, flags, bin) in &opts.variants {
+        // Contenders are told apart by name everywhere (socket paths, rows, `--contender`): two
+        // of one name would share sockets and fail in ways that say nothing about the relay.
+        if v.iter().any(|c| &c.name == name) {
+            return Err(format!("--variant/--build: a contender named {name:?} exists already; pick another NAME"));
+        }
         v.push(Contender {
             name: name.clone(),
             kind: Kind::Relay { flags: flags.clone(), bin: bin.clone() },
@@ -501,4 +506,41 @@ fn startup_all(opts: &Opts, base: &Path) -> Result<Vec<Startup>, String> {
 /// Percentile in µs.
 pub fn us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(variants: Vec<(String, Vec<String>, Option<PathBuf>)>) -> Opts {
+        Opts {
+            quick: true,
+            relay_bin: PathBuf::from("kvmi-relay"),
+            out_dir: PathBuf::from("out"),
+            latency_rounds: 1,
+            bulk_rounds: 1,
+            sizes: Sizes { round_trips: 1, reads: 1, events: 1, bulk_bytes: 1 },
+            startup_reps: 1,
+            topologies: Vec::new(),
+            workloads: Vec::new(),
+            only: Vec::new(),
+            variants,
+            seed: 0,
+            pin: None,
+        }
+    }
+
+    /// Two contenders of one name shared socket paths, and the run failed with a client's EAGAIN
+    /// that pointed at the relay (`--variant 'copy=--move=copy'` beside the standard
+    /// `kvmi-relay copy`).
+    #[test]
+    fn a_variant_may_not_take_a_contenders_name() {
+        let v = |name: &str| (format!("kvmi-relay {name}"), vec!["--move=copy".to_string()], None);
+        let err = contenders(&opts(vec![v("copy")])).err().expect("duplicate name accepted");
+        assert!(err.contains("\"kvmi-relay copy\" exists already"), "{err}");
+        let err = contenders(&opts(vec![v("mine"), v("mine")])).err().expect("duplicate name accepted");
+        assert!(err.contains("kvmi-relay mine"), "{err}");
+        let all = contenders(&opts(vec![v("mine")])).unwrap();
+        assert_eq!(all.iter().filter(|c| c.name == "kvmi-relay mine").count(), 1);
+    }
 }
