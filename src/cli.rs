@@ -140,7 +140,8 @@ pub struct RelayArgs {
 /// How the data path moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MoveArg {
-    /// splice(2) through a kernel pipe, except into TCP sockets: copies there.
+    /// copies into TCP sockets; into UNIX and vsock sockets copies for messages, and splice(2)
+    /// through a kernel pipe from the first read that fills a 16 KiB buffer (bulk).
     Auto,
     /// splice(2) through a kernel pipe in both directions.
     Splice,

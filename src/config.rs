@@ -21,12 +21,20 @@ use crate::pump::Strategy;
 const PIPE_SIZE_MIN_BYTES: usize = 4096;
 const PIPE_SIZE_MAX_BYTES: usize = 16 << 20;
 
+/// The copy buffer of a direction that copies messages and splices bulk (`--move auto` into
+/// UNIX and vsock): twice libkvmi's largest message (8192 bytes with its header), so that one
+/// message never fills it; a read that does is bulk (or a batch) and moves the direction to
+/// splice. Smaller than `--pipe-size` because every session touches it before it knows which
+/// traffic it carries.
+const MESSAGE_BUFFER_BYTES: usize = 16 << 10;
+
 /// How the directions move bytes (`--move`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MoveMode {
-    /// splice, except copies into a TCP socket: on loopback a spliced TCP segment carries at
-    /// most 17 pipe pages, while copies let TCP build segments several times that size; the
-    /// per-segment cost (wake-ups, softirq) then dominates (docs/BENCHMARKS.md, bulk).
+    /// Into a TCP socket copies: on loopback a spliced TCP segment carries at most 17 pipe
+    /// pages, while copies let TCP build segments several times that size; the per-segment
+    /// cost (wake-ups, softirq) then dominates (docs/BENCHMARKS.md, bulk). Into UNIX and vsock
+    /// sockets copy-then-splice: messages copy (one system call fewer each), bulk splices.
     Auto,
     /// splice in both directions.
     Splice,
@@ -42,9 +50,15 @@ impl MoveMode {
             max_bytes: cfg.copy_buffer_max_bytes,
         };
         let splice = Strategy::Splice { pipe_bytes: cfg.pipe_size_bytes, max_bytes: cfg.pipe_size_max_bytes };
+        let copy_then_splice = Strategy::CopyThenSplice {
+            copy_bytes: cfg.pipe_size_bytes.min(MESSAGE_BUFFER_BYTES),
+            pipe_bytes: cfg.pipe_size_bytes,
+            pipe_max_bytes: cfg.pipe_size_max_bytes,
+        };
         match self {
             MoveMode::Auto if into_tcp => copy,
-            MoveMode::Auto | MoveMode::Splice => splice,
+            MoveMode::Auto => copy_then_splice,
+            MoveMode::Splice => splice,
             MoveMode::Copy => copy,
         }
     }

@@ -4,9 +4,10 @@
 //! user-space buffer (copy strategy). It reads from its source while it has room and writes to
 //! its destination while it holds data. Either store starts small and doubles, up to its
 //! ceiling, each time a read fills all the room it was offered: message traffic keeps the small
-//! store, bulk earns big reads and big writes (docs/DESIGN.md, "Stores that grow"). It never
-//! touches the poller: the caller tells it which of its sockets became ready and reads back
-//! what it wants next.
+//! store, bulk earns big reads and big writes (docs/DESIGN.md, "Stores that grow"). A
+//! copy-then-splice direction copies messages and moves to a pipe at the first read that fills
+//! its buffer (docs/DESIGN.md, "Messages copy, bulk splices"). It never touches the poller: the
+//! caller tells it which of its sockets became ready and reads back what it wants next.
 //!
 //! Invariants (relied on by `conn.rs` and the event loop):
 //! - Edge-triggered: a readiness flag is cleared by `WouldBlock`, so the pump drains until the
@@ -22,6 +23,9 @@
 //!   destination (or, on fallback, from the pipe into the copy buffer, before anything else).
 //! - Fallback from splice to copy happens only when splice is refused (EINVAL, EOPNOTSUPP)
 //!   before any byte has moved that way: EINVAL can also mean a real fault later on.
+//! - Copy to splice (copy-then-splice only, once per direction): the read that fills the copy
+//!   buffer stops further reads; the pipe replaces the buffer once every byte in it reached the
+//!   destination, so the pipe starts empty and nothing overtakes what was copied.
 //! - Half-close: EOF from the source becomes `shutdown(SHUT_WR)` on the destination once the
 //!   store is empty; the other direction's pump keeps running.
 //! - Backpressure is per direction: a full store stops reads from this source only.
@@ -32,7 +36,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics;
 use crate::sys::{self, Pipe};
@@ -49,6 +53,12 @@ pub enum Strategy {
     Splice { pipe_bytes: usize, max_bytes: usize },
     /// read/write through a buffer that starts at `initial_bytes` and may grow to `max_bytes`.
     Copy { initial_bytes: usize, max_bytes: usize },
+    /// Copies through a `copy_bytes` buffer while reads come in shorter than it: messages,
+    /// where a short read proves the socket's queue empty and spares the read that would say
+    /// `WouldBlock` (a short splice proves nothing). The first read that fills the buffer (bulk)
+    /// moves the direction to splice, through a pipe that starts at `pipe_bytes` and may grow
+    /// to `pipe_max_bytes`; it stays there.
+    CopyThenSplice { copy_bytes: usize, pipe_bytes: usize, pipe_max_bytes: usize },
 }
 
 /// What a pump needs from a socket. Implemented by `socket2::Socket`, and by fakes in tests.
@@ -156,9 +166,14 @@ pub struct Pump {
     recheck_src_after_drain: bool,
     src_eof: bool,
     dst_shut: bool,
-    /// A byte has been written in this direction: from then on EINVAL is a fault, not a
+    /// A byte has been spliced in this direction: from then on EINVAL is a fault, not a
     /// refusal of splice. Separate from `stats`, which an operator may reset.
-    moved_any: bool,
+    spliced_any: bool,
+    /// Copy-then-splice, still copying: the next read that fills the buffer moves the direction
+    /// to a pipe of this many bytes.
+    splice_when_full: Option<usize>,
+    /// A read filled the copy buffer: no more reads until it drains, then the pipe replaces it.
+    switch_when_drained: bool,
     /// Name of the direction for the one log line a fallback writes.
     direction: &'static str,
     pub stats: DirStats,
@@ -197,6 +212,9 @@ impl Pump {
             Strategy::Copy { initial_bytes, max_bytes } => {
                 (Store::Copy { buf: vec![0; initial_bytes], start: 0 }, initial_bytes, max_bytes)
             }
+            Strategy::CopyThenSplice { copy_bytes, pipe_max_bytes, .. } => {
+                (Store::Copy { buf: vec![0; copy_bytes], start: 0 }, copy_bytes, pipe_max_bytes)
+            }
         };
         Ok(Pump {
             store,
@@ -209,7 +227,12 @@ impl Pump {
             recheck_src_after_drain: false,
             src_eof: false,
             dst_shut: false,
-            moved_any: false,
+            spliced_any: false,
+            splice_when_full: match strategy {
+                Strategy::CopyThenSplice { pipe_bytes, .. } => Some(pipe_bytes),
+                _ => None,
+            },
+            switch_when_drained: false,
             direction,
             stats: DirStats::default(),
             chunk_bytes: metrics::chunk_histogram(),
@@ -259,14 +282,22 @@ impl Pump {
         for _ in 0..PUMP_ROUNDS_MAX {
             let mut progressed = false;
 
-            if may_read && !self.src_eof && self.src_readable && self.fill < self.capacity_bytes {
+            if may_read
+                && !self.src_eof
+                && self.src_readable
+                && self.fill < self.capacity_bytes
+                && !self.switch_when_drained
+            {
                 match self.read_from(src) {
                     Ok((0, _)) => {
                         self.src_eof = true;
                         progressed = true;
                     }
                     Ok((n, filled)) => {
-                        if filled {
+                        if filled && self.splice_when_full.is_some() {
+                            // Bulk: the buffer drains by copies, then the pipe takes over.
+                            self.switch_when_drained = true;
+                        } else if filled {
                             self.grow_store();
                         } else if !self.uses_splice() && !self.src_read_closed {
                             // Less than offered: the socket's queue is empty (module docs).
@@ -286,7 +317,7 @@ impl Pump {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.moved_any && self.fill == 0 => {
+                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.spliced_any && self.fill == 0 => {
                         self.fall_back_to_copy(&e).map_err(PumpError::src)?;
                         progressed = true;
                     }
@@ -299,13 +330,13 @@ impl Pump {
                 match self.write_to(dst) {
                     Ok(n) => {
                         self.fill -= n;
-                        self.moved_any |= n > 0;
                         if self.fill == 0 {
                             run.last_write_began = Some(began);
                         }
                         run.written_bytes += n;
                         self.stats.bytes += n as u64;
                         if self.uses_splice() {
+                            self.spliced_any |= n > 0;
                             self.stats.splice_bytes += n as u64;
                         } else {
                             self.stats.copy_bytes += n as u64;
@@ -314,11 +345,14 @@ impl Pump {
                             self.recheck_src_after_drain = false;
                             self.src_readable = true;
                         }
+                        if self.fill == 0 && self.switch_when_drained {
+                            self.switch_to_splice();
+                        }
                         progressed = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dst_writable = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.moved_any => {
+                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.spliced_any => {
                         self.fall_back_to_copy(&e).map_err(PumpError::dst)?;
                         progressed = true;
                     }
@@ -400,6 +434,30 @@ impl Pump {
                 *buf = bigger;
                 *start = 0;
                 self.capacity_bytes = wanted;
+            }
+        }
+    }
+
+    /// Copy-then-splice, at the first drain after a read filled the copy buffer: a pipe replaces
+    /// it (the buffer is empty, so no byte is in flight). A pipe the kernel will not give (out
+    /// of file descriptors) leaves the direction copying, its buffer free to grow as a copy
+    /// strategy's would (up to the pipe's ceiling).
+    fn switch_to_splice(&mut self) {
+        self.switch_when_drained = false;
+        let Some(pipe_bytes) = self.splice_when_full.take() else { return };
+        match Pipe::new(pipe_bytes) {
+            Ok((pipe, cap)) => {
+                debug!(
+                    direction = self.direction,
+                    pipe_bytes = cap,
+                    "a read filled the copy buffer: splicing from now on"
+                );
+                self.store = Store::Pipe(pipe);
+                self.capacity_bytes = cap;
+            }
+            // The buffer stays; the next read that fills it grows it.
+            Err(e) => {
+                warn!(direction = self.direction, error = %e, "no pipe for splicing; this direction copies from now on")
             }
         }
     }
@@ -687,6 +745,78 @@ mod tests {
         p.run(&src, &dst, true).unwrap();
         assert_eq!(dst.written.borrow().len(), 200);
         assert!(src.reads.borrow().is_empty());
+    }
+
+    const COPY_THEN_SPLICE: Strategy =
+        Strategy::CopyThenSplice { copy_bytes: 1024, pipe_bytes: 4096, pipe_max_bytes: 65536 };
+
+    /// Runs `p` until it finishes, every socket ready on each turn.
+    fn run_to_end(p: &mut Pump, src: &Fake, dst: &Fake) {
+        for _ in 0..10_000 {
+            if p.finished() {
+                return;
+            }
+            p.dst_writable = true;
+            p.src_readable = true;
+            p.run(src, dst, true).unwrap();
+        }
+        panic!("pump never finished");
+    }
+
+    #[test]
+    fn copy_then_splice_copies_messages_without_a_would_block_read_and_splices_bulk() {
+        let mut script: Vec<Step> = (0..5).map(|i| Step::Data(counting(i * 100, 100))).collect();
+        script.push(Step::Data(counting(500, 100_000)));
+        script.push(Step::Eof);
+        let (src, dst) = (Fake::reading(script), Fake::default());
+        let mut p = pump(COPY_THEN_SPLICE);
+        // Messages: one read each, and the short read ends the turn without a WouldBlock read.
+        for i in 0..5 {
+            p.src_readable = true;
+            p.run(&src, &dst, true).unwrap();
+            assert_eq!(src.reads.borrow().len(), 7 - (i + 1), "message {i}: one read, no more");
+            assert!(!p.uses_splice(), "message {i} moved the direction to splice");
+        }
+        assert_eq!(p.stats.copy_bytes, 500);
+        // Bulk: the read that fills the 1 KiB buffer moves the direction to a pipe.
+        run_to_end(&mut p, &src, &dst);
+        assert!(p.uses_splice());
+        assert_eq!(*dst.written.borrow(), counting(0, 100_500), "every byte once, in order, across the switch");
+        assert_eq!(p.stats.copy_bytes, 500 + 1024, "the messages and the one full buffer were copied");
+        assert_eq!(p.stats.splice_bytes, 100_500 - 1524);
+        assert_eq!(p.capacity_bytes(), 65536, "the pipe grew to its ceiling");
+        assert!(*dst.shut.borrow());
+    }
+
+    #[test]
+    fn copy_then_splice_reads_nothing_more_until_the_full_buffer_drained() {
+        let (src, dst) = (
+            Fake::reading(vec![Step::Data(counting(0, 5000)), Step::Eof]),
+            Fake::writing(vec![Step::Take(300), Step::WouldBlock]),
+        );
+        let mut p = pump(COPY_THEN_SPLICE);
+        p.run(&src, &dst, true).unwrap();
+        assert!(p.blocked_on_dst() && !p.uses_splice());
+        assert_eq!(p.fill(), 1024 - 300, "one read, into the copy buffer only");
+        assert_eq!(src.reads.borrow().len(), 2, "no read while the full buffer waits to drain");
+        assert!(p.src_readable, "the unread bytes' readiness is kept for after the switch");
+        run_to_end(&mut p, &src, &dst);
+        assert!(p.uses_splice());
+        assert_eq!(*dst.written.borrow(), counting(0, 5000));
+        assert_eq!((p.stats.copy_bytes, p.stats.splice_bytes), (1024, 5000 - 1024));
+    }
+
+    #[test]
+    fn copy_then_splice_refused_after_the_switch_copies_for_good() {
+        let mut src = Fake::reading(vec![Step::Data(counting(0, 50_000)), Step::Eof]);
+        src.splice_err = Some(libc::EINVAL);
+        let dst = Fake::default();
+        let mut p = pump(COPY_THEN_SPLICE);
+        run_to_end(&mut p, &src, &dst);
+        assert!(!p.uses_splice(), "a refused splice is a fallback, not an error, even after copies");
+        assert_eq!(*dst.written.borrow(), counting(0, 50_000));
+        assert_eq!((p.stats.copy_bytes, p.stats.splice_bytes), (50_000, 0));
+        assert!(p.capacity_bytes() > 2048, "the fallen-back buffer grows again: {}", p.capacity_bytes());
     }
 
     #[test]

@@ -171,13 +171,15 @@ fn stats_in_every_format_and_reset() {
     let out = Command::new(BIN).args(["stats", "--json", control.to_str().unwrap()]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["connections"][0]["directions"][0]["bytes"], 6400);
-    assert_eq!(v["connections"][0]["directions"][0]["splice_bytes"], 6400);
+    // Messages into UNIX are copied (`--move auto`; tests/relay_data.rs has the why).
+    assert_eq!(v["connections"][0]["directions"][0]["copy_bytes"], 6400);
+    assert_eq!(v["connections"][0]["directions"][0]["splice_bytes"], 0);
     assert_eq!(v["all_sessions"][1]["transit_ns"]["count"], 100);
 
     let out = Command::new(BIN).args(["stats", "--prometheus", control.to_str().unwrap()]).output().unwrap();
     let prom = String::from_utf8_lossy(&out.stdout);
     kvmi_relay::export::lint_prometheus(&prom).unwrap_or_else(|e| panic!("{e}\n{prom}"));
-    assert!(prom.contains("kvmi_relay_bytes_total{vm=\"one-7\",direction=\"l2c\",strategy=\"splice\"} 6400"), "{prom}");
+    assert!(prom.contains("kvmi_relay_bytes_total{vm=\"one-7\",direction=\"l2c\",strategy=\"copy\"} 6400"), "{prom}");
     assert!(prom.contains("kvmi_relay_latency_seconds_count{vm=\"one-7\",direction=\"c2l\",figure=\"transit\"} 100"));
 
     let out = Command::new(BIN).args(["stats", "--reset", control.to_str().unwrap()]).output().unwrap();
