@@ -305,6 +305,22 @@ fn manual_pair(d: &tempfile::TempDir) -> (Relay, socket2::Socket, Endpoint) {
     (relay, server_listener, relay_ep)
 }
 
+/// Writes `bytes` on `from` (from a thread, so the relay's stores may fill) and half-closes it;
+/// returns everything `to` reads up to EOF.
+fn send_and_half_close(from: &socket2::Socket, to: &socket2::Socket, bytes: &[u8]) -> Vec<u8> {
+    let writer = {
+        let (s, b) = (from.try_clone().unwrap(), bytes.to_vec());
+        std::thread::spawn(move || {
+            (&s).write_all(&b).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    (&*to).read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    back
+}
+
 /// `--move auto` into UNIX: KVMi's request/answer messages are copied (a short read proves the
 /// socket empty, so each costs one system call fewer than a splice, which must read on until
 /// `WouldBlock`); the first burst that fills the 16 KiB buffer moves the direction to splice.
@@ -328,17 +344,7 @@ fn kvmi_sized_messages_into_unix_are_copied_and_bulk_after_them_spliced() {
         assert!(got_request == request && got_answer == answer);
     }
     let bulk: Vec<u8> = (0..BULK_BYTES).map(|i| (i % 251) as u8).collect();
-    let writer = {
-        let (s, b) = (server.try_clone().unwrap(), bulk.clone());
-        std::thread::spawn(move || {
-            (&s).write_all(&b).unwrap();
-            s.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut back = Vec::new();
-    (&client).read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
-    assert!(back == bulk, "the bulk after the messages lost or changed bytes");
+    assert!(send_and_half_close(&server, &client, &bulk) == bulk, "the bulk after the messages lost or changed bytes");
     client.shutdown(Shutdown::Write).unwrap();
     let log = relay.wait_log("closed", Duration::from_secs(5));
     let line = closed_lines(&log).pop().unwrap_or_else(|| panic!("no close line:\n{log}"));
@@ -365,18 +371,10 @@ fn half_close_travels_and_the_other_direction_keeps_flowing() {
     assert_eq!(got, b"request");
     // ...and only then answers with 8 MiB: the reverse direction must still flow.
     let answer: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
-    let writer = {
-        let s = server.try_clone().unwrap();
-        let a = answer.clone();
-        std::thread::spawn(move || {
-            (&s).write_all(&a).unwrap();
-            s.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut back = Vec::new();
-    (&client).read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
-    assert!(back == answer, "reverse direction after a half-close lost or changed bytes");
+    assert!(
+        send_and_half_close(&server, &client, &answer) == answer,
+        "reverse direction after a half-close lost or changed bytes"
+    );
     let log = relay.wait_log("closed", Duration::from_secs(5));
     assert!(log.contains("end=\"finished\""), "{log}");
 }
