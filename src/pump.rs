@@ -23,9 +23,10 @@
 //!   destination (or, on fallback, from the pipe into the copy buffer, before anything else).
 //! - Fallback from splice to copy happens only when splice is refused (EINVAL, EOPNOTSUPP)
 //!   before any byte has moved that way: EINVAL can also mean a real fault later on.
-//! - Copy to splice (copy-then-splice only, once per direction): the read that fills the copy
-//!   buffer stops further reads; the pipe replaces the buffer once every byte in it reached the
-//!   destination, so the pipe starts empty and nothing overtakes what was copied.
+//! - Copy to splice and back (copy-then-splice only): the read that fills the copy buffer stops
+//!   further reads; the pipe replaces the buffer once every byte in it reached the destination,
+//!   so the pipe starts empty and nothing overtakes what was copied. The way back happens only
+//!   on an empty pipe, for the same reason.
 //! - Half-close: EOF from the source becomes `shutdown(SHUT_WR)` on the destination once the
 //!   store is empty; the other direction's pump keeps running.
 //! - Backpressure is per direction: a full store stops reads from this source only.
@@ -45,6 +46,12 @@ use crate::sys::{self, Pipe};
 /// direction; the caller runs the pump again on its next loop turn when `Run::more` is set.
 const PUMP_ROUNDS_MAX: usize = 16;
 
+/// Copy-then-splice: splice reads in a row, each shorter than the copy buffer and than the room
+/// it was offered, after which the direction goes back to copies (when its pipe is next empty).
+/// Sixteen message-sized reads are messages again; a bulk stream whose reads come in that small
+/// gains nothing from splice.
+const SHORT_SPLICES_TO_COPY: u32 = 16;
+
 /// How one direction moves its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -57,7 +64,7 @@ pub enum Strategy {
     /// where a short read proves the socket's queue empty and spares the read that would say
     /// `WouldBlock` (a short splice proves nothing). The first read that fills the buffer (bulk)
     /// moves the direction to splice, through a pipe that starts at `pipe_bytes` and may grow
-    /// to `pipe_max_bytes`; it stays there.
+    /// to `pipe_max_bytes`; `SHORT_SPLICES_TO_COPY` message-sized splices in a row move it back.
     CopyThenSplice { copy_bytes: usize, pipe_bytes: usize, pipe_max_bytes: usize },
 }
 
@@ -169,9 +176,9 @@ pub struct Pump {
     /// A byte has been spliced in this direction: from then on EINVAL is a fault, not a
     /// refusal of splice. Separate from `stats`, which an operator may reset.
     spliced_any: bool,
-    /// Copy-then-splice, still copying: the next read that fills the buffer moves the direction
-    /// to a pipe of this many bytes.
-    splice_when_full: Option<usize>,
+    /// Copy-then-splice's sizes and counter; None for the other strategies, and once splice was
+    /// refused or no pipe could be made (the direction then copies for good).
+    adaptive: Option<Adaptive>,
     /// A read filled the copy buffer: no more reads until it drains, then the pipe replaces it.
     switch_when_drained: bool,
     /// Name of the direction for the one log line a fallback writes.
@@ -179,6 +186,14 @@ pub struct Pump {
     pub stats: DirStats,
     /// Bytes per successful read from the source.
     pub chunk_bytes: Histogram<u64>,
+}
+
+/// A copy-then-splice direction's sizes, and what it has seen since it last moved.
+struct Adaptive {
+    copy_bytes: usize,
+    pipe_bytes: usize,
+    /// Splice reads in a row shorter than `copy_bytes` and than the pipe's room.
+    short_splices: u32,
 }
 
 /// A fatal error, and which socket it came from.
@@ -228,8 +243,10 @@ impl Pump {
             src_eof: false,
             dst_shut: false,
             spliced_any: false,
-            splice_when_full: match strategy {
-                Strategy::CopyThenSplice { pipe_bytes, .. } => Some(pipe_bytes),
+            adaptive: match strategy {
+                Strategy::CopyThenSplice { copy_bytes, pipe_bytes, .. } => {
+                    Some(Adaptive { copy_bytes, pipe_bytes, short_splices: 0 })
+                }
                 _ => None,
             },
             switch_when_drained: false,
@@ -294,7 +311,13 @@ impl Pump {
                         progressed = true;
                     }
                     Ok((n, filled)) => {
-                        if filled && self.splice_when_full.is_some() {
+                        let splicing = self.uses_splice();
+                        if let Some(a) = self.adaptive.as_mut().filter(|_| splicing) {
+                            // A read that filled the pipe's room is bulk whatever its size (a
+                            // pipe the kernel kept small takes little at a time).
+                            a.short_splices = if n < a.copy_bytes && !filled { a.short_splices + 1 } else { 0 };
+                        }
+                        if filled && self.adaptive.is_some() && !splicing {
                             // Bulk: the buffer drains by copies, then the pipe takes over.
                             self.switch_when_drained = true;
                         } else if filled {
@@ -347,6 +370,11 @@ impl Pump {
                         }
                         if self.fill == 0 && self.switch_when_drained {
                             self.switch_to_splice();
+                        } else if self.fill == 0
+                            && self.uses_splice()
+                            && self.adaptive.as_ref().is_some_and(|a| a.short_splices >= SHORT_SPLICES_TO_COPY)
+                        {
+                            self.switch_to_copy();
                         }
                         progressed = true;
                     }
@@ -440,26 +468,34 @@ impl Pump {
 
     /// Copy-then-splice, at the first drain after a read filled the copy buffer: a pipe replaces
     /// it (the buffer is empty, so no byte is in flight). A pipe the kernel will not give (out
-    /// of file descriptors) leaves the direction copying, its buffer free to grow as a copy
-    /// strategy's would (up to the pipe's ceiling).
+    /// of file descriptors) leaves the direction copying for good, its buffer free to grow as a
+    /// copy strategy's would (up to the pipe's ceiling).
     fn switch_to_splice(&mut self) {
         self.switch_when_drained = false;
-        let Some(pipe_bytes) = self.splice_when_full.take() else { return };
-        match Pipe::new(pipe_bytes) {
+        let Some(a) = self.adaptive.as_mut() else { return };
+        match Pipe::new(a.pipe_bytes) {
             Ok((pipe, cap)) => {
-                debug!(
-                    direction = self.direction,
-                    pipe_bytes = cap,
-                    "a read filled the copy buffer: splicing from now on"
-                );
+                debug!(direction = self.direction, pipe_bytes = cap, "a read filled the copy buffer: splicing");
+                a.short_splices = 0;
                 self.store = Store::Pipe(pipe);
                 self.capacity_bytes = cap;
             }
             // The buffer stays; the next read that fills it grows it.
             Err(e) => {
-                warn!(direction = self.direction, error = %e, "no pipe for splicing; this direction copies from now on")
+                warn!(direction = self.direction, error = %e, "no pipe for splicing; this direction copies from now on");
+                self.adaptive = None;
             }
         }
+    }
+
+    /// Copy-then-splice, on an empty pipe after `SHORT_SPLICES_TO_COPY` message-sized splices:
+    /// back to a copy buffer (nothing is in flight), the pipe and its pages given back.
+    fn switch_to_copy(&mut self) {
+        let Some(a) = self.adaptive.as_mut() else { return };
+        debug!(direction = self.direction, "message-sized reads again: copying");
+        a.short_splices = 0;
+        self.store = Store::Copy { buf: vec![0; a.copy_bytes], start: 0 };
+        self.capacity_bytes = a.copy_bytes;
     }
 
     fn write_to(&mut self, dst: &impl Side) -> io::Result<usize> {
@@ -496,6 +532,7 @@ impl Pump {
         }
         info!(direction = self.direction, error = %why, "splice refused; this direction copies from now on");
         self.store = Store::Copy { buf, start: 0 };
+        self.adaptive = None;
         Ok(())
     }
 }
@@ -804,6 +841,36 @@ mod tests {
         assert!(p.uses_splice());
         assert_eq!(*dst.written.borrow(), counting(0, 5000));
         assert_eq!((p.stats.copy_bytes, p.stats.splice_bytes), (1024, 5000 - 1024));
+    }
+
+    #[test]
+    fn copy_then_splice_goes_back_to_copies_after_message_sized_splices() {
+        let bulk = 10_000;
+        let messages = SHORT_SPLICES_TO_COPY as usize + 4;
+        let (src, dst) = (Fake::reading(vec![Step::Data(counting(0, bulk))]), Fake::default());
+        let mut p = pump(COPY_THEN_SPLICE);
+        // The bulk: copied until the buffer filled, then spliced; one event per message after it.
+        p.run(&src, &dst, true).unwrap();
+        assert!(p.uses_splice());
+        let mut went_back_after = None;
+        for i in 0..messages {
+            // An empty script reads as WouldBlock: each message arrives on its own edge.
+            src.reads.borrow_mut().push_back(Step::Data(counting(bulk + i * 100, 100)));
+            p.src_readable = true;
+            p.run(&src, &dst, true).unwrap();
+            if went_back_after.is_none() && !p.uses_splice() {
+                went_back_after = Some(i + 1);
+            }
+        }
+        assert_eq!(went_back_after, Some(SHORT_SPLICES_TO_COPY as usize), "back to copies after that many messages");
+        assert_eq!(*dst.written.borrow(), counting(0, bulk + messages * 100), "every byte once, in order, both ways");
+        assert_eq!(p.stats.copy_bytes, 1024 + 4 * 100, "the first buffer and the messages after the move back");
+        assert_eq!(p.capacity_bytes(), 1024);
+        // And a new bulk moves it to splice again.
+        src.reads.borrow_mut().push_back(Step::Data(counting(0, 5000)));
+        p.src_readable = true;
+        p.run(&src, &dst, true).unwrap();
+        assert!(p.uses_splice());
     }
 
     #[test]
