@@ -128,6 +128,60 @@ fn out_of_fds_it_neither_spins_nor_dies_and_recovers() {
     assert_eq!(after, baseline, "open fds before the flood {baseline}, after it {after}");
 }
 
+/// An RLIMIT_NOFILE for a process that holds the fds `relay` holds and may open `more`: a new fd
+/// takes the lowest free number, so the limit is one above the `more`-th free number (inherited
+/// fds, from a test runner, may leave gaps).
+fn nofile_leaving(relay: &Relay, more: usize) -> u32 {
+    let used: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", relay.pid()))
+        .expect("read relay fds")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .collect();
+    (0..).filter(|n| !used.contains(n)).nth(more - 1).expect("a free number") + 1
+}
+
+/// Under `--move auto` a direction into UNIX makes its pipe when its bulk starts, mid-session. A
+/// relay out of fds then keeps that direction on copies and says so; the session goes on.
+#[test]
+fn bulk_that_finds_no_fd_for_a_pipe_keeps_copying() {
+    const BULK_BYTES: usize = 4 << 20;
+    let d = tmpdir();
+    let probe_ep = Endpoint::Unix(d.path().join("probe.sock"));
+    let probe = Relay::start(&[&format!("--listen={probe_ep}"), "--connect=unix:/nonexistent.sock"]);
+    // Room for one session's two sockets and not one fd more.
+    let limit = nofile_leaving(&probe, 2);
+    drop(probe);
+    let server_ep = Endpoint::Unix(d.path().join("server.sock"));
+    let relay_ep = Endpoint::Unix(d.path().join("relay.sock"));
+    let server_listener = net::listen(&server_ep).unwrap();
+    let mut relay = Relay::start_with(Command::new("prlimit").args([
+        &format!("--nofile={limit}:{limit}"),
+        BIN,
+        &format!("--listen={relay_ep}"),
+        &format!("--connect={server_ep}"),
+    ]));
+    let client = net::connect(&relay_ep).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    let bulk: Vec<u8> = (0..BULK_BYTES).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let (s, b) = (server.try_clone().unwrap(), bulk.clone());
+        std::thread::spawn(move || {
+            (&s).write_all(&b).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    (&client).read_to_end(&mut back).unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+    writer.join().unwrap();
+    assert!(back == bulk, "bytes lost or changed:\n{}", relay.log());
+    drop((client, server));
+    let log = relay.wait_log("closed", Duration::from_secs(5));
+    assert!(log.contains("no pipe for splicing"), "{log}");
+    let line = closed_lines(&log).pop().unwrap();
+    assert!(line.contains("end=\"finished\""), "{line}");
+    assert_eq!(field_u64(&line, "c2l_copy_bytes"), BULK_BYTES as u64, "{line}");
+    assert_eq!(field_u64(&line, "c2l_splice_bytes"), 0, "{line}");
+}
+
 #[test]
 fn sigterm_delivers_the_bytes_already_in_the_pipes_then_exits_0() {
     let d = tmpdir();
