@@ -28,23 +28,7 @@ fn allow_args(listen: &Endpoint) -> Vec<String> {
 /// Runs a full bidirectional transfer client → relay → server and returns the relay's close line.
 /// TCP endpoints may say port 0: the server's listener and the relay pick ephemeral ports.
 fn bulk_through(listen: Endpoint, connect: Endpoint, extra: &[&str], bytes: u64) -> String {
-    bulk_through_as(None, listen, connect, extra, bytes).0
-}
-
-/// `bulk_through` with the relay running as `uid` (and the same gid) when given: the server's
-/// UNIX socket file is then opened to everyone so that the relay can dial it. Returns the close
-/// line and the relay's whole log.
-fn bulk_through_as(
-    uid: Option<u32>,
-    listen: Endpoint,
-    connect: Endpoint,
-    extra: &[&str],
-    bytes: u64,
-) -> (String, String) {
     let server_listener = net::listen(&connect).expect("server listens");
-    if let (Some(_), Endpoint::Unix(p)) = (uid, &connect) {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)).expect("chmod the server's socket");
-    }
     let connect = match connect {
         Endpoint::Tcp(_) => Endpoint::Tcp(server_listener.local_addr().unwrap().as_socket().unwrap()),
         other => other,
@@ -60,12 +44,7 @@ fn bulk_through_as(
     args.extend(allow_args(&listen));
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(&args);
-    if let Some(id) = uid {
-        cmd.uid(id).gid(id);
-    }
-    let mut relay = Relay::start_with(&mut cmd);
+    let mut relay = Relay::start(&args);
     let listen = match listen {
         Endpoint::Tcp(_) => Endpoint::Tcp(relay.bound_tcp()),
         other => other,
@@ -95,7 +74,7 @@ fn bulk_through_as(
     assert!(line.contains("end=\"finished\""), "{line}");
     assert_eq!(field_u64(&line, "l2c_bytes"), bytes, "{line}");
     assert_eq!(field_u64(&line, "c2l_bytes"), bytes, "{line}");
-    (line, log)
+    line
 }
 
 fn unix(dir: &tempfile::TempDir, name: &str) -> Endpoint {
@@ -247,16 +226,58 @@ fn pipe_growth_the_kernel_refuses_keeps_relaying() {
         return;
     }
     const NOBODY: u32 = 65534;
+    const BYTES: usize = 64 << 20;
+    /// How long both readers hold off: a pipe grows only when a splice fills it, i.e. while its
+    /// destination lags. With readers that keep up (a loaded machine, where the relay runs
+    /// seldom and the readers drain everything) no pipe ever asked to grow in 2 of 10 runs.
+    const READERS_WAIT_MS: u64 = 300;
     let max: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size").unwrap().trim().parse().unwrap();
     let d = tmpdir();
     nix::unistd::chown(d.path(), Some(NOBODY.into()), Some(NOBODY.into())).expect("chown the test directory");
-    let (line, log) = bulk_through_as(
-        Some(NOBODY),
-        unix(&d, "relay.sock"),
-        unix(&d, "server.sock"),
-        &["--allow-uid=0", &format!("--pipe-size-max={}", 2 * max)],
-        64 << 20,
+    let (relay_ep, server_ep) = (unix(&d, "relay.sock"), unix(&d, "server.sock"));
+    let server_listener = net::listen(&server_ep).expect("server listens");
+    if let Endpoint::Unix(p) = &server_ep {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)).expect("chmod the server's socket");
+    }
+    let mut relay = Relay::start_with(
+        std::process::Command::new(BIN)
+            .args([
+                &format!("--listen={relay_ep}"),
+                &format!("--connect={server_ep}"),
+                "--allow-uid=0",
+                &format!("--pipe-size-max={}", 2 * max),
+            ])
+            .uid(NOBODY)
+            .gid(NOBODY),
     );
+    let client = net::connect(&relay_ep).expect("client dials the relay");
+    let server = net::accept(&server_listener).expect("server accepts");
+    let data: Vec<u8> = (0..BYTES).map(|i| (i % 251) as u8).collect();
+    let writers: Vec<_> = [&client, &server]
+        .map(|sock| {
+            let (s, b) = (sock.try_clone().unwrap(), data.clone());
+            std::thread::spawn(move || {
+                (&s).write_all(&b).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+            })
+        })
+        .into();
+    std::thread::sleep(Duration::from_millis(READERS_WAIT_MS));
+    let server_reader = {
+        let s = server.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            (&s).read_to_end(&mut got).map(|_| got)
+        })
+    };
+    let mut at_client = Vec::new();
+    (&client).read_to_end(&mut at_client).unwrap_or_else(|e| panic!("client reads: {e}\n{}", relay.log()));
+    let at_server = server_reader.join().unwrap().unwrap_or_else(|e| panic!("server reads: {e}\n{}", relay.log()));
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    assert!(at_client == data && at_server == data, "bytes lost or changed:\n{}", relay.log());
+    drop((client, server));
+    let log = relay.wait_log("closed", Duration::from_secs(10));
+    let line = closed_lines(&log).pop().unwrap_or_else(|| panic!("no close line:\n{log}"));
     assert_moved(&line, "l2c", Moved::CopiedThenSpliced);
     assert_moved(&line, "c2l", Moved::CopiedThenSpliced);
     // Grown up to the kernel's limit, refused there once per direction, and no further.
