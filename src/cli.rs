@@ -73,7 +73,8 @@ pub struct RelayArgs {
     pub connect_timeout_ms: String,
 
     /// Kernel pipe size per direction in bytes, to start with (F_SETPIPE_SZ; the kernel's answer
-    /// is used). Also where copy buffers start.
+    /// is used). Also where copy buffers into TCP start; --move auto's message buffer into UNIX
+    /// and vsock is 16 KiB, or this if smaller.
     #[arg(long, env = "KVMI_RELAY_PIPE_SIZE", value_name = "BYTES", default_value = "65536")]
     pub pipe_size: String,
 
@@ -83,14 +84,15 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_PIPE_SIZE_MAX", value_name = "BYTES", default_value = "1048576")]
     pub pipe_size_max: String,
 
-    /// How bytes move: auto = splice, except copies into TCP (faster there, docs/BENCHMARKS.md);
-    /// splice = splice everywhere; copy = copies only. Splice falls back to copies per direction
-    /// where the sockets refuse it.
+    /// How bytes move: auto = copies into TCP (faster there, docs/BENCHMARKS.md), and into UNIX
+    /// and vsock copies for messages and splice for bulk (docs/DESIGN.md); splice = splice
+    /// everywhere from the first byte; copy = copies only. Splice falls back to copies per
+    /// direction where the sockets refuse it.
     #[arg(long, env = "KVMI_RELAY_MOVE", value_name = "HOW", default_value = "auto")]
     pub r#move: MoveArg,
 
-    /// Largest copy buffer per direction in bytes. Copy buffers start at --pipe-size and double
-    /// each time a read fills them (bulk), up to this; messages never grow them.
+    /// Largest copy buffer per direction in bytes. Copy buffers into TCP start at --pipe-size and
+    /// double each time a read fills them (bulk), up to this; messages never grow them.
     #[arg(long, env = "KVMI_RELAY_COPY_BUFFER_MAX", value_name = "BYTES", default_value = "262144")]
     pub copy_buffer_max: String,
 
