@@ -326,22 +326,6 @@ fn manual_pair(d: &tempfile::TempDir) -> (Relay, socket2::Socket, Endpoint) {
     (relay, server_listener, relay_ep)
 }
 
-/// Writes `bytes` on `from` (from a thread, so the relay's stores may fill) and half-closes it;
-/// returns everything `to` reads up to EOF.
-fn send_and_half_close(from: &socket2::Socket, to: &socket2::Socket, bytes: &[u8]) -> Vec<u8> {
-    let writer = {
-        let (s, b) = (from.try_clone().unwrap(), bytes.to_vec());
-        std::thread::spawn(move || {
-            (&s).write_all(&b).unwrap();
-            s.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut back = Vec::new();
-    (&*to).read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
-    back
-}
-
 /// `--move auto` into UNIX: KVMi's request/answer messages are copied (a short read proves the
 /// socket empty, so each costs one system call fewer than a splice, which must read on until
 /// `WouldBlock`); the first burst that fills the 16 KiB buffer moves the direction to splice,

@@ -162,17 +162,7 @@ fn bulk_that_finds_no_fd_for_a_pipe_keeps_copying() {
     let client = net::connect(&relay_ep).unwrap();
     let server = net::accept(&server_listener).unwrap();
     let bulk: Vec<u8> = (0..BULK_BYTES).map(|i| (i % 251) as u8).collect();
-    let writer = {
-        let (s, b) = (server.try_clone().unwrap(), bulk.clone());
-        std::thread::spawn(move || {
-            (&s).write_all(&b).unwrap();
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-        })
-    };
-    let mut back = Vec::new();
-    (&client).read_to_end(&mut back).unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
-    writer.join().unwrap();
-    assert!(back == bulk, "bytes lost or changed:\n{}", relay.log());
+    assert!(send_and_half_close(&server, &client, &bulk) == bulk, "bytes lost or changed:\n{}", relay.log());
     drop((client, server));
     let log = relay.wait_log("closed", Duration::from_secs(5));
     assert!(log.contains("no pipe for splicing"), "{log}");

@@ -2,7 +2,7 @@
 //! real sockets.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -212,4 +212,20 @@ pub fn echo_server(dir: &Path) -> kvmi_relay::endpoint::Endpoint {
         }
     });
     ep
+}
+
+/// Writes `bytes` on `from` (from a thread, so the relay's stores may fill) and half-closes it;
+/// returns everything `to` reads up to EOF.
+pub fn send_and_half_close(from: &socket2::Socket, to: &socket2::Socket, bytes: &[u8]) -> Vec<u8> {
+    let writer = {
+        let (s, b) = (from.try_clone().unwrap(), bytes.to_vec());
+        std::thread::spawn(move || {
+            (&s).write_all(&b).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    (&*to).read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    back
 }
