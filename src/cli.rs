@@ -99,6 +99,8 @@ pub struct RelayArgs {
     /// Keep polling (yielding the CPU between polls) for this long after the last activity
     /// before sleeping; 0 = always sleep. The default halves the relay's added round trip on
     /// the benchmarks (docs/BENCHMARKS.md) for up to this much CPU per message while traffic flows.
+    /// When the yields keep losing the CPU to busy threads (a loaded host), polling stops for
+    /// 10 ms to 1 s at a time (counted as poll window suspensions in `stats`).
     #[arg(long, env = "KVMI_RELAY_POLL_WINDOW_US", value_name = "US", default_value = "50")]
     pub poll_window_us: String,
 

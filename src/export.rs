@@ -188,6 +188,12 @@ pub fn prometheus(s: &Snapshot) -> String {
     let _ = writeln!(o, "# HELP kvmi_relay_sessions_failed_total Sessions torn down by an error (reset, broken pipe).");
     let _ = writeln!(o, "# TYPE kvmi_relay_sessions_failed_total counter");
     let _ = writeln!(o, "kvmi_relay_sessions_failed_total{{vm=\"{vm}\"}} {}", t.failed);
+    let _ = writeln!(
+        o,
+        "# HELP kvmi_relay_poll_window_suspensions_total Poll window suspended: its yields kept losing the CPU to another thread."
+    );
+    let _ = writeln!(o, "# TYPE kvmi_relay_poll_window_suspensions_total counter");
+    let _ = writeln!(o, "kvmi_relay_poll_window_suspensions_total{{vm=\"{vm}\"}} {}", t.poll_window_suspensions);
     let _ = writeln!(o, "# HELP kvmi_relay_bytes_total Bytes delivered, per direction and per way they moved.");
     let _ = writeln!(o, "# TYPE kvmi_relay_bytes_total counter");
     for d in &s.all_sessions {

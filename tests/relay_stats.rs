@@ -298,3 +298,64 @@ fn sigusr1_logs_every_live_connections_percentiles() {
     assert!(line.contains("conn{id=1"), "{line}");
     assert!(!line.contains("l2c_transit_us=-"), "percentiles, not a dash: {line}");
 }
+
+/// Pins the calling thread to `cpu`.
+fn pin_this_thread(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+/// A thread that keeps the relay's CPU busy (a guest's vCPU on a KVM host) would turn every yield
+/// of the poll window into a scheduler slice, milliseconds per round trip. The relay must notice,
+/// suspend its window (and count that), and keep round trips far below a slice.
+#[test]
+fn a_thread_hogging_the_relays_cpu_suspends_its_poll_window() {
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)).collect();
+    if cpus.len() < 2 {
+        eprintln!("SKIP a_thread_hogging_the_relays_cpu_suspends_its_poll_window: needs 2 CPUs, has {cpus:?}");
+        return;
+    }
+    let (relay_cpu, peers_cpu) = (cpus[0], cpus[1]);
+    let d = tmpdir();
+    // The client (this thread) and the echo server's threads (spawned from it) on one CPU, the
+    // relay and the hog on the other.
+    pin_this_thread(peers_cpu);
+    let server = echo_server(d.path());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hog = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            pin_this_thread(relay_cpu);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let (relay, listen, control) = start(d.path(), &server, &[&format!("--cpu={relay_cpu}")]);
+    let s = net::connect(&listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rtts = Vec::new();
+    let mut msg = [7u8; 64];
+    for i in 0..400u32 {
+        msg[..4].copy_from_slice(&i.to_le_bytes());
+        let t = Instant::now();
+        (&s).write_all(&msg).unwrap();
+        let mut back = [0u8; 64];
+        (&s).read_exact(&mut back).unwrap();
+        rtts.push(t.elapsed());
+        assert_eq!(back, msg);
+    }
+    let suspended = json(&control)["totals"]["poll_window_suspensions"].as_u64().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hog.join().unwrap();
+    rtts.sort();
+    let p50 = rtts[rtts.len() / 2];
+    let p90 = rtts[rtts.len() * 9 / 10];
+    let slow = rtts.iter().filter(|&&r| r >= Duration::from_millis(2)).count();
+    eprintln!("hogged CPU: window suspended {suspended} times; RTT p50 {p50:?} p90 {p90:?}; {slow} of 400 >= 2 ms");
+    assert!(suspended >= 1, "the poll window went on while a thread hogged the relay's CPU:\n{}", relay.log());
+    // Without the suspension each round trip waits for the hog's slices (p50 8 ms here).
+    assert!(p90 < Duration::from_millis(1), "p50 {p50:?} p90 {p90:?}, {slow} of 400 >= 2 ms");
+}

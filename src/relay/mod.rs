@@ -14,7 +14,8 @@
 //!   ping, the accept pause, the shutdown deadline) are swept once per loop turn; there is no
 //!   timer thread.
 //! - Bounded polling: for `--poll-window-us` after any event the loop polls with a zero timeout,
-//!   yielding the CPU before each poll, and only then sleeps (docs/DESIGN.md, invariant 14).
+//!   yielding the CPU before each poll, and only then sleeps; yields that keep losing the CPU
+//!   for a scheduler slice suspend it for a while (`window`; docs/DESIGN.md, invariant 14).
 //! - The control socket's clients and the interval log are served from this loop too; building
 //!   a snapshot reads the connections, it never changes the data path.
 
@@ -39,8 +40,10 @@ use crate::metrics::{self, DirMetrics, Figures, percentiles_us};
 use crate::pump::Pump;
 use crate::service::{Notifier, Status};
 use crate::sys;
+use window::PollWindow;
 
 mod operator;
+mod window;
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -67,6 +70,9 @@ pub struct Totals {
     pub closed: u64,
     /// Times accept hit EMFILE/ENFILE and paused.
     pub accept_pauses: u64,
+    /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
+    /// scheduler slice (a busy CPU; `window`).
+    pub poll_window_suspensions: u64,
     pub bytes: [u64; 2],
     pub splice_bytes: [u64; 2],
     pub copy_bytes: [u64; 2],
@@ -93,8 +99,8 @@ pub struct Relay {
     shutdown_deadline: Option<Instant>,
     /// Connections to advance again on the next turn without waiting for an event.
     rerun: VecDeque<usize>,
-    /// Keep polling without sleeping until then (bounded polling, `--poll-window-us`).
-    spin_until: Option<Instant>,
+    /// Bounded polling (`--poll-window-us`).
+    window: PollWindow,
     /// The service manager's side: readiness, status, watchdog pings from this loop.
     service: Notifier,
     /// The address the listener actually bound (shows the port chosen for `tcp:IP:0`).
@@ -167,6 +173,7 @@ impl Relay {
             ),
             None => None,
         };
+        let window = PollWindow::new(cfg.poll_window);
         Ok(Relay {
             cfg,
             poll,
@@ -179,7 +186,7 @@ impl Relay {
             accept_paused_until: None,
             shutdown_deadline: None,
             rerun: VecDeque::new(),
-            spin_until: None,
+            window,
             service: Notifier::from_env(),
             bound,
             started: now,
@@ -200,21 +207,31 @@ impl Relay {
             let live_before = self.live;
             let now = Instant::now();
             let timeout = self.next_timeout(now);
-            if timeout == Some(Duration::ZERO) && self.rerun.is_empty() && self.spin_until.is_some_and(|t| t > now) {
+            let yielded = timeout == Some(Duration::ZERO) && self.rerun.is_empty() && self.window.is_open(now);
+            if yielded {
                 // Polling inside the window: give the CPU to anything runnable first. On a machine
                 // with as many busy threads as CPUs (the peers, another relay) a spinner that does
                 // not yield holds its CPU for a whole slice while the peer it waits for cannot run.
                 std::thread::yield_now();
             }
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, timeout);
+            let before = now;
+            let now = Instant::now();
+            if yielded && self.window.after_yield(now, now - before) {
+                self.totals.poll_window_suspensions += 1;
+                debug!(
+                    yield_us = (now - before).as_micros() as u64,
+                    "poll window suspended: yields keep losing this CPU to another thread"
+                );
+            }
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(StartError::Loop(e));
             }
-            let now = Instant::now();
-            if !events.is_empty() && !self.cfg.poll_window.is_zero() {
-                self.spin_until = Some(now + self.cfg.poll_window);
+            if !events.is_empty() {
+                self.window.on_events(now);
             }
 
             for ev in events.iter() {
@@ -276,10 +293,8 @@ impl Relay {
         if !self.rerun.is_empty() {
             return Some(Duration::ZERO);
         }
-        if let Some(t) = self.spin_until {
-            if t > now {
-                return Some(Duration::ZERO);
-            }
+        if self.window.is_open(now) {
+            return Some(Duration::ZERO);
         }
         let dial = self.slots.iter().flatten().filter_map(|s| s.conn.deadline());
         let control = self.control_conns.iter().flatten().map(|(c, _)| c.deadline);
