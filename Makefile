@@ -6,7 +6,7 @@ BIN := target/dist/kvmi-relay
 TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-pinned bench-quick bench-lint
+.PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-pinned bench-loaded bench-quick bench-lint
 
 all: build
 
@@ -56,6 +56,15 @@ bench-pinned: build
 	for p in one-cpu hops-apart; do \
 	  $(BENCH_CARGO) --relay $(BIN) --pin $$p --rounds 20 --topology unix-tcp --topology chain --out target/bench/pin-$$p || exit 1; \
 	done
+
+# The latency workloads on a loaded machine (docs/BENCHMARKS.md, "The poll window on a busy
+# machine"): one busy process per CPU for the whole run, the way guests' vCPUs load a KVM host.
+# Output in target/bench/loaded/. About 3 minutes.
+bench-loaded: build
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
+	$(BENCH_CARGO) --relay $(BIN) --load $$(nproc) --rounds 20 --workload pingpong-64B --workload passive-vmi \
+	  --workload active-vmi --contender direct --contender kvmi-relay --contender 'kvmi-relay pw=0' --contender socat \
+	  --out target/bench/loaded
 
 # Seconds, not minutes: every contender, topology and workload with small counts, so the
 # harness cannot rot. Its numbers are not for judging.

@@ -73,6 +73,9 @@ pub struct Opts {
     pub seed: u64,
     /// `--pin`: where client, server and hops run (default: wherever the scheduler puts them).
     pub pin: Option<Placement>,
+    /// `--load N`: busy processes that spin on every CPU for the whole run (a loaded host: its
+    /// guests' vCPUs), 0 for none.
+    pub load: usize,
 }
 
 /// A fixed placement of every process and thread (`--pin`), for latency figures that repeat:
@@ -132,7 +135,7 @@ fn usage() -> ! {
         "usage: kvmi-relay-bench [--quick] [--relay PATH] [--out DIR] [--rounds N] [--bulk-rounds N]\n\
          \x20      [--topology unix-unix|unix-tcp|chain]... [--workload NAME]... [--contender NAME]...\n\
          \x20      [--variant 'NAME=--flag=v,--flag2=v']... [--build NAME=PATH]... [--seed N]\n\
-         \x20      [--pin one-cpu|hops-apart]\n\
+         \x20      [--pin one-cpu|hops-apart] [--load N]\n\
          runs every contender interleaved; see docs/BENCHMARKS.md"
     );
     std::process::exit(2)
@@ -147,6 +150,7 @@ fn parse_args() -> Opts {
     let mut bulk_rounds = None;
     let mut seed = None;
     let mut pin = None;
+    let mut load = 0;
     let (mut topologies, mut workloads, mut only, mut variants) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -157,6 +161,7 @@ fn parse_args() -> Opts {
             "--rounds" => rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
             "--bulk-rounds" => bulk_rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
             "--seed" => seed = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            "--load" => load = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| usage()),
             "--pin" => {
                 let name = args.next().unwrap_or_else(|| usage());
                 pin = Some(
@@ -233,6 +238,7 @@ fn parse_args() -> Opts {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         }),
         pin,
+        load,
     }
 }
 
@@ -401,6 +407,10 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("hog") {
+        // One `--load` process: spins until the harness goes away.
+        procs::hog();
+    }
     if args.get(1).map(String::as_str) == Some("copy-loop") {
         // The `copy loop` contender's hop: this binary, started again by the harness.
         if let Err(e) = copyloop::main(&args[2..]) {
@@ -421,6 +431,8 @@ fn run(opts: &Opts) -> Result<(), String> {
         return Err(format!("{} not found: run `make build` first", opts.relay_bin.display()));
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| format!("create {}: {e}", opts.out_dir.display()))?;
+    // Before `--pin` narrows this process: the hogs may run on every CPU.
+    let _load = procs::Load::start(opts.load)?;
     if let Some(p) = opts.pin {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         if p == Placement::HopsApart && cpus < 2 {
@@ -527,6 +539,7 @@ mod tests {
             variants,
             seed: 0,
             pin: None,
+            load: 0,
         }
     }
 

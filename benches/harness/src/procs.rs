@@ -333,3 +333,50 @@ pub fn startup_times(kind: &Kind, relay_bin: &Path, dir: &Path, reps: usize) -> 
     }
     Ok(out)
 }
+
+/// `--load N`: N copies of this binary spinning (`hog`) for the whole run, the way a loaded
+/// host's guest vCPUs keep its CPUs busy. Killed when dropped; each also dies with the harness.
+pub struct Load(Vec<Child>);
+
+impl Load {
+    pub fn start(n: usize) -> Result<Load, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("--load: find this binary: {e}"))?;
+        let mut hogs = Load(Vec::new());
+        for _ in 0..n {
+            let child = Command::new(&exe)
+                .arg("hog")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("--load: start a busy process: {e}"))?;
+            hogs.0.push(child);
+        }
+        Ok(hogs)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The body of one `--load` process: spin until the harness that started it is gone.
+pub fn hog() -> ! {
+    let parent = std::os::unix::process::parent_id();
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    loop {
+        for _ in 0..1_000_000 {
+            std::hint::spin_loop();
+        }
+        if std::os::unix::process::parent_id() != parent {
+            std::process::exit(0);
+        }
+    }
+}

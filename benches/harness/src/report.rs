@@ -138,7 +138,7 @@ impl Report<'_> {
              (bulk: {}), contenders in an order shuffled every round (seed {seed}: `--seed {seed}` repeats it)\n- times are µs unless named; `+p50` = contender − direct \
              at the same percentile, same run; CPU = the relay processes' user+system time (children included), \
              RSS = the largest peak RSS (VmHWM, reset before each session) of one serving process; CPU is exact (schedstat) for kvmi-relay, the copy loop and proxyd, \
-             in 10 ms clock ticks for socat's exited forks\n- placement: {placement}\n",
+             in 10 ms clock ticks for socat's exited forks\n- placement: {placement}\n- background load: {load}\n",
             m.cpus,
             m.cpu,
             m.kernel,
@@ -155,6 +155,14 @@ impl Report<'_> {
             o.bulk_rounds,
             seed = o.seed,
             placement = o.pin.map_or("wherever the scheduler puts each process (no `--pin`)", |p| p.describe()),
+            load = if o.load == 0 {
+                "none".to_string()
+            } else {
+                format!(
+                    "{} processes spinning for the whole run (`--load {}`); the targets were set for an idle machine",
+                    o.load, o.load
+                )
+            },
         );
         for (w, title) in [
             (Workload::PingPong, "64-byte ping-pong: round trips"),
