@@ -59,7 +59,7 @@ bench-pinned: build
 
 # The latency workloads on a loaded machine (docs/BENCHMARKS.md, "The poll window on a busy
 # machine"): one busy process per CPU for the whole run, the way guests' vCPUs load a KVM host.
-# Output in target/bench/loaded/. About 3 minutes.
+# Output in target/bench/loaded/. About a minute.
 bench-loaded: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
 	$(BENCH_CARGO) --relay $(BIN) --load $$(nproc) --rounds 20 --workload pingpong-64B --workload passive-vmi \
