@@ -6,8 +6,9 @@
 //! microseconds and block again. A thread that wants the CPU for longer (a guest's vCPU, a build)
 //! can turn a yield into a whole scheduler slice, milliseconds during which the relay is runnable
 //! but not running. Now and then that is the price of staying awake (a relay that sleeps on a busy
-//! CPU may wait as long for its wake-up); on every message it is ruin (a chain of two relays
-//! measured 8 ms per round trip instead of 20 µs). So a yield that comes back later than
+//! CPU may wait as long for its wake-up); on every message it is ruin (with two busy processes on
+//! this 2-CPU machine a chain of two relays took 4–8 ms per round trip, twenty times socat's; see
+//! docs/BENCHMARKS.md, "The poll window on a busy machine"). So a yield that comes back later than
 //! `SLOW_YIELD` (and than two windows: another relay on this CPU may spin through its own window
 //! before it yields back) is remembered, and a second one within `SLOW_YIELD_SPAN` suspends the
 //! window: no new one opens for a cool-down of `COOL_DOWN_MIN`, doubling up to `COOL_DOWN_MAX`
