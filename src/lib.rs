@@ -71,10 +71,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     sys::ignore_sigpipe().map_err(StartError::SigPipe)?;
     sys::return_big_buffers_to_the_kernel();
     if let Some(cpu) = cfg.cpu {
-        let mut set = nix::sched::CpuSet::new();
-        set.set(cpu).map_err(|e| StartError::Pin { cpu, source: e.into() })?;
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-            .map_err(|e| StartError::Pin { cpu, source: e.into() })?;
+        sys::pin_this_thread(cpu).map_err(|source| StartError::Pin { cpu, source })?;
     }
     // A socket the service manager holds (socket activation) is used instead of binding one.
     let listener = match service::inherited_listener(&cfg)? {

@@ -322,7 +322,7 @@ impl Pump {
                             self.switch_when_drained = true;
                         } else if filled {
                             self.grow_store();
-                        } else if !self.uses_splice() && !self.src_read_closed {
+                        } else if !splicing && !self.src_read_closed {
                             // Less than offered: the socket's queue is empty (module docs).
                             self.src_readable = false;
                         }

@@ -24,7 +24,7 @@ impl Hog {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            pin_this_thread(cpu);
+            kvmi_relay::sys::pin_this_thread(cpu).unwrap();
             while !flag.load(Ordering::Relaxed) {
                 std::hint::spin_loop();
             }
@@ -42,13 +42,6 @@ impl Drop for Hog {
     }
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin_this_thread(cpu: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
-}
-
 /// A thread that keeps the relay's CPU busy (a guest's vCPU on a KVM host) would turn every yield
 /// of the poll window into a scheduler slice, milliseconds per round trip. The relay must notice,
 /// suspend its window (and count that), and keep round trips far below a slice.
@@ -64,7 +57,7 @@ fn a_thread_hogging_the_relays_cpu_suspends_its_poll_window() {
     let d = tmpdir();
     // The client (this thread) and the echo server's threads (spawned from it) on one CPU, the
     // relay and the hog on the other.
-    pin_this_thread(peers_cpu);
+    kvmi_relay::sys::pin_this_thread(peers_cpu).unwrap();
     let server = echo_server(d.path());
     let hog = Hog::start(relay_cpu);
     let listen = Endpoint::Unix(d.path().join("relay.sock"));
