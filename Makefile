@@ -77,7 +77,7 @@ bench-quick: build bench-lint
 
 bench-lint:
 	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
-	$(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness -- -D warnings
+	$(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --all-targets -- -D warnings
 	$(CARGO) test --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness
 
 # Install layout (GNU-style; DESTDIR for staging). systemd looks for units under

@@ -130,90 +130,102 @@ pub struct Startup {
     pub times: Vec<Duration>,
 }
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: kvmi-relay-bench [--quick] [--relay PATH] [--out DIR] [--rounds N] [--bulk-rounds N]\n\
-         \x20      [--topology unix-unix|unix-tcp|chain]... [--workload NAME]... [--contender NAME]...\n\
-         \x20      [--variant 'NAME=--flag=v,--flag2=v']... [--build NAME=PATH]... [--seed N]\n\
-         \x20      [--pin one-cpu|hops-apart] [--load N]\n\
-         runs every contender interleaved; see docs/BENCHMARKS.md"
-    );
-    std::process::exit(2)
+/// The command line (the `hog` and `copy-loop` subcommands are the harness's own children and
+/// are dispatched before this).
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "kvmi-relay-bench",
+    about = "Runs every contender interleaved on this machine; see docs/BENCHMARKS.md",
+    disable_version_flag = true,
+    // `--rounds -1` is a bad value for --rounds, not an unknown flag `-1`.
+    allow_negative_numbers = true
+)]
+struct Args {
+    /// Seconds, not minutes (`make bench-quick`); numbers not for judging.
+    #[arg(long)]
+    quick: bool,
+    /// The relay binary under test [default: target/release/kvmi-relay].
+    #[arg(long, value_name = "PATH")]
+    relay: Option<PathBuf>,
+    /// Where results.{md,csv,json} and the plot go [default: target/bench].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Latency rounds: one session per contender each [default: 40, quick 2].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
+    /// Bulk rounds [default: 8, quick 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    bulk_rounds: Option<u32>,
+    /// Only these topologies (repeatable) [default: all].
+    #[arg(long = "topology", value_name = "T", value_parser = parse_topology)]
+    topologies: Vec<Topology>,
+    /// Only these workloads (repeatable) [default: all].
+    #[arg(long = "workload", value_name = "W", value_parser = parse_workload)]
+    workloads: Vec<Workload>,
+    /// Only these contenders, by name (repeatable) [default: all].
+    #[arg(long = "contender", value_name = "NAME")]
+    only: Vec<String>,
+    /// A relay contender `kvmi-relay NAME` with extra flags (repeatable).
+    #[arg(long = "variant", value_name = "NAME=--flag=v,--flag2=v", value_parser = parse_variant)]
+    variants: Vec<(String, Vec<String>)>,
+    /// Another build of the relay, `kvmi-relay NAME` (repeatable): an A/B in one run.
+    #[arg(long = "build", value_name = "NAME=PATH", value_parser = parse_build)]
+    builds: Vec<(String, PathBuf)>,
+    /// Seeds the per-round order of the contenders [default: from the clock].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// A fixed CPU placement of client, server and hops.
+    #[arg(long, value_name = "one-cpu|hops-apart", value_parser = parse_pin)]
+    pin: Option<Placement>,
+    /// Busy processes spinning for the whole run.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    load: u32,
+    /// `cargo bench` passes this to harness = false targets.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn parse_topology(s: &str) -> Result<Topology, String> {
+    Topology::ALL
+        .into_iter()
+        .find(|t| t.name() == s)
+        .ok_or_else(|| format!("no topology named {s:?} (one of {})", Topology::ALL.map(Topology::name).join(", ")))
+}
+
+fn parse_workload(s: &str) -> Result<Workload, String> {
+    Workload::ALL
+        .into_iter()
+        .find(|w| w.name() == s)
+        .ok_or_else(|| format!("no workload named {s:?} (one of {})", Workload::ALL.map(Workload::name).join(", ")))
+}
+
+fn parse_pin(s: &str) -> Result<Placement, String> {
+    [Placement::OneCpu, Placement::HopsApart]
+        .into_iter()
+        .find(|p| p.name() == s)
+        .ok_or_else(|| format!("expected one-cpu or hops-apart, got {s:?}"))
+}
+
+fn parse_variant(s: &str) -> Result<(String, Vec<String>), String> {
+    let (name, flags) = s.split_once('=').filter(|(n, _)| !n.is_empty()).ok_or("expected NAME=FLAGS")?;
+    Ok((name.to_string(), flags.split(',').filter(|f| !f.is_empty()).map(str::to_string).collect()))
+}
+
+fn parse_build(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').filter(|(n, _)| !n.is_empty()).ok_or("expected NAME=PATH")?;
+    if !Path::new(path).is_file() {
+        return Err(format!("{path} is not a file"));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 fn parse_args() -> Opts {
+    let a = <Args as clap::Parser>::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut quick = false;
-    let mut relay_bin = root.join("target/release/kvmi-relay");
-    let mut out_dir = root.join("target/bench");
-    let mut rounds = None;
-    let mut bulk_rounds = None;
-    let mut seed = None;
-    let mut pin = None;
-    let mut load = 0;
-    let (mut topologies, mut workloads, mut only, mut variants) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--relay" => relay_bin = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
-            "--out" => out_dir = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
-            "--rounds" => rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
-            "--bulk-rounds" => bulk_rounds = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
-            "--seed" => seed = args.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
-            "--load" => load = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| usage()),
-            "--pin" => {
-                let name = args.next().unwrap_or_else(|| usage());
-                pin = Some(
-                    [Placement::OneCpu, Placement::HopsApart].into_iter().find(|p| p.name() == name).unwrap_or_else(
-                        || {
-                            eprintln!("--pin: expected one-cpu or hops-apart, got {name:?}");
-                            usage()
-                        },
-                    ),
-                );
-            }
-            "--topology" => {
-                let name = args.next().unwrap_or_else(|| usage());
-                topologies.push(Topology::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| {
-                    eprintln!("--topology: no topology named {name:?}");
-                    usage()
-                }));
-            }
-            "--workload" => {
-                let name = args.next().unwrap_or_else(|| usage());
-                workloads.push(Workload::ALL.into_iter().find(|w| w.name() == name).unwrap_or_else(|| {
-                    eprintln!("--workload: no workload named {name:?}");
-                    usage()
-                }));
-            }
-            "--contender" => only.push(args.next().unwrap_or_else(|| usage())),
-            "--variant" => {
-                let spec = args.next().unwrap_or_else(|| usage());
-                let Some((name, flags)) = spec.split_once('=') else {
-                    eprintln!("--variant: expected NAME=FLAGS, got {spec:?}");
-                    usage()
-                };
-                let flags = flags.split(',').filter(|f| !f.is_empty()).map(str::to_string).collect();
-                variants.push((format!("kvmi-relay {name}"), flags, None));
-            }
-            "--build" => {
-                let spec = args.next().unwrap_or_else(|| usage());
-                let Some((name, path)) = spec.split_once('=') else {
-                    eprintln!("--build: expected NAME=PATH, got {spec:?}");
-                    usage()
-                };
-                if !Path::new(path).is_file() {
-                    eprintln!("--build: {path} is not a file");
-                    usage()
-                }
-                variants.push((format!("kvmi-relay {name}"), Vec::new(), Some(PathBuf::from(path))));
-            }
-            // `cargo bench` passes this to harness = false targets.
-            "--bench" => {}
-            _ => usage(),
-        }
-    }
+    let quick = a.quick;
+    let mut variants: Vec<(String, Vec<String>, Option<PathBuf>)> =
+        a.variants.into_iter().map(|(name, flags)| (format!("kvmi-relay {name}"), flags, None)).collect();
+    variants.extend(a.builds.into_iter().map(|(name, path)| (format!("kvmi-relay {name}"), Vec::new(), Some(path))));
     let sizes = if quick {
         Sizes { round_trips: 500, reads: 400, events: 400, bulk_bytes: 8 << 20 }
     } else {
@@ -224,21 +236,21 @@ fn parse_args() -> Opts {
     };
     Opts {
         quick,
-        relay_bin,
-        out_dir,
-        latency_rounds: rounds.unwrap_or(if quick { 2 } else { 40 }),
-        bulk_rounds: bulk_rounds.unwrap_or(if quick { 1 } else { 8 }),
+        relay_bin: a.relay.unwrap_or_else(|| root.join("target/release/kvmi-relay")),
+        out_dir: a.out.unwrap_or_else(|| root.join("target/bench")),
+        latency_rounds: a.rounds.unwrap_or(if quick { 2 } else { 40 }),
+        bulk_rounds: a.bulk_rounds.unwrap_or(if quick { 1 } else { 8 }),
         sizes,
         startup_reps: if quick { 3 } else { 20 },
-        topologies,
-        workloads,
-        only,
+        topologies: a.topologies,
+        workloads: a.workloads,
+        only: a.only,
         variants,
-        seed: seed.unwrap_or_else(|| {
+        seed: a.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         }),
-        pin,
-        load,
+        pin: a.pin,
+        load: a.load as usize,
     }
 }
 
@@ -549,9 +561,9 @@ mod tests {
     #[test]
     fn a_variant_may_not_take_a_contenders_name() {
         let v = |name: &str| (format!("kvmi-relay {name}"), vec!["--move=copy".to_string()], None);
-        let err = contenders(&opts(vec![v("copy")])).err().expect("duplicate name accepted");
+        let err = contenders(&opts(vec![v("copy")])).expect_err("duplicate name accepted");
         assert!(err.contains("\"kvmi-relay copy\" exists already"), "{err}");
-        let err = contenders(&opts(vec![v("mine"), v("mine")])).err().expect("duplicate name accepted");
+        let err = contenders(&opts(vec![v("mine"), v("mine")])).expect_err("duplicate name accepted");
         assert!(err.contains("kvmi-relay mine"), "{err}");
         let all = contenders(&opts(vec![v("mine")])).unwrap();
         assert_eq!(all.iter().filter(|c| c.name == "kvmi-relay mine").count(), 1);
