@@ -75,10 +75,11 @@ bench-quick: build bench-lint
 	  $(BENCH_CARGO) --quick --relay $(BIN) --pin hops-apart --topology chain --out target/bench/quick-pinned >/dev/null; \
 	else echo "bench-quick: SKIP --pin hops-apart: needs 2 CPUs, this machine has $$(nproc)"; fi
 
-bench-lint:
+# The harness's own tests start it against $(BIN).
+bench-lint: build
 	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
 	$(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --all-targets -- -D warnings
-	$(CARGO) test --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness
+	KVMI_RELAY_BIN=$(abspath $(BIN)) $(CARGO) test --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness
 
 # Install layout (GNU-style; DESTDIR for staging). systemd looks for units under
 # /usr/local/lib/systemd/system too, so the default PREFIX works as it is.

@@ -151,6 +151,7 @@ pub fn spawn_hop(
             c
         }
     };
+    die_with_harness(&mut cmd);
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -160,6 +161,28 @@ pub fn spawn_hop(
     let mut hop = Hop { child, _listener: listener };
     wait_listening(listen, &mut hop.child)?;
     Ok(hop)
+}
+
+/// Makes the hop die with the harness (PR_SET_PDEATHSIG), so that a harness killed by SIGKILL
+/// or a crash leaves no relay or socat behind listening on its sockets; `Hop`'s drop covers every
+/// other exit. The signal follows the thread that forks, so hops are started from the main thread
+/// only, which lives as long as the harness. (Not for the start-up measurement: a pre_exec hook
+/// turns the spawn into a full fork, whose time that measurement would include.)
+fn die_with_harness(cmd: &mut Command) {
+    let harness = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe and the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The harness died between the fork and the prctl: the signal will never come.
+            if libc::getppid() != harness {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Waits until something listens on `ep`, judged from /proc/net (no probe connection).
