@@ -147,7 +147,7 @@ fn assert_held_at_most(line: &str, dir: &str, ceiling: u64) {
 // splice ("Messages copy, bulk splices"). l2c writes to the --connect side, c2l back to the peer.
 
 #[test]
-fn unix_to_unix_256mib_each_way_spliced() {
+fn unix_to_unix_256mib_each_way_copied_then_spliced() {
     let d = tmpdir();
     let line = bulk_through(unix(&d, "relay.sock"), unix(&d, "server.sock"), &[], BULK_BYTES);
     assert_moved(&line, "l2c", Moved::CopiedThenSpliced);
