@@ -163,10 +163,11 @@ pub fn spawn_hop(
     Ok(hop)
 }
 
-/// Makes the hop die with the harness (PR_SET_PDEATHSIG), so that a harness killed by SIGKILL
-/// or a crash leaves no relay or socat behind listening on its sockets; `Hop`'s drop covers every
-/// other exit. The signal follows the thread that forks, so hops are started from the main thread
-/// only, which lives as long as the harness. (Not for the start-up measurement: a pre_exec hook
+/// Makes a hop or a `--load` process die with the harness (PR_SET_PDEATHSIG), so that a harness
+/// killed by SIGKILL or a crash leaves no relay or socat behind listening on its sockets and no
+/// CPU spinning; `Hop`'s and `Load`'s drops cover every other exit. The signal follows the
+/// thread that forks, so these are started from the main thread only, which lives as long as
+/// the harness. (Not for the start-up measurement: a pre_exec hook
 /// turns the spawn into a full fork, whose time that measurement would include.)
 fn die_with_harness(cmd: &mut Command) {
     let harness = std::process::id() as libc::pid_t;
@@ -366,12 +367,10 @@ impl Load {
         let exe = std::env::current_exe().map_err(|e| format!("--load: find this binary: {e}"))?;
         let mut hogs = Load(Vec::new());
         for _ in 0..n {
-            let child = Command::new(&exe)
-                .arg("hog")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("--load: start a busy process: {e}"))?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("hog").stdin(Stdio::null()).stdout(Stdio::null());
+            die_with_harness(&mut cmd);
+            let child = cmd.spawn().map_err(|e| format!("--load: start a busy process: {e}"))?;
             hogs.0.push(child);
         }
         Ok(hogs)
@@ -387,19 +386,9 @@ impl Drop for Load {
     }
 }
 
-/// The body of one `--load` process: spin until the harness that started it is gone.
+/// The body of one `--load` process: spin until killed (by `Load`'s drop, or with the harness).
 pub fn hog() -> ! {
-    let parent = std::os::unix::process::parent_id();
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and touches no memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
     loop {
-        for _ in 0..1_000_000 {
-            std::hint::spin_loop();
-        }
-        if std::os::unix::process::parent_id() != parent {
-            std::process::exit(0);
-        }
+        std::hint::spin_loop();
     }
 }

@@ -74,7 +74,7 @@ impl Drop for Reaped {
 }
 
 /// A harness killed with SIGKILL (a timeout, an impatient user) used to leave its relays running
-/// and listening; now every hop dies with it.
+/// and listening; now every hop dies with it, and so does its `--load` process.
 #[test]
 fn a_harness_killed_with_sigkill_leaves_no_hop_running() {
     let out = std::env::temp_dir().join(format!("harness-cli-kill-{}", std::process::id()));
@@ -85,18 +85,18 @@ fn a_harness_killed_with_sigkill_leaves_no_hop_running() {
             .args(["--out"])
             .arg(&out)
             .args(["--topology", "chain", "--workload", "pingpong-64B", "--rounds", "100000"])
-            .args(["--contender", "kvmi-relay", "--contender", "copy loop"])
+            .args(["--contender", "kvmi-relay", "--contender", "copy loop", "--load", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     let harness = &mut harness.0;
-    // Both contenders' two hops of the chain are up once four children exist.
+    // One busy process, then both contenders' two hops of the chain: five children.
     let deadline = Instant::now() + Duration::from_secs(30);
     let hops = loop {
         let c = children_of(harness.id());
-        if c.len() >= 4 {
+        if c.len() >= 5 {
             break c;
         }
         assert!(Instant::now() < deadline, "the harness started only {c:?}");
