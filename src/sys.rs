@@ -59,8 +59,6 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     nix::unistd::write(fd, buf).map_err(io_err)
 }
 
-/// Ignores SIGPIPE process-wide: splice(2) into a closed socket has no MSG_NOSIGNAL, and a
-/// signal must never kill the relay where an EPIPE would do.
 /// Pins the calling thread (the whole relay: it has one) to `cpu`.
 pub fn pin_this_thread(cpu: usize) -> io::Result<()> {
     let mut set = nix::sched::CpuSet::new();
@@ -68,6 +66,8 @@ pub fn pin_this_thread(cpu: usize) -> io::Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io_err)
 }
 
+/// Ignores SIGPIPE process-wide: splice(2) into a closed socket has no MSG_NOSIGNAL, and a
+/// signal must never kill the relay where an EPIPE would do.
 pub fn ignore_sigpipe() -> io::Result<()> {
     use nix::sys::signal::{SigHandler, Signal, signal};
     // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety concern;

@@ -215,14 +215,11 @@ impl Relay {
                 std::thread::yield_now();
             }
             let polled = self.poll.poll(&mut events, timeout);
-            let before = now;
-            let now = Instant::now();
+            let (before, now) = (now, Instant::now());
             if yielded && self.window.after_yield(now, now - before) {
                 self.totals.poll_window_suspensions += 1;
-                debug!(
-                    yield_us = (now - before).as_micros() as u64,
-                    "poll window suspended: yields keep losing this CPU to another thread"
-                );
+                let yield_us = (now - before).as_micros() as u64;
+                debug!(yield_us, "poll window suspended: yields keep losing this CPU to another thread");
             }
             if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {

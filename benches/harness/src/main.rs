@@ -92,6 +92,7 @@ pub enum Placement {
 }
 
 impl Placement {
+    pub const ALL: [Placement; 2] = [Placement::OneCpu, Placement::HopsApart];
     pub fn name(self) -> &'static str {
         match self {
             Placement::OneCpu => "one-cpu",
@@ -185,25 +186,24 @@ struct Args {
     bench: bool,
 }
 
+/// The one of `all` called `s`, for a flag's value parser; the error lists the names there are.
+fn by_name<T: Copy>(all: &[T], name: fn(T) -> &'static str, what: &str, s: &str) -> Result<T, String> {
+    all.iter().copied().find(|&t| name(t) == s).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|&t| name(t)).collect();
+        format!("no {what} named {s:?} (one of {})", names.join(", "))
+    })
+}
+
 fn parse_topology(s: &str) -> Result<Topology, String> {
-    Topology::ALL
-        .into_iter()
-        .find(|t| t.name() == s)
-        .ok_or_else(|| format!("no topology named {s:?} (one of {})", Topology::ALL.map(Topology::name).join(", ")))
+    by_name(&Topology::ALL, Topology::name, "topology", s)
 }
 
 fn parse_workload(s: &str) -> Result<Workload, String> {
-    Workload::ALL
-        .into_iter()
-        .find(|w| w.name() == s)
-        .ok_or_else(|| format!("no workload named {s:?} (one of {})", Workload::ALL.map(Workload::name).join(", ")))
+    by_name(&Workload::ALL, Workload::name, "workload", s)
 }
 
 fn parse_pin(s: &str) -> Result<Placement, String> {
-    [Placement::OneCpu, Placement::HopsApart]
-        .into_iter()
-        .find(|p| p.name() == s)
-        .ok_or_else(|| format!("expected one-cpu or hops-apart, got {s:?}"))
+    by_name(&Placement::ALL, Placement::name, "placement", s)
 }
 
 fn parse_variant(s: &str) -> Result<(String, Vec<String>), String> {
