@@ -167,13 +167,21 @@ EOF
     case "$status1" in *" 0 refused since start"*) ;; *) bad "the restarted relay refused dials: $status1" ;; esac
     ok=$(grep -c '^reset ok' /tmp/dials.out)
     nok=$(grep -vc '^reset ok' /tmp/dials.out)
-    [ "$nok" = 0 ] || bad "$nok of 60 dials failed: $(grep -v '^reset ok' /tmp/dials.out | sort | uniq -c | head -3 | tr '\n' ' ')"
+    # A dial the stopping instance had already accepted is its session, and a stop closes the
+    # sessions that hold no bytes (docs/DESIGN.md): its client may then meet EPIPE or a reset
+    # (seen about once in ten CI runs: the client was descheduled between connect and write).
+    # That is a session cut by the stop, not a refused dial, and the journal says so with a
+    # `closed end="drained"` line; every failed dial must be one of those.
+    drained=$(journalctl -q --no-pager -u kvmi-relay@vm1.service | grep -c 'closed end="drained"')
+    cut=$(grep -v '^reset ok' /tmp/dials.out | grep -cE 'Broken pipe|Connection reset')
+    [ "$nok" = "$cut" ] && [ "$nok" -le "$drained" ] ||
+        bad "$nok of 60 dials failed, $cut of them cut, $drained sessions drained by the stops: $(grep -v '^reset ok' /tmp/dials.out | sort | uniq -c | head -3 | tr '\n' ' ')"
     [ "$pid0" != "$pid1" ] && [ "$pid1" != 0 ] || bad "the service did not restart (MainPID $pid0 → $pid1)"
     [ "$(stat -c %i /run/kvmi/vm1.sock 2>/dev/null)" = "$ino0" ] || bad "the socket file changed across the restarts"
     # and data still flows through the restarted relay
     timeout 60 $T peer pingpong --connect unix:/run/kvmi/vm1.sock --count 50 >/tmp/s-pp1.out 2>&1
     expect_ok /tmp/s-pp1.out pingpong
-    DETAIL="dials ok=$ok failed=$nok over 2 restarts; MainPID $pid0 → $pid1; same socket inode $ino0"
+    DETAIL="dials ok=$ok failed=$nok (sessions drained by the stops: $drained) over 2 restarts; MainPID $pid0 → $pid1; same socket inode $ino0"
     end kvmi-relay@vm1.service kvmi-relay@vm1.socket
 
     begin unit-stop-socket-removes-file
