@@ -1,17 +1,21 @@
-# kvmi-relay: `make demo` runs the main job end to end; `make test` runs every check.
+# kvmi-relay: `make demo` runs the main job end to end; `make quick` is the day-to-day check;
+# `make test` runs every check.
 CARGO ?= cargo
+# The workspace's two packages: the daemon (`kvmi-relay`, what `make install` ships) and its
+# companion (`kvmi-relay-tools` in tools/: test peers, fake KVMi peers, demo, man page).
+PACKAGES := -p kvmi-relay -p kvmi-relay-tools
 # The shipped binary (profile dist: fat LTO, see Cargo.toml); tests build their own (release).
 BIN := target/dist/kvmi-relay
 # Its companion for tests, benches, the demo and the man page (never installed).
 TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps fmt clippy unit man install uninstall bench bench-pinned bench-loaded bench-quick bench-lint
+.PHONY: all build demo quick test deps fmt clippy unit man install uninstall bench bench-pinned bench-loaded bench-quick bench-lint
 
 all: build
 
 build:
-	$(CARGO) build --profile dist --locked
+	$(CARGO) build --profile dist --locked $(PACKAGES)
 
 # Debian packages the tests need (idempotent; skipped when already present).
 # systemd: systemd-analyze verify/security for tests/systemd_units.rs.
@@ -27,16 +31,25 @@ deps:
 demo: build
 	$(TOOLS) demo
 
+# Every package: the workspace's two and the bench harness (a package of its own).
 fmt:
-	$(CARGO) fmt --check
+	$(CARGO) fmt --all --check
+	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
 
 clippy:
-	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked $(PACKAGES) --all-targets -- -D warnings
+	$(HARNESS_CLIPPY)
 
+# Unit and integration tests. The integration tests run the daemon and the tools binary beside
+# it (target/release/): both are built first.
 unit:
-	$(CARGO) test --release --locked
+	$(CARGO) build --release --locked $(PACKAGES)
+	$(CARGO) test --release --locked $(PACKAGES)
 
-test: deps fmt clippy unit bench-quick
+# The day-to-day check: formatting, lints and the tests; no guests, no benches (a few minutes).
+quick: fmt clippy unit
+
+test: deps quick bench-quick
 
 # Benchmarks (docs/BENCHMARKS.md): direct, kvmi-relay, socat and systemd-socket-proxyd
 # interleaved in one run. The harness is its own package under benches/harness, so that its
@@ -76,9 +89,10 @@ bench-quick: build bench-lint
 	else echo "bench-quick: SKIP --pin hops-apart: needs 2 CPUs, this machine has $$(nproc)"; fi
 
 # The harness's own tests start it against $(BIN).
+HARNESS_CLIPPY = $(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --all-targets -- -D warnings
 bench-lint: build
 	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
-	$(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --all-targets -- -D warnings
+	$(HARNESS_CLIPPY)
 	KVMI_RELAY_BIN=$(abspath $(BIN)) $(CARGO) test --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness
 
 # Install layout (GNU-style; DESTDIR for staging). systemd looks for units under
@@ -97,7 +111,7 @@ INSTALLED = $(BINDIR)/kvmi-relay $(UNITDIR)/kvmi-relay@.service $(UNITDIR)/kvmi-
 
 # Built only when missing, so that `sudo make install` after `make` does not run cargo as root.
 $(BIN) $(TOOLS):
-	$(CARGO) build --profile dist --locked
+	$(CARGO) build --profile dist --locked $(PACKAGES)
 
 man: $(MAN)
 

@@ -8,25 +8,23 @@
 //!   `listener.rs`; dialling is `dial.rs`;
 //! - `unsafe` lives in `sys.rs` only;
 //! - systemd (readiness, watchdog, socket activation) is `service.rs`;
-//! - the command line stops at `cli.rs`; `config.rs` is the border to everything else;
-//! - `peers/` holds the fake KVMi peers and test peers; `demo.rs` is `make demo`; both run from
-//!   the companion binary `kvmi-relay-tools` (`src/bin/`), never from the daemon.
+//! - the command line stops at `cli.rs`; `config.rs` is the border to everything else.
+//!
+//! The fake KVMi peers, test peers, demo and man-page generator are the `kvmi-relay-tools`
+//! package (`tools/`), which depends on this library; nothing here depends on it.
 
 pub mod access;
 pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod control;
-pub mod demo;
 pub mod dial;
 pub mod endpoint;
 pub mod error;
 pub mod export;
 pub mod histlog;
 pub mod listener;
-pub mod manpage;
 pub mod metrics;
-pub mod peers;
 pub mod pump;
 pub mod relay;
 pub mod service;

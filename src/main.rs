@@ -1,6 +1,6 @@
 //! `kvmi-relay`: the daemon (and its `stats` client): parse, validate, serve. Start-up problems
 //! end here as one line each on stderr and exit code 2; a clean stop (SIGTERM/SIGINT) exits 0.
-//! Test peers, the demo and the man page are `kvmi-relay-tools` (src/bin/).
+//! Test peers, the demo and the man page are the separate package `kvmi-relay-tools` (tools/).
 
 use std::process::ExitCode;
 

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::net;
+use kvmi_relay_tools::peers::net;
 use util::*;
 
 const NOBODY: u32 = 65534;
@@ -26,7 +26,7 @@ fn open_dir() -> tempfile::TempDir {
 }
 
 fn as_nobody(args: &[&str]) -> (i32, String) {
-    let out = Command::new(TOOLS).args(args).uid(NOBODY).gid(NOGROUP).output().expect("run client as nobody");
+    let out = Command::new(tools()).args(args).uid(NOBODY).gid(NOGROUP).output().expect("run client as nobody");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -132,7 +132,7 @@ fn second_session_over_max_conns_is_refused_and_the_first_is_undisturbed() {
     let mut b = [0u8; 3];
     (&first).read_exact(&mut b).unwrap();
 
-    kvmi_relay::peers::cli::expect_refused(&relay_ep).expect("a second session must be refused");
+    kvmi_relay_tools::peers::cli::expect_refused(&relay_ep).expect("a second session must be refused");
     let log = relay.wait_log("--max-conns", Duration::from_secs(5));
     assert!(log.contains("refused"), "{log}");
 

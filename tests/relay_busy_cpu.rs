@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvmi_relay::control::ask;
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::net;
+use kvmi_relay_tools::peers::net;
 use util::*;
 
 /// A thread spinning on one CPU until dropped (also when the test fails half-way).

@@ -12,8 +12,8 @@ use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::bulk::{self, BulkSpec};
-use kvmi_relay::peers::net;
+use kvmi_relay_tools::peers::bulk::{self, BulkSpec};
+use kvmi_relay_tools::peers::net;
 use util::*;
 
 const BULK_BYTES: u64 = 256 << 20;

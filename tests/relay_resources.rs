@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kvmi_relay::endpoint::Endpoint;
 use kvmi_relay::metrics::{chunk_histogram, time_histogram};
-use kvmi_relay::peers::{data, net};
+use kvmi_relay_tools::peers::{data, net};
 use util::*;
 
 fn wait_fds(relay: &Relay, want: usize, patience: Duration) -> usize {

@@ -190,10 +190,10 @@ fn test_peers_live_in_the_tools_binary_not_in_the_daemon() {
     for tool in ["peer", "fake-hypervisor", "fake-introspector", "demo", "man"] {
         let (code, _out, err) = run(&[tool]);
         assert_eq!(code, 2, "kvmi-relay {tool} should be a usage error: {err}");
-        let out = std::process::Command::new(TOOLS).args([tool, "--help"]).output().unwrap();
+        let out = std::process::Command::new(tools()).args([tool, "--help"]).output().unwrap();
         assert!(out.status.success(), "kvmi-relay-tools {tool} --help: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let man = std::process::Command::new(TOOLS).arg("man").output().unwrap();
+    let man = std::process::Command::new(tools()).arg("man").output().unwrap();
     assert!(man.status.success());
     assert!(
         String::from_utf8_lossy(&man.stdout).contains("\\-\\-allow\\-uid"),

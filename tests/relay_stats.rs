@@ -14,7 +14,7 @@ use hdrhistogram::serialization::Deserializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
 use kvmi_relay::control::ask;
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::{net, pingpong};
+use kvmi_relay_tools::peers::{net, pingpong};
 use util::*;
 
 /// A UNIX server that answers every 64-byte message after `delay`.

@@ -26,7 +26,7 @@ fn make(target: &str, destdir: &Path, man: &Path) {
         .arg(format!("DESTDIR={}", destdir.display()))
         .arg(format!("PREFIX={PREFIX}"))
         .arg(format!("BIN={BIN}"))
-        .arg(format!("TOOLS={TOOLS}"))
+        .arg(format!("TOOLS={}", tools().display()))
         .arg(format!("MAN={}", man.display()))
         .output()
         .expect("run make");

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::net;
+use kvmi_relay_tools::peers::net;
 use util::*;
 
 /// First fd of socket activation (SD_LISTEN_FDS_START).
@@ -93,7 +93,7 @@ fn echo_target(dir: &Path) -> String {
     std::thread::spawn(move || {
         while let Ok(s) = net::accept(&l) {
             std::thread::spawn(move || {
-                let _ = kvmi_relay::peers::pingpong::echo(&s);
+                let _ = kvmi_relay_tools::peers::pingpong::echo(&s);
             });
         }
     });

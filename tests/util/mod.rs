@@ -10,8 +10,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kvmi-relay");
-/// The test peers, fake KVMi peers, demo and man page (`src/bin/kvmi-relay-tools.rs`).
-pub const TOOLS: &str = env!("CARGO_BIN_EXE_kvmi-relay-tools");
+
+/// The test peers, fake KVMi peers, demo and man page: the `kvmi-relay-tools` binary of the
+/// `tools/` package, built beside the daemon (same target directory and profile). Cargo builds
+/// it with `cargo test` at the top of the workspace, and `make quick`/`make test` build it first;
+/// `cargo test -p kvmi-relay` alone does not.
+pub fn tools() -> PathBuf {
+    let tools = Path::new(BIN).with_file_name("kvmi-relay-tools");
+    assert!(
+        tools.is_file(),
+        "{} not found: the tests run the tools binary beside the daemon; build it with \
+         `cargo build --release -p kvmi-relay-tools` (or run `make quick`)",
+        tools.display()
+    );
+    tools
+}
 
 /// A relay process whose stderr is collected line by line.
 pub struct Relay {
@@ -203,11 +216,11 @@ pub fn tcp_from(source: &str, to: SocketAddr) -> std::io::Result<socket2::Socket
 /// test ends.
 pub fn echo_server(dir: &Path) -> kvmi_relay::endpoint::Endpoint {
     let ep = kvmi_relay::endpoint::Endpoint::Unix(dir.join("echo.sock"));
-    let l = kvmi_relay::peers::net::listen(&ep).unwrap();
+    let l = kvmi_relay_tools::peers::net::listen(&ep).unwrap();
     std::thread::spawn(move || {
-        while let Ok(s) = kvmi_relay::peers::net::accept(&l) {
+        while let Ok(s) = kvmi_relay_tools::peers::net::accept(&l) {
             std::thread::spawn(move || {
-                let _ = kvmi_relay::peers::pingpong::echo(&s);
+                let _ = kvmi_relay_tools::peers::pingpong::echo(&s);
             });
         }
     });

@@ -18,7 +18,7 @@ use std::net::Shutdown;
 use std::sync::mpsc;
 
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::net;
+use kvmi_relay_tools::peers::net;
 use socket2::Socket;
 
 const BUFFER_BYTES: usize = 256 * 1024;

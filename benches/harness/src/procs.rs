@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::net;
+use kvmi_relay_tools::peers::net;
 use socket2::Socket;
 
 pub const PROXYD: &str = "/lib/systemd/systemd-socket-proxyd";

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::peers::{kvmi, net, pingpong};
+use kvmi_relay_tools::peers::{kvmi, net, pingpong};
 use socket2::Socket;
 
 /// A session that takes longer than this has hung: fail instead of waiting forever.

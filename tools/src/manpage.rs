@@ -7,7 +7,7 @@ use std::io::{self, Write};
 
 use clap::CommandFactory;
 
-use crate::cli::Cli;
+use kvmi_relay::cli::Cli;
 
 /// Sections after the options: how the relay runs under systemd and where its files live.
 const TAIL_ROFF: &str = r#".SH SYSTEMD

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use socket2::{Socket, Type};
 
-use crate::endpoint::Endpoint;
+use kvmi_relay::endpoint::Endpoint;
 
 /// Dials `ep` (blocking), with TCP_NODELAY on TCP.
 pub fn connect(ep: &Endpoint) -> io::Result<Socket> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::{bulk, kvmi, net, pingpong};
-use crate::endpoint::Endpoint;
+use kvmi_relay::endpoint::Endpoint;
 
 fn endpoint(text: &str) -> Result<Endpoint, String> {
     Endpoint::parse(text)

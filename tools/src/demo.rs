@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::endpoint::Endpoint;
 use crate::peers::kvmi::{self, HypervisorReport, IntrospectorReport};
 use crate::peers::{net, pingpong};
+use kvmi_relay::endpoint::Endpoint;
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -199,7 +199,7 @@ fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
     let tables: Vec<(String, String)> = [("A (hypervisor host)", &a_ctl), ("B (monitor host)", &b_ctl)]
         .iter()
         .map(|(n, p)| {
-            (n.to_string(), crate::control::ask(p, "stats text").unwrap_or_else(|e| format!("no stats: {e}\n")))
+            (n.to_string(), kvmi_relay::control::ask(p, "stats text").unwrap_or_else(|e| format!("no stats: {e}\n")))
         })
         .collect();
     stop(relay_a);
