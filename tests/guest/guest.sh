@@ -62,7 +62,7 @@ kernel() {
 # other flags.
 relay_static() {
     say "building the static relay and tools (target/guest)"
-    RUSTFLAGS="-C target-feature=+crt-static" $CARGO build --release --locked --quiet \
+    RUSTFLAGS="-C target-feature=+crt-static" $CARGO build --release --locked --quiet --workspace \
         --target x86_64-unknown-linux-gnu --target-dir "$ROOT/target/guest"
     local name bin
     for name in kvmi-relay kvmi-relay-tools; do
