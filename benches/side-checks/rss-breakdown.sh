@@ -1,7 +1,7 @@
 #!/bin/bash
 # Where a relay's resident memory is, mapping by mapping (/proc/PID/smaps): idle, then halfway
 # through one bulk session UNIX -> TCP (4 GiB one way, copies into TCP grow to 256 KiB), then
-# idle again after it closed. docs/BENCHMARKS.md, "Peak RSS: what the fourth session changed".
+# idle again after it closed. docs/BENCHMARKS.md, "What the figures mean" (memory).
 #
 # Usage: benches/side-checks/rss-breakdown.sh [RELAY_BINARY]   (default target/dist/kvmi-relay;
 # after `make build`). Extra relay flags go in RELAY_FLAGS.

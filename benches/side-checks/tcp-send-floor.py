@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # How much of a relay's CPU per GiB into loopback TCP is the sending alone (docs/BENCHMARKS.md,
-# "Where the CPU goes into TCP"). Per round, in a shuffled order, one session of GIB GiB each:
+# "What the figures mean", bulk). Per round, in a shuffled order, one session of GIB GiB each:
 #   kvmi-relay  source -> UNIX -> kvmi-relay -> TCP -> sink   (CPU: the relay process)
 #   socat       the same through socat as the harness runs it (CPU: socat and its session child)
 #   copy loop   the same through the harness's blocking read/write loop

@@ -1,5 +1,5 @@
-//! What the bench prints and writes: the markdown tables, CSV, JSON, and the targets of issue 6
-//! judged on this run's numbers. Every ratio compares rows measured in the same run.
+//! What the bench prints and writes: the markdown tables, CSV, JSON, and the project's
+//! targets judged on this run's numbers. Every ratio compares rows measured in the same run.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -243,7 +243,7 @@ impl Report<'_> {
             );
         }
         md.push('\n');
-        let _ = writeln!(md, "### Targets (issue 6), judged on this run\n");
+        let _ = writeln!(md, "### Targets, judged on this run\n");
         if o.quick {
             let _ = writeln!(md, "_Quick mode: too few operations to judge anything; run `make bench`._\n");
         }
@@ -253,7 +253,7 @@ impl Report<'_> {
         md
     }
 
-    /// The issue's targets for `contender` (kvmi-relay by default).
+    /// The project's targets (docs/BENCHMARKS.md) for `contender` (kvmi-relay by default).
     pub fn targets_for(&self, relay: &str) -> Vec<Target> {
         let mut out = Vec::new();
         let pp = |c: &str| self.find(Topology::UnixTcp, Workload::PingPong, c);
