@@ -47,9 +47,18 @@ unit:
 	$(CARGO) test --release --locked $(PACKAGES)
 
 # The day-to-day check: formatting, lints and the tests; no guests, no benches (a few minutes).
-quick: fmt clippy unit
+# `make quick` and `make test` run their steps through tests/make-test.sh: the output goes to the
+# terminal as it happens and to target/test-logs/, and the last line says what ran, how many
+# passed and failed, how long.
+QUICK_STEPS := fmt clippy unit
+quick:
+	@MAKE="$(MAKE)" tests/make-test.sh "make quick" $(QUICK_STEPS)
 
-test: deps quick bench-quick
+# Every check: installs what they need, then the quick steps, the benches' quick run and both
+# test guests.
+TEST_STEPS := deps $(QUICK_STEPS) bench-quick guest-test
+test:
+	@MAKE="$(MAKE)" tests/make-test.sh "make test" $(TEST_STEPS)
 
 # Benchmarks (docs/BENCHMARKS.md): direct, kvmi-relay, socat and systemd-socket-proxyd
 # interleaved in one run. The harness is its own package under benches/harness, so that its
@@ -80,13 +89,19 @@ bench-loaded: build
 	  --out target/bench/loaded
 
 # Seconds, not minutes: every contender, topology and workload with small counts, so the
-# harness cannot rot. Its numbers are not for judging.
+# harness cannot rot. Its numbers are not for judging, so its tables go to
+# $(QUICK_OUT)/results.md (the whole output in bench.log there) and it prints one line.
+QUICK_OUT := target/bench/quick
 bench-quick: build bench-lint
-	$(BENCH_CARGO) --quick --relay $(BIN)
-	@if [ "$$(nproc)" -ge 2 ]; then \
-	  echo "bench-quick: the chain again with --pin hops-apart"; \
-	  $(BENCH_CARGO) --quick --relay $(BIN) --pin hops-apart --topology chain --out target/bench/quick-pinned >/dev/null; \
-	else echo "bench-quick: SKIP --pin hops-apart: needs 2 CPUs, this machine has $$(nproc)"; fi
+	@mkdir -p $(QUICK_OUT) $(QUICK_OUT)-pinned; t0=$$(date +%s); \
+	quick() { out=$$1; shift; $(BENCH_CARGO) --quick --relay $(BIN) --out $$out "$$@" >$$out/bench.log 2>&1 || \
+	  { tail -20 $$out/bench.log; echo "bench-quick: FAILED (whole output: $$out/bench.log)"; exit 1; }; }; \
+	quick $(QUICK_OUT); \
+	if [ "$$(nproc)" -ge 2 ]; then quick $(QUICK_OUT)-pinned --pin hops-apart --topology chain; \
+	  pinned="then the chain again with --pin hops-apart ($(QUICK_OUT)-pinned)"; \
+	else pinned="SKIP --pin hops-apart: needs 2 CPUs, this machine has $$(nproc)"; fi; \
+	rows=$$(awk -F, 'NR > 1 {r++; s += $$4} END {printf "%d rows, %d sessions", r, s}' $(QUICK_OUT)/results.csv); \
+	echo "bench-quick: ok in $$(( $$(date +%s) - t0 )) s: $$rows, every contender, topology and workload; $$pinned; tables in $(QUICK_OUT)/results.md (not for judging)"
 
 # The harness's own tests start it against $(BIN).
 HARNESS_CLIPPY = $(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --all-targets -- -D warnings
@@ -139,8 +154,6 @@ uninstall:
 # target/guest-cache. One case: tests/guest/guest.sh vsock <case> (or systemd <case>).
 DEB_PACKAGES += qemu-system-x86 busybox-static cpio gzip debootstrap e2fsprogs binutils
 .PHONY: guest-test guest-vsock guest-systemd
-# `make test` boots both guests after the other checks.
-test: guest-test
 guest-test:
 	tests/guest/guest.sh all
 guest-vsock:

@@ -84,8 +84,21 @@ need() {
 
 # --- boot and judge --------------------------------------------------------------------------
 
+# The console as text, a line as soon as it is complete: carriage returns and terminal control
+# sequences dropped (SeaBIOS and the guest send ESC c, ESC[2J and the like, which would reset or
+# clear the terminal of whoever runs the suite). Every stage is unbuffered (`sed -u`): a
+# buffering stage (tr, writing into a pipe) held the systemd guest's few lines back until its
+# buffer filled or the guest ended, so they arrived in one burst.
+console_text() {
+    LC_ALL=C sed -u -e 's#\r##g' \
+        -e 's#\x1b\[[0-?]*[ -/]*[@-~]##g' \
+        -e 's#\x1b\][^\x07\x1b]*\(\x07\|\x1b\\\)##g' \
+        -e 's#\x1b[ -/]*[0-~]##g' \
+        -e 's#[\x01-\x08\x0b-\x1f\x7f]##g'
+}
+
 # boot SUITE LOG INITRD APPEND [qemu args...]: runs the guest with a hard timeout, the console
-# both streamed (prefixed) and kept in LOG. Sets QEMU_RC.
+# (as text: console_text) both streamed (prefixed) and kept in LOG. Sets QEMU_RC.
 boot() {
     local suite=$1 log=$2 initrd=$3 append=$4
     shift 4
@@ -95,7 +108,7 @@ boot() {
     timeout --kill-after=10 "$QEMU_TIMEOUT_S" qemu-system-x86_64 -accel tcg -cpu max -smp "$SMP" -m "${GUEST_MEM:-1024}" \
         -M pc -nographic -nodefaults -serial stdio -display none -no-reboot \
         -kernel "$VMLINUZ" -initrd "$initrd" -append "$append" "$@" 2>"$qerr" </dev/null |
-        tr -d '\r' | tee "$log" | sed -u "s/^/  $suite| /"
+        console_text | tee "$log" | sed -u "s/^/  $suite| /"
     QEMU_RC=${PIPESTATUS[0]}
     set -e
 }
