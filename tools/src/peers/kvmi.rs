@@ -1,7 +1,7 @@
 //! The KVMi wire format (x86_64, little-endian) and a fake hypervisor / fake introspector pair.
 //!
-//! Primer (see ../shared/KVMI.md): QEMU dials the introspector and sends a 96-byte
-//! `kvmi_qemu2introspector` handshake; the introspector answers with a 24-byte
+//! Primer (docs/DESIGN.md, "Deployment facts it is built on"): QEMU dials the introspector and
+//! sends a 96-byte `kvmi_qemu2introspector` handshake; the introspector answers with a 24-byte
 //! `kvmi_introspector2qemu`; from then on KVM itself speaks `kvmi_msg_hdr {u16 id; u16 size;
 //! u32 seq}` messages. Replies echo id and seq and start with `{s32 err; u32 pad}`.
 //! Sizes on the wire: GET_VERSION 8 → 32, READ_PHYSICAL 24 → 4112 (one 4 KiB page),
