@@ -116,12 +116,14 @@ PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 MANDIR ?= $(PREFIX)/share/man
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 DOCDIR ?= $(PREFIX)/share/doc/kvmi-relay
 # kvmi-relay(1), generated from the relay's clap definition by kvmi-relay-tools (never edited by hand).
 MAN ?= target/man/kvmi-relay.1
 EXAMPLES := $(sort $(wildcard docs/examples/*.conf))
 # Exactly what `make install` creates, and `make uninstall` removes.
 INSTALLED = $(BINDIR)/kvmi-relay $(UNITDIR)/kvmi-relay@.service $(UNITDIR)/kvmi-relay@.socket \
+	$(SYSUSERSDIR)/kvmi-relay.conf \
 	$(MANDIR)/man1/kvmi-relay.1 $(addprefix $(DOCDIR)/examples/,$(notdir $(EXAMPLES)))
 
 # Built only when missing, so that `sudo make install` after `make` does not run cargo as root.
@@ -141,9 +143,10 @@ install: $(BIN) $(MAN)
 	sed 's|/usr/bin/kvmi-relay|$(BINDIR)/kvmi-relay|g' systemd/kvmi-relay@.service > $(DESTDIR)$(UNITDIR)/kvmi-relay@.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/kvmi-relay@.service
 	install -m 0644 systemd/kvmi-relay@.socket $(DESTDIR)$(UNITDIR)/kvmi-relay@.socket
+	install -D -m 0644 systemd/kvmi-relay.sysusers $(DESTDIR)$(SYSUSERSDIR)/kvmi-relay.conf
 	install -m 0644 $(MAN) $(DESTDIR)$(MANDIR)/man1/kvmi-relay.1
 	install -m 0644 $(EXAMPLES) $(DESTDIR)$(DOCDIR)/examples/
-	@echo "installed; on a live system run: systemctl daemon-reload"
+	@echo "installed; on a live system run: systemd-sysusers && systemctl daemon-reload"
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))

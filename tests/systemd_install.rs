@@ -1,6 +1,6 @@
 //! `make install DESTDIR=... PREFIX=...` installs exactly the binary, both units (naming the
-//! installed binary), the man page and the example configurations; `make uninstall` removes
-//! every one of them. The man page is the clap definition's: every flag and variable is in it.
+//! installed binary), the sysusers.d file, the man page and the example configurations;
+//! `make uninstall` removes every one of them. The man page is the clap definition's: every flag and variable is in it.
 
 mod util;
 
@@ -69,6 +69,7 @@ fn install_puts_exactly_the_listed_files_and_uninstall_removes_them() {
         format!("{PREFIX}/lib/systemd/system/kvmi-relay@.service"),
         format!("{PREFIX}/lib/systemd/system/kvmi-relay@.socket"),
         format!("{PREFIX}/share/man/man1/kvmi-relay.1"),
+        format!("{PREFIX}/lib/sysusers.d/kvmi-relay.conf"),
     ];
     for e in std::fs::read_dir(repo().join("docs/examples")).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();

@@ -78,7 +78,8 @@ case_transient_vsock() {
 # --- unit cases ------------------------------------------------------------------------------
 
 UNIT_CASES="unit-install unit-start-active unit-session unit-stop-no-socket-file unit-socket-restart-no-refused
-unit-stop-socket-removes-file unit-broken-config-status unit-pipe-budget-spent"
+unit-stop-socket-removes-file unit-broken-config-status unit-pipe-budget-spent unit-stats-control-socket
+unit-hist-log-written unit-reload-reopens-hist-log"
 
 case_units() {
     if [ ! -f "$STAGE/usr/lib/systemd/system/kvmi-relay@.service" ]; then
@@ -88,6 +89,10 @@ case_units() {
 
     begin unit-install
     cp -a "$STAGE/." / || bad "copying the staged install failed"
+    # What docs/deployment.md says to run after `make install`: the static user and group.
+    systemd-sysusers || bad "systemd-sysusers failed"
+    uid=$(id -u kvmi-relay 2>/dev/null)
+    [ -n "$uid" ] && [ "$uid" -lt 1000 ] || bad "no system user kvmi-relay after systemd-sysusers (uid '${uid}')"
     systemctl daemon-reload
     systemctl cat kvmi-relay@.service >/dev/null 2>&1 || bad "systemd does not know kvmi-relay@.service"
     systemctl cat kvmi-relay@.socket >/dev/null 2>&1 || bad "systemd does not know kvmi-relay@.socket"
@@ -256,7 +261,64 @@ EOF
     [ "$refusals" = 2 ] || bad "$refusals 'pipe not grown' lines in the journal (want 2, one per direction)"
     DETAIL="8 MiB each way through the unit, pipe-user-pages-soft=40: $(echo "$closed" | tr ' ' '\n' | grep -E '^(l2c|c2l)_high_water=' | tr '\n' ' ')refusals=$refusals"
     end kvmi-relay@vm3.service
+
+    case_stats_and_hist_log
     reap
+}
+
+# Stats and interval logs under the unit's sandbox: the control socket in the runtime directory
+# (the unit's default KVMI_RELAY_CONTROL), the interval log in its LogsDirectory=, reopened by
+# `systemctl reload` (ExecReload= sends SIGHUP) after a rotation moved it away.
+case_stats_and_hist_log() {
+    printf '%s\n' KVMI_RELAY_LISTEN=unix:/run/kvmi/vm4/vmi-sock KVMI_RELAY_CONNECT=vsock:1:6200 \
+        KVMI_RELAY_ALLOW_UID=0 KVMI_RELAY_HIST_LOG=/var/log/kvmi-relay/vm4.hlog KVMI_RELAY_HIST_INTERVAL=1 \
+        >/etc/kvmi-relay/vm4.conf
+    hlog=/var/log/kvmi-relay/vm4.hlog
+
+    begin unit-stats-control-socket
+    timeout 60 systemctl start kvmi-relay@vm4.service || bad "systemctl start failed"
+    [ -S /run/kvmi/vm4/control ] || bad "no control socket /run/kvmi/vm4/control"
+    timeout 60 $T peer pingpong --connect unix:/run/kvmi/vm4/vmi-sock --count 100 >/tmp/st-pp.out 2>&1
+    expect_ok /tmp/st-pp.out pingpong
+    timeout 20 /usr/bin/kvmi-relay stats /run/kvmi/vm4/control >/tmp/st.out 2>&1 || bad "stats failed: $(head -3 /tmp/st.out)"
+    grep -q vm4 /tmp/st.out || bad "stats does not name vm4: $(head -3 /tmp/st.out)"
+    timeout 20 /usr/bin/kvmi-relay stats --prometheus /run/kvmi/vm4/control >/tmp/st.prom 2>&1 ||
+        bad "stats --prometheus failed: $(head -3 /tmp/st.prom)"
+    grep -q 'vm="vm4"' /tmp/st.prom || bad "no vm=\"vm4\" sample in stats --prometheus"
+    owner=$(stat -c '%U %a' /run/kvmi/vm4/control 2>/dev/null)
+    [ "$owner" = "kvmi-relay 600" ] || bad "control socket is '$owner', want 'kvmi-relay 600'"
+    DETAIL="$(head -1 /tmp/st.out); socket $owner"
+    end kvmi-relay@vm4.service
+
+    begin unit-hist-log-written
+    # KVMI_RELAY_HIST_INTERVAL=1: an interval ends every second, each writes all four tags.
+    for _i in $(seq 50); do grep -q 'vm4.c2l.turnaround' "$hlog" 2>/dev/null && break; sleep 0.2; done
+    grep -q '^#\[StartTime' "$hlog" 2>/dev/null || bad "$hlog has no StartTime header"
+    grep -q 'vm4.c2l.turnaround' "$hlog" 2>/dev/null || bad "$hlog has no vm4.c2l.turnaround interval"
+    howner=$(stat -L -c %U "$hlog" 2>/dev/null)
+    [ "$howner" = kvmi-relay ] || bad "$hlog belongs to '$howner'"
+    DETAIL="$(grep -c 'vm4\.' "$hlog" 2>/dev/null) tagged interval lines, owner $howner, in $(readlink -f /var/log/kvmi-relay)"
+    end kvmi-relay@vm4.service
+
+    begin unit-reload-reopens-hist-log
+    pid0=$(systemctl show -p MainPID --value kvmi-relay@vm4.service)
+    mv "$hlog" "$hlog.1" || bad "cannot rotate $hlog"
+    sleep 1.5
+    # Until the reload the relay goes on appending to the file it holds, now $hlog.1.
+    [ -e "$hlog" ] && bad "$hlog came back before the reload"
+    timeout 30 systemctl reload kvmi-relay@vm4.service || bad "systemctl reload failed"
+    for _i in $(seq 50); do grep -q 'vm4.c2l.turnaround' "$hlog" 2>/dev/null && break; sleep 0.2; done
+    grep -q '^#\[StartTime' "$hlog" 2>/dev/null || bad "no new $hlog with its header after the reload"
+    grep -q 'vm4.c2l.turnaround' "$hlog" 2>/dev/null || bad "no interval in the new $hlog"
+    n1=$(wc -l <"$hlog.1")
+    sleep 1.5
+    [ "$(wc -l <"$hlog.1")" = "$n1" ] || bad "the rotated $hlog.1 still grows after the reload"
+    [ "$(systemctl show -p MainPID --value kvmi-relay@vm4.service)" = "$pid0" ] || bad "reload restarted the relay"
+    journalctl -q --no-pager -u kvmi-relay@vm4.service | grep -q 'reopened the histogram log' ||
+        bad "no 'reopened the histogram log' line in the journal"
+    DETAIL="rotated file kept $n1 lines; the new one has $(wc -l <"$hlog" 2>/dev/null); MainPID $pid0 unchanged"
+    systemctl stop kvmi-relay@vm4.service
+    end kvmi-relay@vm4.service
 }
 
 # --- driver ----------------------------------------------------------------------------------
