@@ -10,7 +10,7 @@ BIN := target/dist/kvmi-relay
 TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo quick test deps fmt clippy unit man install uninstall bench bench-pinned bench-loaded bench-quick bench-lint
+.PHONY: all build demo quick test deps fmt clippy unit man install uninstall deb lintian bench bench-pinned bench-loaded bench-quick bench-lint
 
 all: build
 
@@ -151,6 +151,21 @@ install: $(BIN) $(MAN)
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
 	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
+
+# The Debian package (docs/deployment.md, "Debian package"): cargo-deb, installed from the crate
+# registry the first time (pinned, --locked), builds the dist binary and packs what
+# [package.metadata.deb] in Cargo.toml lists. Output: target/debian/kvmi-relay_<version>_amd64.deb.
+CARGO_DEB_VERSION := 3.8.0
+DEB_DIR := target/debian
+deb: $(MAN)
+	@command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install --locked --version $(CARGO_DEB_VERSION) cargo-deb
+	$(CARGO) deb --locked --profile dist --output $(DEB_DIR)/
+	@ls $(DEB_DIR)/*.deb
+
+# lintian on the package; the tags it still reports are explained in docs/deployment.md.
+lintian: deb
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES=lintian
+	lintian --info $(DEB_DIR)/kvmi-relay_*_amd64.deb
 
 # The test guests (tests/guest/, docs/testing-guest.md): real vsock (CID 1 loopback) in a busybox
 # QEMU/TCG guest and real systemd in a debootstrap guest; kernel, root and image cached in

@@ -321,15 +321,86 @@ case_stats_and_hist_log() {
     end kvmi-relay@vm4.service
 }
 
+# --- the Debian package ------------------------------------------------------------------------
+
+# Runs before the unit cases, on a system that has never seen kvmi-relay: install the package,
+# start an instance, a session through it, remove, purge; then nothing of it is left.
+DEB=/mnt/host/kvmi-relay.deb
+# Paths dpkg, the shadow tools and the journal touch on every install and removal (and agetty's
+# reload flag, which appears on its own during the run).
+deb_noise='^/run/agetty\.reload$|^/var/lib/dpkg/|^/etc/(passwd|group|shadow|gshadow|subuid|subgid)-?$|^/var/log/(journal|dpkg\.log|apt|alternatives\.log)|^/var/cache/|^/var/lib/systemd/'
+snapshot() {
+    { find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /tmp -o -path /mnt \) -prune -o -print
+      find /run -path /run/systemd -prune -o -path /run/log -prune -o -path /run/udev -prune -o -path /run/user -prune -o -print; } |
+        grep -Ev "$deb_noise" | sort >"$1"
+}
+case_deb() {
+    if [ ! -f $DEB ]; then
+        for c in deb-install deb-session deb-remove-purge-leaves-nothing; do want "$c" && notrun "$c" "no kvmi-relay.deb in the share (make deb)"; done
+        return
+    fi
+    snapshot /tmp/deb-before
+
+    begin deb-install
+    dpkg -i $DEB >/tmp/deb-i.out 2>&1 || bad "dpkg -i failed: $(tail -3 /tmp/deb-i.out)"
+    uid=$(id -u kvmi-relay 2>/dev/null)
+    [ -n "$uid" ] && [ "$uid" -lt 1000 ] || bad "no system user kvmi-relay (uid '${uid}')"
+    getent group kvmi-relay >/dev/null || bad "no group kvmi-relay"
+    systemctl cat kvmi-relay@.service >/dev/null 2>&1 || bad "systemd does not know kvmi-relay@.service"
+    # maintainer scripts never enable or start the template
+    links=$(find /etc/systemd/system -name 'kvmi-relay*' 2>/dev/null | tr '\n' ' ')
+    [ -z "$links" ] || bad "installing enabled something: $links"
+    running=$(systemctl list-units --all --no-legend 'kvmi-relay@*' 2>/dev/null | wc -l)
+    [ "$running" = 0 ] || bad "installing started $running kvmi-relay units"
+    DETAIL="$(dpkg-query -W -f '${Package} ${Version}' kvmi-relay); user kvmi-relay uid $uid; nothing enabled or started"
+    end
+
+    begin deb-session
+    bg /tmp/deb-echo.out $T peer echo --listen vsock:1:6210 --count 0
+    mkdir -p /etc/kvmi-relay
+    printf '%s\n' KVMI_RELAY_LISTEN=unix:/run/kvmi/deb1.sock KVMI_RELAY_CONNECT=vsock:1:6210 KVMI_RELAY_ALLOW_UID=0 \
+        KVMI_RELAY_HIST_LOG=/var/log/kvmi-relay/deb1.hlog KVMI_RELAY_HIST_INTERVAL=1 >/etc/kvmi-relay/deb1.conf
+    systemctl start kvmi-relay@deb1.socket || bad "socket unit did not start"
+    wait_sock /run/kvmi/deb1.sock || bad "no /run/kvmi/deb1.sock"
+    timeout 60 $T peer pingpong --connect unix:/run/kvmi/deb1.sock --count 100 >/tmp/deb-pp.out 2>&1
+    expect_ok /tmp/deb-pp.out pingpong
+    sleep 1.5
+    journalctl -q -u kvmi-relay@deb1.service | grep -q 'closed end="finished"' || bad "no finished session in the journal"
+    [ -s /var/log/kvmi-relay/deb1.hlog ] || bad "no interval log written"
+    DETAIL="socket-activated /usr/bin/kvmi-relay: $(cat /tmp/deb-pp.out)"
+    end kvmi-relay@deb1.service kvmi-relay@deb1.socket
+
+    begin deb-remove-purge-leaves-nothing
+    dpkg -r kvmi-relay >/tmp/deb-r.out 2>&1 || bad "dpkg -r failed: $(tail -3 /tmp/deb-r.out)"
+    active=$(systemctl list-units --state=active --no-legend 'kvmi-relay@*' 2>/dev/null | wc -l)
+    [ "$active" = 0 ] || bad "$active instances still active after removal"
+    [ -e /usr/bin/kvmi-relay ] && bad "/usr/bin/kvmi-relay left after dpkg -r"
+    [ -e /usr/lib/systemd/system/kvmi-relay@.service ] && bad "the unit left after dpkg -r"
+    # the operator's file is the operator's to remove
+    rm -rf /etc/kvmi-relay
+    dpkg --purge kvmi-relay >/tmp/deb-p.out 2>&1 || bad "dpkg --purge failed: $(tail -3 /tmp/deb-p.out)"
+    getent passwd kvmi-relay >/dev/null && bad "user kvmi-relay left after purge"
+    getent group kvmi-relay >/dev/null && bad "group kvmi-relay left after purge"
+    dpkg-query -W kvmi-relay >/dev/null 2>&1 && bad "dpkg still knows kvmi-relay"
+    systemctl reset-failed 'kvmi-relay@*' 2>/dev/null
+    snapshot /tmp/deb-after
+    left=$(diff /tmp/deb-before /tmp/deb-after | grep '^[<>]' | head -10 | tr '\n' ' ')
+    [ -z "$left" ] || bad "the file system differs from before the install: $left"
+    DETAIL="$(wc -l </tmp/deb-before) paths before install, the same after purge (dpkg and shadow bookkeeping aside)"
+    end
+    reap
+}
+
 # --- driver ----------------------------------------------------------------------------------
 
-ALL="sd-pid1-is-systemd sd-transient-relay-vsock $UNIT_CASES"
+ALL="sd-pid1-is-systemd sd-transient-relay-vsock deb-install deb-session deb-remove-purge-leaves-nothing $UNIT_CASES"
 WANT=${*:-$ALL}
 want() { for w in $WANT; do [ "$w" = "$1" ] && return 0; done; return 1; }
 
 log "systemd guest: $(uname -r), PID 1 $(cat /proc/1/comm), units staged: $([ -d $STAGE ] && echo yes || echo no)"
 want sd-pid1-is-systemd && case_pid1
 want sd-transient-relay-vsock && case_transient_vsock
+case_deb
 case_units
 reap
 log "cases failed: $FAILED"

@@ -102,6 +102,10 @@ systemd_share() {
             die "make build failed: $(tail -5 "$CACHE/make-build.log")"
         make -C "$ROOT" --no-print-directory install DESTDIR="$s/stage" PREFIX=/usr >"$CACHE/make-install.log" 2>&1 ||
             die "make install failed: $(tail -5 "$CACHE/make-install.log")"
+        # The Debian package (`make deb`, cargo-deb) for the deb-* cases.
+        make -C "$ROOT" --no-print-directory deb CARGO="$CARGO" >"$CACHE/make-deb.log" 2>&1 ||
+            die "make deb failed: $(tail -5 "$CACHE/make-deb.log")"
+        cp "$(ls -t "$ROOT"/target/debian/kvmi-relay_*_amd64.deb | head -1)" "$s/kvmi-relay.deb"
     else
         say "NOTE: no systemd/kvmi-relay@.service or no 'install' target: the unit cases will report NOTRUN"
     fi
