@@ -157,8 +157,12 @@ uninstall:
 # [package.metadata.deb] in Cargo.toml lists. Output: target/debian/kvmi-relay_<version>_amd64.deb.
 CARGO_DEB_VERSION := 3.8.0
 DEB_DIR := target/debian
-deb: $(MAN)
+# Unlike `make install` it builds (never run it with sudo) and regenerates the man page, so the
+# package never holds a stale one.
+deb: build
 	@command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install --locked --version $(CARGO_DEB_VERSION) cargo-deb
+	@mkdir -p $(dir $(MAN))
+	$(TOOLS) man > $(MAN).tmp && mv $(MAN).tmp $(MAN)
 	$(CARGO) deb --locked --profile dist --output $(DEB_DIR)/
 	@ls $(DEB_DIR)/*.deb
 
