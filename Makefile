@@ -10,7 +10,7 @@ BIN := target/dist/kvmi-relay
 TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo quick test deps fmt clippy unit man install uninstall deb lintian bench bench-pinned bench-loaded bench-quick bench-lint
+.PHONY: all build demo quick test deps fmt clippy unit man install uninstall deb lintian bench bench-pinned bench-loaded bench-fleet bench-quick bench-lint
 
 all: build
 
@@ -88,20 +88,27 @@ bench-loaded: build
 	  --workload active-vmi --contender direct --contender kvmi-relay --contender 'kvmi-relay pw=0' --contender socat \
 	  --out target/bench/loaded
 
+# Many instances at once (docs/BENCHMARKS.md, "Many instances"): N = 1, 32 and 128 relays, as
+# many socats and the direct path, UNIX → TCP; each N idle for 10 s, then 3 rounds of N
+# passive-VMI sessions at once. Output in target/bench/fleet/. About 2 minutes.
+bench-fleet: build
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
+	$(BENCH_CARGO) --relay $(BIN) --fleet 1 --fleet 32 --fleet 128 --out target/bench/fleet
+
 # Seconds, not minutes: every contender, topology and workload with small counts, so the
 # harness cannot rot. Its numbers are not for judging, so its tables go to
 # $(QUICK_OUT)/results.md (the whole output in bench.log there) and it prints one line.
 QUICK_OUT := target/bench/quick
 bench-quick: build bench-lint
-	@mkdir -p $(QUICK_OUT) $(QUICK_OUT)-pinned; t0=$$(date +%s); \
+	@mkdir -p $(QUICK_OUT) $(QUICK_OUT)-pinned $(QUICK_OUT)-fleet; t0=$$(date +%s); \
 	quick() { out=$$1; shift; $(BENCH_CARGO) --quick --relay $(BIN) --out $$out "$$@" >$$out/bench.log 2>&1 || \
 	  { tail -20 $$out/bench.log; echo "bench-quick: FAILED (whole output: $$out/bench.log)"; exit 1; }; }; \
-	quick $(QUICK_OUT); \
+	quick $(QUICK_OUT); quick $(QUICK_OUT)-fleet --fleet 2; \
 	if [ "$$(nproc)" -ge 2 ]; then quick $(QUICK_OUT)-pinned --pin hops-apart --topology chain; \
 	  pinned="then the chain again with --pin hops-apart ($(QUICK_OUT)-pinned)"; \
 	else pinned="SKIP --pin hops-apart: needs 2 CPUs, this machine has $$(nproc)"; fi; \
 	rows=$$(awk -F, 'NR > 1 {r++; s += $$4} END {printf "%d rows, %d sessions", r, s}' $(QUICK_OUT)/results.csv); \
-	echo "bench-quick: ok in $$(( $$(date +%s) - t0 )) s: $$rows, every contender, topology and workload; $$pinned; tables in $(QUICK_OUT)/results.md (not for judging)"
+	echo "bench-quick: ok in $$(( $$(date +%s) - t0 )) s: $$rows, every contender, topology and workload, a fleet of 2; $$pinned; tables in $(QUICK_OUT)/results.md (not for judging)"
 
 # The harness's own tests start it against $(BIN).
 HARNESS_CLIPPY = $(CARGO) clippy --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --all-targets -- -D warnings

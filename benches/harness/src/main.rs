@@ -12,6 +12,7 @@
 //! docs/BENCHMARKS.md says how to read them.
 
 mod copyloop;
+mod fleet;
 mod plot;
 mod procs;
 mod report;
@@ -76,6 +77,8 @@ pub struct Opts {
     /// `--load N`: busy processes that spin on every CPU for the whole run (a loaded host: its
     /// guests' vCPUs), 0 for none.
     pub load: usize,
+    /// `--fleet`: run fleet mode instead of the topologies.
+    pub fleet: Option<fleet::FleetOpts>,
 }
 
 /// A fixed placement of every process and thread (`--pin`), for latency figures that repeat:
@@ -181,6 +184,17 @@ struct Args {
     /// Busy processes spinning for the whole run.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
     load: u32,
+    /// Fleet mode: N instances of each contender at once, UNIX → TCP, idle then busy (repeatable:
+    /// one pass per N). Contenders: direct, kvmi-relay, kvmi-relay pw=0, socat, the --variant and
+    /// --build ones [--contender narrows].
+    #[arg(long = "fleet", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=512))]
+    fleet: Vec<u16>,
+    /// Fleet mode: seconds of the idle reading per N [default: 10, quick 1].
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=600))]
+    fleet_idle_s: Option<u64>,
+    /// Fleet mode: reads per passive-VMI session [default: 400, quick 50].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    fleet_reads: Option<u64>,
     /// `cargo bench` passes this to harness = false targets.
     #[arg(long, hide = true)]
     bench: bool,
@@ -223,6 +237,16 @@ fn parse_args() -> Opts {
     let a = <Args as clap::Parser>::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let quick = a.quick;
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
+    let fleet = (!a.fleet.is_empty()).then(|| fleet::FleetOpts {
+        sizes: a.fleet.iter().map(|&n| usize::from(n)).collect(),
+        idle_s: a.fleet_idle_s.unwrap_or(if quick { 1 } else { 10 }),
+        reads: a.fleet_reads.unwrap_or(if quick { 50 } else { 400 }),
+        rounds: a.rounds.unwrap_or(if quick { 1 } else { 3 }),
+        seed,
+    });
     let mut variants: Vec<(String, Vec<String>, Option<PathBuf>)> =
         a.variants.into_iter().map(|(name, flags)| (format!("kvmi-relay {name}"), flags, None)).collect();
     variants.extend(a.builds.into_iter().map(|(name, path)| (format!("kvmi-relay {name}"), Vec::new(), Some(path))));
@@ -246,11 +270,10 @@ fn parse_args() -> Opts {
         workloads: a.workloads,
         only: a.only,
         variants,
-        seed: a.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-        }),
+        seed,
         pin: a.pin,
         load: a.load as usize,
+        fleet,
     }
 }
 
@@ -267,6 +290,15 @@ pub fn contenders(opts: &Opts) -> Result<Vec<Contender>, String> {
             name: name.clone(),
             kind: Kind::Relay { flags: flags.clone(), bin: bin.clone() },
             bulk: true,
+        });
+    }
+    if opts.fleet.is_some() && opts.only.is_empty() {
+        // What a fleet compares: the floor, the relay with and without its poll window, socat,
+        // and whatever the command line added.
+        let added: Vec<&str> = opts.variants.iter().map(|(n, _, _)| n.as_str()).collect();
+        v.retain(|c| {
+            ["direct", "kvmi-relay", "kvmi-relay pw=0", "socat"].contains(&c.name.as_str())
+                || added.contains(&c.name.as_str())
         });
     }
     if let Some(missing) = opts.only.iter().find(|n| !v.iter().any(|c| &c.name == *n)) {
@@ -456,6 +488,9 @@ fn run(opts: &Opts) -> Result<(), String> {
     let machine_before = report::Machine::read();
     let base = std::env::temp_dir().join(format!("kvmi-relay-bench-{}", std::process::id()));
     let all = contenders(opts)?;
+    if let Some(fo) = &opts.fleet {
+        return run_fleet(opts, fo, &all, &base, machine_before);
+    }
     let topologies: Vec<Topology> =
         Topology::ALL.into_iter().filter(|t| opts.topologies.is_empty() || opts.topologies.contains(t)).collect();
     eprintln!(
@@ -514,6 +549,47 @@ fn run(opts: &Opts) -> Result<(), String> {
     Ok(())
 }
 
+fn run_fleet(
+    opts: &Opts,
+    fo: &fleet::FleetOpts,
+    all: &[Contender],
+    base: &Path,
+    machine: report::Machine,
+) -> Result<(), String> {
+    let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+    eprintln!(
+        "kvmi-relay bench, fleet mode: N = {:?}, contenders {}; load before: {}",
+        fo.sizes,
+        names.join(", "),
+        machine.loadavg
+    );
+    let started = Instant::now();
+    let result = fleet::run(fo, all, &opts.relay_bin, base);
+    let _ = std::fs::remove_dir_all(base);
+    let (idle, busy) = result?;
+    let md = format!(
+        "{}\n{} CPUs, kernel {}, commit {}, {}; load {} before, {} after; {:.0} s; --seed {}\n",
+        fleet::markdown(fo, &idle, &busy),
+        machine.cpus,
+        machine.kernel,
+        machine.commit,
+        machine.date,
+        machine.loadavg,
+        report::Machine::read().loadavg,
+        started.elapsed().as_secs_f64(),
+        opts.seed
+    );
+    println!("{md}");
+    let write = |name: &str, text: &str| {
+        let p = opts.out_dir.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("write {}: {e}", p.display()))
+    };
+    write("fleet.md", &md)?;
+    write("fleet.csv", &fleet::csv(&idle, &busy))?;
+    eprintln!("results: {}/fleet.{{md,csv}}", opts.out_dir.display());
+    Ok(())
+}
+
 fn startup_all(opts: &Opts, base: &Path) -> Result<Vec<Startup>, String> {
     let dir = base.join("startup");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -552,6 +628,7 @@ mod tests {
             seed: 0,
             pin: None,
             load: 0,
+            fleet: None,
         }
     }
 

@@ -83,6 +83,18 @@ pub fn spawn_hop(
     connect: &Endpoint,
     log: &Path,
 ) -> Result<Hop, String> {
+    spawn_hop_with_env(kind, relay_bin, listen, connect, log, &[])
+}
+
+/// `spawn_hop` with extra environment variables (the fleet's relays get what their unit sets).
+pub fn spawn_hop_with_env(
+    kind: &Kind,
+    relay_bin: &Path,
+    listen: &Endpoint,
+    connect: &Endpoint,
+    log: &Path,
+    env: &[(String, String)],
+) -> Result<Hop, String> {
     let err = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let mut listener = None;
     let mut cmd = match kind {
@@ -152,6 +164,7 @@ pub fn spawn_hop(
         }
     };
     die_with_harness(&mut cmd);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())

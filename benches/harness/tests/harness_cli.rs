@@ -28,6 +28,8 @@ fn a_bad_value_gets_an_error_naming_its_flag_and_exit_2() {
         (&["--pin", "cpu3"][..], "--pin"),
         (&["--variant", "no-equals-sign"][..], "--variant"),
         (&["--build", "old=/nonexistent/kvmi-relay"][..], "--build"),
+        (&["--fleet", "0"][..], "--fleet"),
+        (&["--fleet-idle-s", "0"][..], "--fleet-idle-s"),
     ] {
         let out = Command::new(HARNESS).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
