@@ -15,6 +15,7 @@ use nix::unistd::{Group, Uid, User};
 use crate::access::{Policy, canonical_net};
 use crate::cli::{MoveArg, RelayArgs};
 use crate::endpoint::{Endpoint, VSOCK_CID_ANY};
+use crate::escape::Escaped;
 use crate::pump::Strategy;
 
 /// Smallest and largest pipe size accepted for `--pipe-size`.
@@ -104,7 +105,8 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.flag, self.env, self.problem)
+        // The problem quotes the operator's value: escaped, so it cannot forge a line.
+        write!(f, "{} ({}): {}", self.flag, self.env, Escaped(&self.problem))
     }
 }
 

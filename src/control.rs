@@ -19,6 +19,7 @@ use socket2::Socket;
 
 use crate::access::{self, Peer, Policy, Verdict};
 use crate::error::StartError;
+use crate::escape::Escaped;
 use crate::listener::{SocketFile, bind_unix};
 
 /// Control clients served at once; more are closed at accept.
@@ -204,12 +205,12 @@ pub fn stats(a: StatsArgs) -> i32 {
         Ok(answer) if answer.is_empty() => {
             eprintln!(
                 "kvmi-relay stats: {} closed without an answer (only the relay's own uid and root may ask)",
-                a.path.display()
+                Escaped(a.path.display())
             );
             1
         }
         Ok(answer) if answer.starts_with("error:") => {
-            eprint!("kvmi-relay stats: {answer}");
+            eprintln!("kvmi-relay stats: {}", Escaped(answer.trim_end()));
             1
         }
         Ok(answer) => {
@@ -217,7 +218,7 @@ pub fn stats(a: StatsArgs) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("kvmi-relay stats: {}: {e}", a.path.display());
+            eprintln!("kvmi-relay stats: {}: {e}", Escaped(a.path.display()));
             1
         }
     }

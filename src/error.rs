@@ -1,11 +1,13 @@
 //! Start-up errors: one variant per failing operation, each naming the flag or path at fault
-//! and carrying the OS error. Per-connection errors never come here: the event loop logs them,
-//! closes that connection and keeps serving.
+//! and carrying the OS error. Paths and endpoints are outside values, printed `Escaped` (one
+//! line each, whatever they hold). Per-connection errors never come here: the event loop logs
+//! them, closes that connection and keeps serving.
 
 use std::io;
 use std::path::PathBuf;
 
 use crate::config::ConfigErrors;
+use crate::escape::Escaped;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -13,25 +15,25 @@ pub enum StartError {
     Config(#[from] ConfigErrors),
     #[error("{0}")]
     Activation(#[from] crate::service::ActivationError),
-    #[error("{endpoint}: {} is a live socket (something still answers there); refusing to replace it", path.display())]
+    #[error("{}: {} is a live socket (something still answers there); refusing to replace it", Escaped(endpoint), Escaped(path.display()))]
     LiveSocket { endpoint: String, path: PathBuf },
-    #[error("{endpoint}: cannot tell whether {} is still in use: {source}", path.display())]
+    #[error("{}: cannot tell whether {} is still in use: {source}", Escaped(endpoint), Escaped(path.display()))]
     ProbeSocket { endpoint: String, path: PathBuf, source: io::Error },
-    #[error("{endpoint}: {} exists and is not a socket; refusing to replace it", path.display())]
+    #[error("{}: {} exists and is not a socket; refusing to replace it", Escaped(endpoint), Escaped(path.display()))]
     NotASocket { endpoint: String, path: PathBuf },
-    #[error("{endpoint}: cannot remove the stale socket {}: {source}", path.display())]
+    #[error("{}: cannot remove the stale socket {}: {source}", Escaped(endpoint), Escaped(path.display()))]
     RemoveStale { endpoint: String, path: PathBuf, source: io::Error },
-    #[error("{endpoint}: cannot create the socket: {source}")]
+    #[error("{}: cannot create the socket: {source}", Escaped(endpoint))]
     Socket { endpoint: String, source: io::Error },
-    #[error("{endpoint}: cannot bind: {source}")]
+    #[error("{}: cannot bind: {source}", Escaped(endpoint))]
     Bind { endpoint: String, source: io::Error },
-    #[error("{endpoint}: cannot listen: {source}")]
+    #[error("{}: cannot listen: {source}", Escaped(endpoint))]
     Listen { endpoint: String, source: io::Error },
-    #[error("{endpoint}: cannot chmod {} to {mode:04o} (--socket-mode): {source}", path.display())]
+    #[error("{}: cannot chmod {} to {mode:04o} (--socket-mode): {source}", Escaped(endpoint), Escaped(path.display()))]
     Chmod { endpoint: String, mode: u32, path: PathBuf, source: io::Error },
-    #[error("{endpoint}: cannot chown {} to group {gid} (--socket-group): {source}", path.display())]
+    #[error("{}: cannot chown {} to group {gid} (--socket-group): {source}", Escaped(endpoint), Escaped(path.display()))]
     Chown { endpoint: String, gid: u32, path: PathBuf, source: io::Error },
-    #[error("--hist-log {}: cannot open: {source}", path.display())]
+    #[error("--hist-log {}: cannot open: {source}", Escaped(path.display()))]
     HistLog { path: PathBuf, source: io::Error },
     #[error("--cpu {cpu}: cannot pin the relay to it: {source}")]
     Pin { cpu: usize, source: io::Error },

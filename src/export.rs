@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::escape::Escaped;
 use crate::relay::Totals;
 
 /// Prometheus histogram bucket bounds, seconds: 1 µs to 10 s.
@@ -102,7 +103,13 @@ pub fn text(s: &Snapshot) -> String {
     let _ = writeln!(
         o,
         "kvmi-relay {}: {} -> {}  (pid {}, up {:.0} s, {}/{} sessions)",
-        s.name, s.listen, s.connect, s.pid, s.uptime_s, s.live, s.max_conns
+        Escaped(&s.name),
+        Escaped(&s.listen),
+        Escaped(&s.connect),
+        s.pid,
+        s.uptime_s,
+        s.live,
+        s.max_conns
     );
     let t = &s.totals;
     let _ = writeln!(
@@ -368,6 +375,17 @@ mod tests {
         assert!(t.contains("l2c") && t.contains("c2l"));
         assert!(t.contains("2 refused by policy"));
         assert!(t.contains("(3)"), "sample counts are shown: {t}");
+    }
+
+    #[test]
+    fn text_escapes_the_names_an_operator_chose() {
+        let mut s = sample();
+        s.name = "vm\nkvmi-relay fake: \x1b[2J".into();
+        s.listen = "unix:/run/a\rb.sock".into();
+        let t = text(&s);
+        assert!(t.lines().next().unwrap().contains("vm\\nkvmi-relay fake: \\u{1b}[2J"), "{t}");
+        assert!(t.contains("unix:/run/a\\rb.sock"), "{t}");
+        assert!(!t.lines().any(|l| l.chars().any(char::is_control)), "{t}");
     }
 
     #[test]

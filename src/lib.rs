@@ -21,6 +21,7 @@ pub mod control;
 pub mod dial;
 pub mod endpoint;
 pub mod error;
+pub mod escape;
 pub mod export;
 pub mod histlog;
 pub mod listener;
@@ -52,7 +53,9 @@ pub fn init_logging(level: Option<&str>) {
     let filter = text
         .and_then(|t| t.parse::<Targets>().ok())
         .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    // Every field and message goes through `escape`: no value can start a line of its own.
     let layer = tracing_subscriber::fmt::layer()
+        .fmt_fields(escape::EscapedFields)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);

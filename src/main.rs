@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvmi_relay::cli::{Cli, Command};
 use kvmi_relay::config::Config;
+use kvmi_relay::escape::Escaped;
 
 /// Exit code for bad input and failed start-up (as clap uses for usage errors).
 const EXIT_BAD_START: u8 = 2;
@@ -32,7 +33,12 @@ fn relay(cli: Cli) -> ExitCode {
         }
     };
     if check {
-        println!("kvmi-relay: configuration ok: listen {} → connect {} ({})", cfg.listen, cfg.connect, cfg.name);
+        println!(
+            "kvmi-relay: configuration ok: listen {} → connect {} ({})",
+            Escaped(&cfg.listen),
+            Escaped(&cfg.connect),
+            Escaped(&cfg.name)
+        );
         return ExitCode::SUCCESS;
     }
     kvmi_relay::init_logging(cfg.log_level.as_deref());

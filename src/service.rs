@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::endpoint::{Endpoint, VSOCK_CID_ANY};
+use crate::escape::Escaped;
 use crate::listener::Listener;
 use crate::relay::Totals;
 
@@ -141,17 +142,21 @@ pub enum ActivationError {
     #[error("socket activation: cannot read LISTEN_FDS/LISTEN_FDNAMES: {0}")]
     Env(io::Error),
     #[error(
-        "socket activation: the service manager passed {count} sockets ({names}); one relay serves exactly one, \
-         so its socket unit must have one ListenStream="
+        "socket activation: the service manager passed {count} sockets ({}); one relay serves exactly one, \
+         so its socket unit must have one ListenStream=",
+        Escaped(names)
     )]
     TooMany { count: usize, names: String },
-    #[error("socket activation: cannot take over fd {fd} ({name}): {source}")]
+    #[error("socket activation: cannot take over fd {fd} ({}): {source}", Escaped(name))]
     Adopt { fd: i32, name: String, source: io::Error },
-    #[error("socket activation: fd {fd} ({name}) is not a listening stream socket")]
+    #[error("socket activation: fd {fd} ({}) is not a listening stream socket", Escaped(name))]
     NotListening { fd: i32, name: String },
     #[error(
-        "--listen {listen} (KVMI_RELAY_LISTEN): the service manager passed {name} listening on {actual}; \
-         make KVMI_RELAY_LISTEN and the socket unit's ListenStream= name the same endpoint"
+        "--listen {} (KVMI_RELAY_LISTEN): the service manager passed {} listening on {}; \
+         make KVMI_RELAY_LISTEN and the socket unit's ListenStream= name the same endpoint",
+        Escaped(listen),
+        Escaped(name),
+        Escaped(actual)
     )]
     Mismatch { listen: String, name: String, actual: String },
 }
