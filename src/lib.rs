@@ -6,6 +6,7 @@
 //!   `relay/operator.rs` serves the control socket, snapshots and the interval log from it);
 //! - access is decided in `access.rs` (pure functions), identities are gathered in
 //!   `listener.rs`; dialling is `dial.rs`;
+//! - the KVMi protocol (handshake, framing, policy, seq matching) is `kvmi/`, pure;
 //! - `unsafe` lives in `sys.rs` only;
 //! - systemd (readiness, watchdog, socket activation) is `service.rs`;
 //! - the command line stops at `cli.rs`; `config.rs` is the border to everything else.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod escape;
 pub mod export;
 pub mod histlog;
+pub mod kvmi;
 pub mod listener;
 pub mod metrics;
 pub mod pump;
