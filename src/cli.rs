@@ -136,6 +136,47 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_HIST_INTERVAL", value_name = "SECONDS", default_value = "10")]
     pub hist_interval: String,
 
+    /// Speak KVMi: read QEMU's handshake before dialling (VM pinning), frame messages, apply
+    /// --kvmi-policy, deliver whole messages to the introspector, time each message type.
+    /// Without it the relay moves bytes without looking at them.
+    #[arg(long, env = "KVMI_RELAY_KVMI", action = ArgAction::SetTrue)]
+    pub kvmi: bool,
+
+    /// With --kvmi: admit only the VM whose handshake carries this UUID (8-4-4-4-12 hex).
+    #[arg(long, env = "KVMI_RELAY_KVMI_VM_UUID", value_name = "UUID")]
+    pub kvmi_vm_uuid: Option<String>,
+
+    /// With --kvmi: admit only the VM whose handshake carries this name (QEMU's -name).
+    #[arg(long, env = "KVMI_RELAY_KVMI_VM_NAME", value_name = "NAME")]
+    pub kvmi_vm_name: Option<String>,
+
+    /// With --kvmi: which socket carries QEMU. listen: the hypervisor host's relay, and a monitor
+    /// host's relay behind TCP; connect: a relay whose dialled socket leads to QEMU.
+    #[arg(long, env = "KVMI_RELAY_KVMI_HYPERVISOR_SIDE", value_name = "SIDE", default_value = "listen")]
+    pub kvmi_hypervisor_side: SideArg,
+
+    /// With --kvmi: full = every command passes; read-only = reads and execution control pass,
+    /// commands that write guest state (and GET_MAP_TOKEN) get the relay's own EPERM reply,
+    /// event replies that would change state are replaced by a plain CONTINUE.
+    #[arg(long, env = "KVMI_RELAY_KVMI_POLICY", value_name = "POLICY", default_value = "full")]
+    pub kvmi_policy: KvmiPolicyArg,
+
+    /// With --kvmi: commands let through whatever --kvmi-policy says (names, comma-separated).
+    #[arg(long, env = "KVMI_RELAY_KVMI_ALLOW", value_name = "COMMAND", value_delimiter = ',')]
+    pub kvmi_allow: Vec<String>,
+
+    /// With --kvmi: commands answered with EPERM whatever --kvmi-policy says (names, comma-separated).
+    #[arg(long, env = "KVMI_RELAY_KVMI_DENY", value_name = "COMMAND", value_delimiter = ',')]
+    pub kvmi_deny: Vec<String>,
+
+    /// With --kvmi: a command id the ABI table does not know: refuse (close the session) or pass.
+    #[arg(long, env = "KVMI_RELAY_KVMI_UNKNOWN", value_name = "WHAT", default_value = "refuse")]
+    pub kvmi_unknown: KvmiUnknownArg,
+
+    /// With --kvmi: the message numbering spoken (v7: libkvmi and the kvmi-v7 kernel/QEMU).
+    #[arg(long, env = "KVMI_RELAY_KVMI_ABI", value_name = "ABI", default_value = "v7")]
+    pub kvmi_abi: KvmiAbiArg,
+
     /// Validate the configuration exactly as start-up would, report every problem, bind nothing.
     #[arg(long, action = ArgAction::SetTrue)]
     pub check: bool,
@@ -151,6 +192,33 @@ pub enum MoveArg {
     Splice,
     /// read/write copies only (splice forced off).
     Copy,
+}
+
+/// Which socket carries QEMU (`--kvmi-hypervisor-side`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SideArg {
+    Listen,
+    Connect,
+}
+
+/// `--kvmi-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvmiPolicyArg {
+    Full,
+    ReadOnly,
+}
+
+/// `--kvmi-unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvmiUnknownArg {
+    Refuse,
+    Pass,
+}
+
+/// `--kvmi-abi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvmiAbiArg {
+    V7,
 }
 
 #[derive(Debug, Subcommand)]

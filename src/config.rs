@@ -13,9 +13,10 @@ use ipnet::IpNet;
 use nix::unistd::{Group, Uid, User};
 
 use crate::access::{Policy, canonical_net};
-use crate::cli::{MoveArg, RelayArgs};
+use crate::cli::{KvmiAbiArg, KvmiPolicyArg, KvmiUnknownArg, MoveArg, RelayArgs, SideArg};
 use crate::endpoint::{Endpoint, VSOCK_CID_ANY};
 use crate::escape::Escaped;
+use crate::kvmi;
 use crate::pump::Strategy;
 
 /// Smallest and largest pipe size accepted for `--pipe-size`.
@@ -93,6 +94,19 @@ pub struct Config {
     /// HdrHistogram interval log (`--hist-log`) and its interval.
     pub hist_log: Option<PathBuf>,
     pub hist_interval: Duration,
+    /// `--kvmi`: the session speaks KVMi (None: bytes move uninspected).
+    pub kvmi: Option<KvmiConfig>,
+}
+
+/// What `--kvmi` and its refinements say.
+#[derive(Debug, Clone)]
+pub struct KvmiConfig {
+    pub abi: kvmi::abi::Abi,
+    pub vm_uuid: Option<[u8; 16]>,
+    pub vm_name: Option<Vec<u8>>,
+    /// Which socket index carries QEMU (`conn::LISTEN_SIDE` or `conn::CONNECT_SIDE`).
+    pub hypervisor_side: usize,
+    pub policy: kvmi::policy::Policy,
 }
 
 /// One problem with one flag.
@@ -396,7 +410,7 @@ impl TryFrom<RelayArgs> for Config {
         let shutdown_timeout_ms =
             number::<u64>(&mut p, names("shutdown_timeout_ms"), &a.shutdown_timeout_ms).unwrap_or(0);
         // An empty value (`KVMI_RELAY_LOG_LEVEL=` in an environment file) means unset.
-        let log_level = a.log_level.filter(|l| !l.trim().is_empty());
+        let log_level = a.log_level.clone().filter(|l| !l.trim().is_empty());
         if let Some(level) = &log_level {
             if !log_filter_is_valid(level) {
                 problem!(
@@ -435,6 +449,8 @@ impl TryFrom<RelayArgs> for Config {
             }
         };
 
+        let kvmi = kvmi_config(&mut p, &a);
+
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
@@ -452,7 +468,9 @@ impl TryFrom<RelayArgs> for Config {
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             pipe_size_bytes,
             pipe_size_max_bytes,
+            // KVMi sessions look at every header: the bytes pass through user space anyway.
             move_mode: match a.r#move {
+                _ if kvmi.is_some() => MoveMode::Copy,
                 MoveArg::Auto => MoveMode::Auto,
                 MoveArg::Splice => MoveMode::Splice,
                 MoveArg::Copy => MoveMode::Copy,
@@ -467,8 +485,83 @@ impl TryFrom<RelayArgs> for Config {
             control,
             hist_log,
             hist_interval,
+            kvmi,
         })
     }
+}
+
+/// `--kvmi` and the flags that only mean something with it.
+fn kvmi_config(p: &mut Problems, a: &RelayArgs) -> Option<KvmiConfig> {
+    if !a.kvmi {
+        let given = [
+            ("kvmi_vm_uuid", a.kvmi_vm_uuid.is_some()),
+            ("kvmi_vm_name", a.kvmi_vm_name.is_some()),
+            ("kvmi_allow", !a.kvmi_allow.is_empty()),
+            ("kvmi_deny", !a.kvmi_deny.is_empty()),
+            ("kvmi_policy", a.kvmi_policy != KvmiPolicyArg::Full),
+        ];
+        for (id, set) in given {
+            if set {
+                let (flag, env) = names(id);
+                p.add(flag, env, "means something only with --kvmi (KVMI_RELAY_KVMI)".to_string());
+            }
+        }
+        return None;
+    }
+    let abi = match a.kvmi_abi {
+        KvmiAbiArg::V7 => kvmi::abi::Abi::V7,
+    };
+    let vm_uuid = a.kvmi_vm_uuid.as_deref().and_then(|t| {
+        let u = kvmi::handshake::parse_uuid(t.trim());
+        if u.is_none() {
+            problem!(p, kvmi_vm_uuid, "'{t}' is not a UUID (32 hex digits, dashes as 8-4-4-4-12)");
+        }
+        u
+    });
+    let vm_name = a.kvmi_vm_name.as_deref().and_then(|n| {
+        if n.is_empty() || n.len() >= kvmi::handshake::NAME_BYTES || n.contains('\0') {
+            problem!(p, kvmi_vm_name, "'{n}' is not a QEMU VM name (1 to 63 bytes, no NUL)");
+            None
+        } else {
+            Some(n.as_bytes().to_vec())
+        }
+    });
+    if a.r#move == MoveArg::Splice {
+        let (flag, env) = names("move");
+        p.add(flag, env, "splice cannot be used with --kvmi (KVMi sessions copy, to read every header)".to_string());
+    }
+    let mode = match a.kvmi_policy {
+        KvmiPolicyArg::Full => kvmi::policy::Mode::Full,
+        KvmiPolicyArg::ReadOnly => kvmi::policy::Mode::ReadOnly,
+    };
+    let unknown = match a.kvmi_unknown {
+        KvmiUnknownArg::Refuse => kvmi::policy::Unknown::Refuse,
+        KvmiUnknownArg::Pass => kvmi::policy::Unknown::Pass,
+    };
+    let policy = match kvmi::policy::Policy::from_names(abi.table(), mode, &a.kvmi_allow, &a.kvmi_deny, unknown) {
+        Ok(pol) => pol,
+        Err(problems) => {
+            for text in problems {
+                let (flag, env) =
+                    if text.starts_with("--kvmi-deny") { names("kvmi_deny") } else { names("kvmi_allow") };
+                p.add(flag, env, text.split_once(": ").map_or(text.clone(), |(_, rest)| rest.to_string()));
+            }
+            kvmi::policy::Policy { mode, allow: Default::default(), deny: Default::default(), unknown }
+        }
+    };
+    if policy.deny.contains(&kvmi::abi::v7::GET_VERSION) {
+        problem!(p, kvmi_deny, "GET_VERSION cannot be denied: libkvmi refuses a session whose GET_VERSION fails");
+    }
+    Some(KvmiConfig {
+        abi,
+        vm_uuid,
+        vm_name,
+        hypervisor_side: match a.kvmi_hypervisor_side {
+            SideArg::Listen => crate::conn::LISTEN_SIDE,
+            SideArg::Connect => crate::conn::CONNECT_SIDE,
+        },
+        policy,
+    })
 }
 
 fn default_name(listen: &Endpoint) -> String {
@@ -619,6 +712,15 @@ mod tests {
             "control",
             "hist_log",
             "hist_interval",
+            "kvmi",
+            "kvmi_vm_uuid",
+            "kvmi_vm_name",
+            "kvmi_hypervisor_side",
+            "kvmi_policy",
+            "kvmi_allow",
+            "kvmi_deny",
+            "kvmi_unknown",
+            "kvmi_abi",
         ] {
             let (flag, env) = names(id);
             assert_eq!(flag, format!("--{}", id.replace('_', "-")));

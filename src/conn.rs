@@ -38,9 +38,19 @@ pub const CONNECT_SIDE: usize = 1;
 /// monitor and c2l is monitor → hypervisor.
 pub const DIRECTION_NAMES: [&str; 2] = ["l2c", "c2l"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How long QEMU's handshake may take to arrive (QEMU's own handshake timeout).
+pub const KVMI_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    Dialling { deadline: Instant },
+    /// `--kvmi` with QEMU on the listen side: reading its handshake; nothing dialled yet.
+    Greeting {
+        deadline: Instant,
+        got: Vec<u8>,
+    },
+    Dialling {
+        deadline: Instant,
+    },
     Relaying,
 }
 
@@ -54,6 +64,9 @@ pub enum End {
     /// The far side could not be dialled.
     DialFailed(io::Error),
     DialTimeout(Duration),
+    /// `--kvmi`: the VM's handshake was refused (wrong pin, bad size, none in time); nothing
+    /// was dialled. The text says what was seen and what was expected, escaped.
+    Refused(String),
     /// A socket failed mid-session (reset, broken pipe, ...).
     Failed {
         side: usize,
@@ -85,8 +98,16 @@ pub enum Step {
 pub struct Conn {
     pub id: u64,
     pub peer: Peer,
-    socks: [Socket; 2],
+    /// The accepted socket, then the dialled one once dialling began.
+    socks: Vec<Socket>,
     pumps: [Pump; 2],
+    /// Bytes the connection took from the listen side before the pumps ran (QEMU's handshake),
+    /// still to be written to the connect side ahead of everything else.
+    preface: Vec<u8>,
+    /// What `--kvmi` pins the VM to, when it does (copied from the configuration).
+    pin: Option<Pin>,
+    /// The VM's handshake, once read (`--kvmi`).
+    pub vm: Option<crate::kvmi::handshake::Handshake>,
     phase: Phase,
     pub opened: Instant,
     pub metrics: [DirMetrics; 2],
@@ -94,6 +115,35 @@ pub struct Conn {
     arrived: [Option<Instant>; 2],
     /// When each direction last finished forwarding (store emptied), awaiting the answer.
     forwarded: [Option<Instant>; 2],
+    connect: Endpoint,
+    connect_timeout: Duration,
+    busy_poll_us: u32,
+}
+
+/// The VM a `--kvmi` relay admits (`--kvmi-vm-uuid`, `--kvmi-vm-name`); None = any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub uuid: Option<[u8; 16]>,
+    pub name: Option<Vec<u8>>,
+}
+
+impl Pin {
+    /// Why this handshake is not the pinned VM's, if it is not: what was seen and what was
+    /// expected, escaped.
+    pub fn check(&self, h: &crate::kvmi::handshake::Handshake) -> Result<(), String> {
+        use crate::kvmi::handshake::{escape_bytes, format_uuid};
+        if let Some(u) = self.uuid.filter(|u| *u != h.uuid) {
+            return Err(format!("VM uuid {} is not the pinned {} (--kvmi-vm-uuid)", h.uuid_text(), format_uuid(&u)));
+        }
+        if let Some(n) = self.name.as_ref().filter(|n| **n != h.name) {
+            return Err(format!(
+                "VM name \"{}\" is not the pinned \"{}\" (--kvmi-vm-name)",
+                h.name_text(),
+                escape_bytes(n)
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Conn {
@@ -102,13 +152,18 @@ impl Conn {
         if peer_is_tcp(&peer) {
             accepted.set_tcp_nodelay(true).map_err(SetupError::Socket)?;
         }
-        let dialled = dial::start(&cfg.connect).map_err(SetupError::Dial)?;
         if cfg.busy_poll_us > 0 {
-            for s in [&accepted, &dialled] {
-                // Best effort: SO_BUSY_POLL is refused on some socket families.
-                let _ = s.set_busy_poll(cfg.busy_poll_us);
-            }
+            // Best effort: SO_BUSY_POLL is refused on some socket families.
+            let _ = accepted.set_busy_poll(cfg.busy_poll_us);
         }
+        let greet = cfg.kvmi.as_ref().is_some_and(|k| k.hypervisor_side == LISTEN_SIDE);
+        let mut socks = vec![accepted];
+        let phase = if greet {
+            Phase::Greeting { deadline: now + Duration::from_millis(KVMI_HANDSHAKE_TIMEOUT_MS), got: Vec::new() }
+        } else {
+            socks.push(Self::dial(cfg)?);
+            Phase::Dialling { deadline: now + cfg.connect_timeout }
+        };
         // Direction 0 writes to the dialled side, direction 1 back to the peer.
         let into_tcp = [matches!(cfg.connect, Endpoint::Tcp(_)), peer_is_tcp(&peer)];
         let pump = |d: usize| {
@@ -119,9 +174,15 @@ impl Conn {
         Ok(Conn {
             id,
             peer,
-            socks: [accepted, dialled],
+            socks,
             pumps,
-            phase: Phase::Dialling { deadline: now + cfg.connect_timeout },
+            preface: Vec::new(),
+            pin: cfg.kvmi.as_ref().map(|k| Pin { uuid: k.vm_uuid, name: k.vm_name.clone() }),
+            vm: None,
+            connect: cfg.connect.clone(),
+            connect_timeout: cfg.connect_timeout,
+            busy_poll_us: cfg.busy_poll_us,
+            phase,
             opened: now,
             metrics: [DirMetrics::new(cfg.hist_log.is_some()), DirMetrics::new(cfg.hist_log.is_some())],
             arrived: [None, None],
@@ -129,8 +190,26 @@ impl Conn {
         })
     }
 
+    fn dial(cfg: &Config) -> Result<Socket, SetupError> {
+        Self::dial_to(&cfg.connect, cfg.busy_poll_us)
+    }
+
+    fn dial_to(connect: &Endpoint, busy_poll_us: u32) -> Result<Socket, SetupError> {
+        let dialled = dial::start(connect).map_err(SetupError::Dial)?;
+        if busy_poll_us > 0 {
+            let _ = dialled.set_busy_poll(busy_poll_us);
+        }
+        Ok(dialled)
+    }
+
+    /// The socket's fd; -1 for the connect side before it was dialled (never registered then).
     pub fn raw_fd(&self, side: usize) -> RawFd {
-        self.socks[side].as_raw_fd()
+        self.socks.get(side).map_or(-1, |s| s.as_raw_fd())
+    }
+
+    /// Whether the connection is still reading the VM's handshake (nothing dialled yet).
+    pub fn is_greeting(&self) -> bool {
+        matches!(self.phase, Phase::Greeting { .. })
     }
 
     pub fn pump(&self, direction: usize) -> &Pump {
@@ -147,7 +226,7 @@ impl Conn {
 
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Dialling { deadline } => Some(deadline),
+            Phase::Greeting { deadline, .. } | Phase::Dialling { deadline } => Some(deadline),
             Phase::Relaying => None,
         }
     }
@@ -159,9 +238,10 @@ impl Conn {
     /// writes complete at once is never woken by send-buffer space.
     pub fn interest(&self, side: usize) -> Option<Interest> {
         match self.phase {
+            Phase::Greeting { .. } => (side == LISTEN_SIDE).then_some(Interest::READABLE),
             Phase::Dialling { .. } => (side == CONNECT_SIDE).then_some(Interest::WRITABLE),
             Phase::Relaying => {
-                if self.pumps[1 - side].blocked_on_dst() {
+                if self.pumps[1 - side].blocked_on_dst() || (side == CONNECT_SIDE && !self.preface.is_empty()) {
                     Some(Interest::READABLE | Interest::WRITABLE)
                 } else {
                     Some(Interest::READABLE)
@@ -189,6 +269,36 @@ impl Conn {
     /// Moves the connection forward. `now` is when the loop woke for the events being handled;
     /// `draining` stops all reads (shutdown).
     pub fn advance(&mut self, now: Instant, draining: bool) -> Step {
+        if let Phase::Greeting { deadline, got } = &mut self.phase {
+            if draining {
+                return Step::Close(End::Drained);
+            }
+            match read_handshake(&self.socks[LISTEN_SIDE], got) {
+                Err(why) => return Step::Close(End::Refused(why)),
+                Ok(None) if now >= *deadline => {
+                    return Step::Close(End::Refused(format!(
+                        "no complete handshake within {KVMI_HANDSHAKE_TIMEOUT_MS} ms ({} bytes seen)",
+                        got.len()
+                    )));
+                }
+                Ok(None) => return Step::Continue { more: false },
+                Ok(Some(h)) => {
+                    if let Some(why) = self.pin.as_ref().and_then(|p| p.check(&h).err()) {
+                        return Step::Close(End::Refused(why));
+                    }
+                    self.preface = std::mem::take(got);
+                    self.vm = Some(h);
+                    match Self::dial_to(&self.connect, self.busy_poll_us) {
+                        Ok(s) => self.socks.push(s),
+                        Err(SetupError::Dial(e)) | Err(SetupError::Socket(e)) | Err(SetupError::Pipe(e)) => {
+                            return Step::Close(End::DialFailed(e));
+                        }
+                    }
+                    self.phase = Phase::Dialling { deadline: now + self.connect_timeout };
+                    return Step::Continue { more: false };
+                }
+            }
+        }
         if let Phase::Dialling { deadline } = self.phase {
             match dial::finish(&self.socks[CONNECT_SIDE]) {
                 Ok(true) => self.phase = Phase::Relaying,
@@ -203,8 +313,21 @@ impl Conn {
             }
         }
 
+        if !self.preface.is_empty() {
+            match send_some(&self.socks[CONNECT_SIDE], &self.preface) {
+                Ok(n) => {
+                    self.preface.drain(..n);
+                }
+                Err(e) => return Step::Close(End::Failed { side: CONNECT_SIDE, error: e }),
+            }
+        }
+
         let mut more = false;
         for d in 0..2 {
+            if d == 0 && !self.preface.is_empty() {
+                // The handshake goes first; l2c waits until it is out.
+                continue;
+            }
             let (src, dst) = (&self.socks[d], &self.socks[1 - d]);
             let run = match self.pumps[d].run(src, dst, !draining) {
                 Ok(run) => run,
@@ -251,6 +374,42 @@ impl Conn {
             let _ = s.set_linger(Some(Duration::ZERO));
         }
     }
+}
+
+/// Reads what is missing of QEMU's handshake, never a byte beyond it. Ok(None): not complete
+/// yet (the socket would block); Err: refused, with what was seen.
+fn read_handshake(sock: &Socket, got: &mut Vec<u8>) -> Result<Option<crate::kvmi::handshake::Handshake>, String> {
+    use crate::kvmi::handshake::{Parse, QEMU_HANDSHAKE_MAX_GPA_BYTES, parse_qemu};
+    let mut buf = [0u8; QEMU_HANDSHAKE_MAX_GPA_BYTES];
+    loop {
+        let needed = match parse_qemu(got).map_err(|r| r.to_string())? {
+            Parse::Complete(h) => return Ok(Some(h)),
+            Parse::Partial { needed } => needed,
+        };
+        match io::Read::read(&mut &*sock, &mut buf[..needed - got.len()]) {
+            Ok(0) => {
+                return Err(format!("the hypervisor side closed after {} of {needed} handshake bytes", got.len()));
+            }
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading the handshake failed: {e}")),
+        }
+    }
+}
+
+/// Writes what the socket takes now (0 when it would block).
+fn send_some(sock: &Socket, bytes: &[u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < bytes.len() {
+        match sock.send_with_flags(&bytes[n..], libc::MSG_NOSIGNAL) {
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn peer_is_tcp(p: &Peer) -> bool {

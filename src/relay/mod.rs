@@ -66,6 +66,8 @@ pub struct Totals {
     /// Refused because `--max-conns` sessions were already running.
     pub refused_busy: u64,
     pub dial_failed: u64,
+    /// `--kvmi`: handshakes refused (wrong VM, bad size, none in time); nothing was dialled.
+    pub refused_handshake: u64,
     pub failed: u64,
     pub closed: u64,
     /// Times accept hit EMFILE/ENFILE and paused.
@@ -371,7 +373,13 @@ impl Relay {
             };
             self.totals.admitted += 1;
             let span = tracing::info_span!("conn", id, peer = %peer, to = %self.cfg.connect);
-            span.in_scope(|| info!("admitted; dialling"));
+            span.in_scope(|| {
+                if conn.is_greeting() {
+                    info!("admitted; reading the VM's handshake before dialling")
+                } else {
+                    info!("admitted; dialling")
+                }
+            });
             let slot = match self.slots.iter().position(Option::is_none) {
                 Some(i) => i,
                 None => {
@@ -449,6 +457,10 @@ impl Relay {
                 self.totals.dial_failed += 1;
                 warn!(target = %self.cfg.connect, after_ms = d.as_millis() as u64, "dial timed out; closing the peer");
             }
+            End::Refused(why) => {
+                self.totals.refused_handshake += 1;
+                warn!(reason = %why, "handshake refused; nothing dialled, closing the peer");
+            }
             End::Failed { side, error } => {
                 self.totals.failed += 1;
                 let who = if *side == LISTEN_SIDE { "listen side" } else { "connect side" };
@@ -465,7 +477,7 @@ impl Relay {
                 conn.abort();
             }
         }
-        if matches!(end, End::DialFailed(_) | End::DialTimeout(_)) {
+        if matches!(end, End::DialFailed(_) | End::DialTimeout(_) | End::Refused(_)) {
             return;
         }
         self.totals.closed += 1;
@@ -596,6 +608,7 @@ fn end_name(end: &End) -> &'static str {
         End::Drained => "drained",
         End::DialFailed(_) => "dial-failed",
         End::DialTimeout(_) => "dial-timeout",
+        End::Refused(_) => "refused-handshake",
         End::Failed { .. } => "failed",
     }
 }
