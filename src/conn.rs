@@ -15,6 +15,7 @@
 //! 2. `failed`: any error on either socket (reset, broken pipe) tears the pair down at once;
 //! 3. `drained`: during shutdown, both stores are empty.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ use crate::access::Peer;
 use crate::config::Config;
 use crate::dial;
 use crate::endpoint::Endpoint;
+use crate::kvmi::session::{Gate, Session};
+use crate::kvmi::wire::Flow;
 use crate::metrics::DirMetrics;
 use crate::pump::Pump;
 
@@ -67,6 +70,8 @@ pub enum End {
     /// `--kvmi`: the VM's handshake was refused (wrong pin, bad size, none in time); nothing
     /// was dialled. The text says what was seen and what was expected, escaped.
     Refused(String),
+    /// `--kvmi`: a malformed stream (the reason names the message); nothing of it was forwarded.
+    Protocol(String),
     /// A socket failed mid-session (reset, broken pipe, ...).
     Failed {
         side: usize,
@@ -105,9 +110,11 @@ pub struct Conn {
     /// still to be written to the connect side ahead of everything else.
     preface: Vec<u8>,
     /// What `--kvmi` pins the VM to, when it does (copied from the configuration).
-    pin: Option<Pin>,
-    /// The VM's handshake, once read (`--kvmi`).
+    pin: Option<crate::kvmi::handshake::Pin>,
+    /// The VM's handshake, once read before dialling (`--kvmi`, QEMU on the listen side).
     pub vm: Option<crate::kvmi::handshake::Handshake>,
+    /// `--kvmi`: the KVMi layer at both pumps' destinations, and the flow each direction is.
+    pub kvmi: Option<(RefCell<Session>, [Flow; 2])>,
     phase: Phase,
     pub opened: Instant,
     pub metrics: [DirMetrics; 2],
@@ -118,32 +125,6 @@ pub struct Conn {
     connect: Endpoint,
     connect_timeout: Duration,
     busy_poll_us: u32,
-}
-
-/// The VM a `--kvmi` relay admits (`--kvmi-vm-uuid`, `--kvmi-vm-name`); None = any.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pin {
-    pub uuid: Option<[u8; 16]>,
-    pub name: Option<Vec<u8>>,
-}
-
-impl Pin {
-    /// Why this handshake is not the pinned VM's, if it is not: what was seen and what was
-    /// expected, escaped.
-    pub fn check(&self, h: &crate::kvmi::handshake::Handshake) -> Result<(), String> {
-        use crate::kvmi::handshake::{escape_bytes, format_uuid};
-        if let Some(u) = self.uuid.filter(|u| *u != h.uuid) {
-            return Err(format!("VM uuid {} is not the pinned {} (--kvmi-vm-uuid)", h.uuid_text(), format_uuid(&u)));
-        }
-        if let Some(n) = self.name.as_ref().filter(|n| **n != h.name) {
-            return Err(format!(
-                "VM name \"{}\" is not the pinned \"{}\" (--kvmi-vm-name)",
-                h.name_text(),
-                escape_bytes(n)
-            ));
-        }
-        Ok(())
-    }
 }
 
 impl Conn {
@@ -177,8 +158,22 @@ impl Conn {
             socks,
             pumps,
             preface: Vec::new(),
-            pin: cfg.kvmi.as_ref().map(|k| Pin { uuid: k.vm_uuid, name: k.vm_name.clone() }),
+            pin: cfg.kvmi.as_ref().map(|k| crate::kvmi::handshake::Pin { uuid: k.vm_uuid, name: k.vm_name.clone() }),
             vm: None,
+            kvmi: cfg.kvmi.as_ref().map(|k| {
+                let qemu_in_stream = k.hypervisor_side == CONNECT_SIDE;
+                let pin =
+                    qemu_in_stream.then(|| crate::kvmi::handshake::Pin { uuid: k.vm_uuid, name: k.vm_name.clone() });
+                let session = Session::new(k.abi.table(), k.policy.clone(), pin, qemu_in_stream, now);
+                // Direction d moves bytes from socket d: from the hypervisor's socket they go
+                // toward the introspector.
+                let flows = if k.hypervisor_side == LISTEN_SIDE {
+                    [Flow::ToIntrospector, Flow::ToHypervisor]
+                } else {
+                    [Flow::ToHypervisor, Flow::ToIntrospector]
+                };
+                (RefCell::new(session), flows)
+            }),
             connect: cfg.connect.clone(),
             connect_timeout: cfg.connect_timeout,
             busy_poll_us: cfg.busy_poll_us,
@@ -205,6 +200,15 @@ impl Conn {
     /// The socket's fd; -1 for the connect side before it was dialled (never registered then).
     pub fn raw_fd(&self, side: usize) -> RawFd {
         self.socks.get(side).map_or(-1, |s| s.as_raw_fd())
+    }
+
+    /// The VM's name and uuid as its handshake said (`-` without `--kvmi` or before it came).
+    pub fn vm_identity(&self) -> (String, String) {
+        let in_stream = self.kvmi.as_ref().and_then(|(k, _)| k.borrow().vm.clone());
+        match self.vm.clone().or(in_stream) {
+            Some(h) => (h.name_text(), h.uuid_text()),
+            None => ("-".into(), "-".into()),
+        }
     }
 
     /// Whether the connection is still reading the VM's handshake (nothing dialled yet).
@@ -241,7 +245,10 @@ impl Conn {
             Phase::Greeting { .. } => (side == LISTEN_SIDE).then_some(Interest::READABLE),
             Phase::Dialling { .. } => (side == CONNECT_SIDE).then_some(Interest::WRITABLE),
             Phase::Relaying => {
-                if self.pumps[1 - side].blocked_on_dst() || (side == CONNECT_SIDE && !self.preface.is_empty()) {
+                // Direction 1 - side writes to `side`.
+                let outbox = self.kvmi.as_ref().is_some_and(|(k, flows)| k.borrow().outbox_waiting(flows[1 - side]));
+                if self.pumps[1 - side].blocked_on_dst() || (side == CONNECT_SIDE && !self.preface.is_empty()) || outbox
+                {
                     Some(Interest::READABLE | Interest::WRITABLE)
                 } else {
                     Some(Interest::READABLE)
@@ -322,16 +329,21 @@ impl Conn {
             }
         }
 
+        if let Some((k, _)) = &self.kvmi {
+            k.borrow_mut().now = now;
+        }
         let mut more = false;
         for d in 0..2 {
             if d == 0 && !self.preface.is_empty() {
                 // The handshake goes first; l2c waits until it is out.
                 continue;
             }
-            let (src, dst) = (&self.socks[d], &self.socks[1 - d]);
-            let run = match self.pumps[d].run(src, dst, !draining) {
+            let run = match self.run_pump(d, draining) {
                 Ok(run) => run,
                 Err(e) => {
+                    if let Some(why) = self.kvmi.as_ref().and_then(|(k, _)| k.borrow_mut().malformed.take()) {
+                        return Step::Close(End::Protocol(why));
+                    }
                     let side = if e.at_source { d } else { 1 - d };
                     return Step::Close(End::Failed { side, error: e.error });
                 }
@@ -357,6 +369,25 @@ impl Conn {
                 self.forwarded[d] = Some(run.last_write_began.unwrap_or(done));
             }
         }
+        if let Some((k, flows)) = &self.kvmi {
+            let mut k = k.borrow_mut();
+            for d in 0..2 {
+                if let Err(e) = k.flush(flows[d], &self.socks[1 - d]) {
+                    return Step::Close(End::Failed { side: 1 - d, error: e });
+                }
+                if self.pumps[d].src_eof() && self.pumps[d].fill() > 0 && k.is_stuck(flows[d]) {
+                    return Step::Close(End::Protocol(format!(
+                        "{} bytes of a message cut by the end of the stream ({})",
+                        self.pumps[d].fill(),
+                        DIRECTION_NAMES[d]
+                    )));
+                }
+            }
+            if (0..2).any(|d| k.outbox_waiting(flows[d])) {
+                // Not finished while relay-made replies wait.
+                return Step::Continue { more };
+            }
+        }
 
         if self.pumps[0].finished() && self.pumps[1].finished() {
             return Step::Close(End::Finished);
@@ -365,6 +396,39 @@ impl Conn {
             return Step::Close(End::Drained);
         }
         Step::Continue { more }
+    }
+
+    /// Runs direction `d`'s pump, through the KVMi layer when there is one. A direction whose
+    /// destination was offered only part of a message did not block on that socket: its flag
+    /// is cleared, and the pump runs again while reads brought more (the rest may be in).
+    fn run_pump(&mut self, d: usize, draining: bool) -> Result<crate::pump::Run, crate::pump::PumpError> {
+        let (src, dst) = (&self.socks[d], &self.socks[1 - d]);
+        let Some((k, flows)) = &self.kvmi else {
+            return self.pumps[d].run(src, dst, !draining);
+        };
+        let gate = Gate { sock: dst, session: k, flow: flows[d] };
+        let mut total = self.pumps[d].run(src, &gate, !draining)?;
+        for _ in 0..4 {
+            if !k.borrow().is_stuck(flows[d]) {
+                break;
+            }
+            self.pumps[d].dst_writable = true;
+            if total.read_bytes == 0 && !self.pumps[d].src_eof() {
+                break;
+            }
+            let again = self.pumps[d].run(src, &gate, !draining)?;
+            total.read_bytes = again.read_bytes;
+            total.written_bytes += again.written_bytes;
+            total.emptied = again.emptied || (total.emptied && again.written_bytes == 0);
+            total.more |= again.more;
+            if again.last_write_began.is_some() {
+                total.last_write_began = again.last_write_began;
+            }
+            if again.read_bytes == 0 && again.written_bytes == 0 {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     /// Closes both sockets so that the peers see a reset rather than an orderly EOF (used when

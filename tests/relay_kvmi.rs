@@ -107,7 +107,8 @@ fn the_pinned_vm_is_admitted_and_its_handshake_forwarded_unchanged_in_both_sizes
 
 #[test]
 fn the_fake_pair_runs_a_whole_session_through_a_pinned_relay() {
-    let s = setup(&[&format!("--kvmi-vm-uuid={}", format_uuid(&UUID))]);
+    // The demo's DEMO_RAISE_EVENTS is not a KVMi command: passed.
+    let s = setup(&[&format!("--kvmi-vm-uuid={}", format_uuid(&UUID)), "--kvmi-unknown=pass"]);
     s.intro.set_nonblocking(false).unwrap();
     let relay_path = s.relay_path.clone();
     let hv = std::thread::spawn(move || {
@@ -121,4 +122,274 @@ fn the_fake_pair_runs_a_whole_session_through_a_pinned_relay() {
     let hv = hv.join().unwrap();
     assert_eq!(rep.vm_name, "one-7");
     assert_eq!((rep.reads, hv.events), (50, 10));
+}
+
+// ---- the KVMi layer: policy, relay-made replies, whole messages, per-type figures ----
+
+use fake::{HypervisorOptions, HypervisorReport, Tool};
+use std::thread::JoinHandle;
+
+struct Live {
+    relay: Relay,
+    tool: Tool<UnixStream>,
+    hv: JoinHandle<std::io::Result<HypervisorReport>>,
+    _dir: tempfile::TempDir,
+}
+
+fn live(extra: &[&str], opts: HypervisorOptions) -> Live {
+    let s = setup(extra);
+    s.intro.set_nonblocking(false).unwrap();
+    let relay_path = s.relay_path.clone();
+    let hv = std::thread::spawn(move || {
+        let mut q = UnixStream::connect(&relay_path).unwrap();
+        q.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        fake::serve_hypervisor_with(&mut q, "one-7", &opts)
+    });
+    let (i, _) = s.intro.accept().unwrap();
+    i.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tool = Tool::accept(i).unwrap();
+    let (err, v) = tool.call(fake::ID_GET_VERSION, &[]).unwrap();
+    assert_eq!((err, v.len()), (0, 16));
+    Live { relay: s.relay, tool, hv, _dir: s._dir }
+}
+
+impl Live {
+    /// Closes the introspector (the unhook signal) and returns the hypervisor's report and the
+    /// relay's close line.
+    fn finish(mut self) -> (HypervisorReport, String) {
+        drop(self.tool);
+        let hv = self.hv.join().unwrap().expect("the fake hypervisor saw a clean session");
+        let log = self.relay.wait_log("closed", Duration::from_secs(5));
+        let line = closed_lines(&log).pop().unwrap_or_default();
+        (hv, line)
+    }
+}
+
+fn read_req(gpa: u64, len: u64) -> Vec<u8> {
+    [gpa.to_le_bytes(), len.to_le_bytes()].concat()
+}
+
+#[test]
+fn read_only_answers_writes_itself_and_lets_reads_through() {
+    let mut l = live(&["--kvmi-policy=read-only"], HypervisorOptions::default());
+    let (err, page) = l.tool.call(fake::ID_READ_PHYSICAL, &read_req(0x5000, 4096)).unwrap();
+    let mut want = vec![0u8; 4096];
+    fake::page(0x5000, &mut want);
+    assert_eq!((err, page == want), (0, true));
+    let (err, regs) = l.tool.call(fake::ID_GET_REGISTERS, &[0u8; 16]).unwrap();
+    assert_eq!((err, regs.len()), (0, 136));
+    let mut write = read_req(0x5000, 8);
+    write.extend_from_slice(b"pwned!!!");
+    // The relay's reply: same id and seq, -KVM_EPERM, nothing after the error code.
+    assert_eq!(l.tool.call(fake::ID_WRITE_PHYSICAL, &write).unwrap(), (-1, vec![]));
+    assert_eq!(l.tool.call(fake::ID_SET_REGISTERS, &[0u8; 152]).unwrap(), (-1, vec![]));
+    // The session goes on after a denial.
+    assert_eq!(l.tool.call(fake::ID_READ_PHYSICAL, &read_req(0, 4096)).unwrap().0, 0);
+    let log = l.relay.log();
+    assert!(log.contains("kvmi: denied") && log.contains("WRITE_PHYSICAL"), "{log}");
+    let (hv, line) = l.finish();
+    assert_eq!(hv.writes, 0, "a write reached the hypervisor");
+    let msgs = field(&line, "kvmi_messages").unwrap_or_default().to_string();
+    assert!(msgs.contains("WRITE_PHYSICAL:0:1:") && msgs.contains("SET_REGISTERS:0:1:"), "{line}");
+    assert!(msgs.contains("READ_PHYSICAL:2:0:") && msgs.contains("GET_REGISTERS:1:0:"), "{line}");
+}
+
+#[test]
+fn full_lets_writes_through() {
+    let mut l = live(&[], HypervisorOptions::default());
+    assert_eq!(l.tool.call(fake::ID_WRITE_PHYSICAL, &read_req(0, 0)).unwrap().0, 0);
+    assert_eq!(l.tool.call(fake::ID_SET_REGISTERS, &[0u8; 152]).unwrap().0, 0);
+    let (hv, _) = l.finish();
+    assert_eq!(hv.writes, 2);
+}
+
+#[test]
+fn kvmi_deny_read_physical_denies_reads() {
+    let mut l = live(&["--kvmi-deny=READ_PHYSICAL"], HypervisorOptions::default());
+    assert_eq!(l.tool.call(fake::ID_READ_PHYSICAL, &read_req(0, 4096)).unwrap(), (-1, vec![]));
+    assert_eq!(l.tool.call(fake::ID_GET_REGISTERS, &[0u8; 16]).unwrap().0, 0);
+    let (hv, _) = l.finish();
+    assert_eq!(hv.commands, 2, "GET_VERSION and GET_REGISTERS only");
+}
+
+/// Raises a CR event whose guest value is 0x2000 and answers it with CONTINUE and `new_val`.
+fn cr_round(l: &mut Live, new_val: u64) {
+    assert_eq!(l.tool.call(fake::ID_DEMO_RAISE_CR, &0x2000u64.to_le_bytes()).unwrap().0, 0);
+    let (hdr, body) = l.tool.next_message().unwrap();
+    assert_eq!((hdr.id, body.len(), body[4]), (fake::ID_EVENT, fake::CR_EVENT_BYTES - 8, fake::EVENT_CR));
+    l.tool.reply_event(hdr.seq, &fake::event_reply_body(fake::EVENT_CR, 0, &new_val.to_le_bytes())).unwrap();
+}
+
+#[test]
+fn read_only_replaces_a_cr_reply_that_sets_another_value_with_the_guests_own() {
+    let mut l = live(&["--kvmi-policy=read-only", "--kvmi-unknown=pass"], HypervisorOptions::default());
+    cr_round(&mut l, 0x6666);
+    cr_round(&mut l, 0x2000);
+    // The session still works: the replaced reply kept the stream in step.
+    assert_eq!(l.tool.call(fake::ID_READ_PHYSICAL, &read_req(0, 4096)).unwrap().0, 0);
+    let (hv, line) = l.finish();
+    assert_eq!(hv.cr_values, vec![0x2000, 0x2000], "the vCPU went on with the guest's own value");
+    assert!(field(&line, "kvmi_messages").unwrap_or_default().contains("EVENT_CR:2:1:"), "{line}");
+
+    let mut l = live(&["--kvmi-unknown=pass"], HypervisorOptions::default());
+    cr_round(&mut l, 0x6666);
+    let (hv, _) = l.finish();
+    assert_eq!(hv.cr_values, vec![0x6666], "full: the tenant's value applies");
+}
+
+#[test]
+fn per_message_figures_count_exactly_what_was_sent() {
+    let s = setup(&["--kvmi-unknown=pass"]);
+    s.intro.set_nonblocking(false).unwrap();
+    let relay_path = s.relay_path.clone();
+    let hv = std::thread::spawn(move || {
+        let mut q = UnixStream::connect(&relay_path).unwrap();
+        fake::serve_hypervisor(&mut q, "one-7").unwrap()
+    });
+    let (mut i, _) = s.intro.accept().unwrap();
+    i.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let rep = fake::run_introspector(&mut i, 37, 11).unwrap();
+    drop(i);
+    hv.join().unwrap();
+    assert_eq!(rep.reads, 37);
+    let mut relay = s.relay;
+    let log = relay.wait_log("closed", Duration::from_secs(5));
+    let line = closed_lines(&log).pop().unwrap();
+    let msgs = field(&line, "kvmi_messages").unwrap().to_string();
+    let count = |name: &str| -> u64 {
+        msgs.split(';')
+            .find(|m| m.starts_with(&format!("{name}:")))
+            .and_then(|m| m.split(':').nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(count("GET_VERSION"), 1, "{line}");
+    assert_eq!(count("READ_PHYSICAL"), 37, "{line}");
+    assert_eq!(count("EVENT_PAUSE_VCPU"), 11, "{line}");
+    assert_eq!(count("unknown"), 1, "the demo's own command, passed: {line}");
+    assert_eq!(field(&line, "vm_name"), Some("one-7"), "{line}");
+}
+
+/// The introspector's first look at an event: it waits for a byte, then takes what is there
+/// without waiting (as libkvmi's kvmi_wait_event does).
+fn first_look(sock: &UnixStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    nix::sys::socket::recv(sock.as_raw_fd(), &mut b, nix::sys::socket::MsgFlags::MSG_PEEK).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = (&*sock).read(&mut buf).unwrap();
+    sock.set_nonblocking(false).unwrap();
+    n
+}
+
+#[test]
+fn an_event_split_by_the_far_side_reaches_the_introspector_whole() {
+    let split = HypervisorOptions { split_events: Some(Duration::from_millis(150)), ..Default::default() };
+    for (kvmi, whole) in [(true, true), (false, false)] {
+        let dir = tmpdir();
+        let relay_path = path_in(dir.path(), "vmi-sock");
+        let intro_path = path_in(dir.path(), "introspector.sock");
+        let intro = UnixListener::bind(&intro_path).unwrap();
+        let mut args =
+            vec![format!("--listen=unix:{}", relay_path.display()), format!("--connect=unix:{}", intro_path.display())];
+        if kvmi {
+            args.extend(["--kvmi".to_string(), "--kvmi-unknown=pass".to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _relay = Relay::start(&args);
+        let opts = split.clone();
+        let hv = std::thread::spawn(move || {
+            let mut q = UnixStream::connect(&relay_path).unwrap();
+            q.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = fake::serve_hypervisor_with(&mut q, "one-7", &opts);
+        });
+        let (i, _) = intro.accept().unwrap();
+        i.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut tool = Tool::accept(i).unwrap();
+        assert_eq!(tool.call(fake::ID_GET_VERSION, &[]).unwrap().0, 0);
+        assert_eq!(tool.call(fake::ID_DEMO_RAISE_EVENTS, &1u32.to_le_bytes()).unwrap().0, 0);
+        let n = first_look(&tool.sock);
+        if whole {
+            assert_eq!(n, fake::PAUSE_EVENT_BYTES, "--kvmi delivers the event whole");
+        } else {
+            // The control: without --kvmi the first piece arrives alone, so the test can fail.
+            assert!(n < fake::PAUSE_EVENT_BYTES, "the transparent relay forwarded {n} bytes at once");
+        }
+        drop(tool);
+        hv.join().unwrap();
+    }
+}
+
+// ---- malformed input: closed with the reason, nothing of the message forwarded ----
+
+fn raw_msg(id: u16, size: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = kvmi_relay::kvmi::wire::Hdr { id, size, seq }.to_bytes().to_vec();
+    m.extend_from_slice(body);
+    m
+}
+
+/// Sends `bytes` from the introspector after GET_VERSION; returns the close reason logged and
+/// the hypervisor's command count.
+fn malformed_from_tool(extra: &[&str], bytes: &[u8], half_close: bool) -> (String, u64) {
+    let mut l = live(extra, HypervisorOptions::default());
+    l.tool.sock.write_all(bytes).unwrap();
+    if half_close {
+        l.tool.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let log = l.relay.wait_log("kvmi: malformed stream", Duration::from_secs(5));
+    let mut rest = Vec::new();
+    let _ = l.tool.sock.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the introspector got {} bytes after the bad message", rest.len());
+    let hv = l.hv.join().unwrap();
+    let commands = hv.map(|r| r.commands).unwrap_or(u64::MAX);
+    (log, commands)
+}
+
+#[test]
+fn an_oversized_command_closes_the_session_before_any_byte_of_it_moves() {
+    let (log, commands) = malformed_from_tool(&[], &raw_msg(18, 9000, 5, &[0u8; 100]), false);
+    assert!(log.contains("claims 9000 body bytes"), "{log}");
+    assert_eq!(commands, 1, "only GET_VERSION reached the hypervisor");
+}
+
+#[test]
+fn an_unknown_id_closes_the_session_under_kvmi_unknown_refuse() {
+    let (log, commands) = malformed_from_tool(&[], &raw_msg(40, 0, 6, &[]), false);
+    assert!(log.contains("command id 40") && log.contains("--kvmi-unknown refuse"), "{log}");
+    assert_eq!(commands, 1);
+}
+
+#[test]
+fn a_message_cut_by_eof_closes_the_session_with_that_reason() {
+    let (log, commands) = malformed_from_tool(&[], &raw_msg(17, 16, 7, &[0u8; 6]), true);
+    assert!(log.contains("cut by the end of the stream"), "{log}");
+    assert_eq!(commands, 1);
+}
+
+#[test]
+fn a_reply_whose_seq_matches_no_command_closes_the_session() {
+    let s = setup(&[]);
+    s.intro.set_nonblocking(false).unwrap();
+    let relay_path = s.relay_path.clone();
+    let hv = std::thread::spawn(move || {
+        let mut q = UnixStream::connect(&relay_path).unwrap();
+        q.write_all(&fake::qemu_handshake("one-7")).unwrap();
+        let mut answer = [0u8; 24];
+        q.read_exact(&mut answer).unwrap();
+        q.write_all(&raw_msg(17, 8, 999, &[0u8; 8])).unwrap();
+        let mut rest = Vec::new();
+        let _ = q.read_to_end(&mut rest);
+    });
+    let (i, _) = s.intro.accept().unwrap();
+    i.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tool = Tool::accept(i).unwrap();
+    let mut relay = s.relay;
+    let log = relay.wait_log("kvmi: malformed stream", Duration::from_secs(5));
+    assert!(log.contains("reply id 17 seq 999 matches no command"), "{log}");
+    let mut rest = Vec::new();
+    let _ = tool.sock.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the stray reply reached the introspector");
+    hv.join().unwrap();
 }

@@ -56,6 +56,31 @@ impl Handshake {
     }
 }
 
+/// The VM a `--kvmi` relay admits (`--kvmi-vm-uuid`, `--kvmi-vm-name`); None = any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub uuid: Option<[u8; 16]>,
+    pub name: Option<Vec<u8>>,
+}
+
+impl Pin {
+    /// Why this handshake is not the pinned VM's, if it is not: what was seen and what was
+    /// expected, escaped.
+    pub fn check(&self, h: &Handshake) -> Result<(), String> {
+        if let Some(u) = self.uuid.filter(|u| *u != h.uuid) {
+            return Err(format!("VM uuid {} is not the pinned {} (--kvmi-vm-uuid)", h.uuid_text(), format_uuid(&u)));
+        }
+        if let Some(n) = self.name.as_ref().filter(|n| **n != h.name) {
+            return Err(format!(
+                "VM name \"{}\" is not the pinned \"{}\" (--kvmi-vm-name)",
+                h.name_text(),
+                escape_bytes(n)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a handshake is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {

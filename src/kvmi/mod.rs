@@ -7,14 +7,17 @@
 //!   the relay's own error reply;
 //! - `policy.rs`: what the tenant may do (`--kvmi-policy`, `--kvmi-allow`, `--kvmi-deny`);
 //! - `tracker.rs`: commands and events waiting for replies, matched by seq, and how long
-//!   each waited.
+//!   each waited;
+//! - `session.rs`: one connection's layer at its pumps' destinations (a `pump::Side`
+//!   wrapper): framing, policy, relay-made replies, whole-message delivery, per-type figures.
 //!
-//! Nothing here depends on the rest of the relay; the session layer that uses it sits between
-//! a connection and its pumps.
+//! Only `session.rs` looks outside this folder (the pump's `Side` trait, the metrics'
+//! histogram bounds); the pump knows nothing of KVMi.
 #![forbid(unsafe_code)]
 
 pub mod abi;
 pub mod handshake;
 pub mod policy;
+pub mod session;
 pub mod tracker;
 pub mod wire;

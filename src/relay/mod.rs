@@ -68,6 +68,8 @@ pub struct Totals {
     pub dial_failed: u64,
     /// `--kvmi`: handshakes refused (wrong VM, bad size, none in time); nothing was dialled.
     pub refused_handshake: u64,
+    /// `--kvmi`: sessions closed for a malformed stream.
+    pub kvmi_malformed: u64,
     pub failed: u64,
     pub closed: u64,
     /// Times accept hit EMFILE/ENFILE and paused.
@@ -457,6 +459,10 @@ impl Relay {
                 self.totals.dial_failed += 1;
                 warn!(target = %self.cfg.connect, after_ms = d.as_millis() as u64, "dial timed out; closing the peer");
             }
+            End::Protocol(why) => {
+                self.totals.kvmi_malformed += 1;
+                warn!(reason = %why, "kvmi: malformed stream; closing both sides");
+            }
             End::Refused(why) => {
                 self.totals.refused_handshake += 1;
                 warn!(reason = %why, "handshake refused; nothing dialled, closing the peer");
@@ -482,6 +488,8 @@ impl Relay {
         }
         self.totals.closed += 1;
         let (a, b) = (conn.pump(0), conn.pump(1));
+        let (vm_name, vm_uuid) = conn.vm_identity();
+        let kvmi_messages = conn.kvmi.as_ref().map_or_else(|| "-".to_string(), |(k, _)| k.borrow().summary());
         let closed = self.closed.get_or_insert_with(Default::default);
         for d in 0..2 {
             let p = conn.pump(d);
@@ -510,6 +518,9 @@ impl Relay {
             c2l_transit_us = %percentiles_us(&conn.metrics[1].transit_ns),
             l2c_turnaround_us = %percentiles_us(&conn.metrics[0].turnaround_ns),
             c2l_turnaround_us = %percentiles_us(&conn.metrics[1].turnaround_ns),
+            vm_name = %vm_name,
+            vm_uuid = %vm_uuid,
+            kvmi_messages = %kvmi_messages,
             "closed"
         );
     }
@@ -609,6 +620,7 @@ fn end_name(end: &End) -> &'static str {
         End::DialFailed(_) => "dial-failed",
         End::DialTimeout(_) => "dial-timeout",
         End::Refused(_) => "refused-handshake",
+        End::Protocol(_) => "kvmi-malformed",
         End::Failed { .. } => "failed",
     }
 }

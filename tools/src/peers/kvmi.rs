@@ -96,8 +96,46 @@ pub fn page(gpa: u64, out: &mut [u8]) {
     }
 }
 
+/// `struct kvmi_event`'s size (the common part every event body starts with, x86_64).
+pub const EVENT_COMMON_BYTES: usize = 544;
+pub const EVENT_PAUSE_VCPU: u8 = 10;
+pub const EVENT_CR: u8 = 1;
+pub const ID_GET_REGISTERS: u16 = 13;
+pub const ID_SET_REGISTERS: u16 = 14;
+pub const ID_WRITE_PHYSICAL: u16 = 18;
+/// The demo's own command: raise one CR event for CR3 with the `u64` new value in the body.
+pub const ID_DEMO_RAISE_CR: u16 = 0x7f01;
+pub const CR_EVENT_BYTES: usize = HDR_BYTES + EVENT_COMMON_BYTES + 24;
+pub const CR_EVENT_REPLY_BYTES: usize = HDR_BYTES + 24;
+
+/// An event body: `struct kvmi_event { u16 size; u16 vcpu; u8 event; ... }` for vCPU 0, the
+/// rest of the common part a pattern of `seq`.
 fn event_body(seq: u32, out: &mut [u8]) {
     page(u64::from(seq) | 1 << 63, out);
+    out[0..2].copy_from_slice(&(EVENT_COMMON_BYTES as u16).to_le_bytes());
+    out[2..4].fill(0);
+    out[4] = EVENT_PAUSE_VCPU;
+    out[5..8].fill(0);
+}
+
+/// A CR event body: common part, then `{ u16 cr; u16 pad[3]; u64 old; u64 new }`.
+pub fn cr_event_body(seq: u32, old: u64, new: u64) -> Vec<u8> {
+    let mut b = vec![0u8; EVENT_COMMON_BYTES + 24];
+    event_body(seq, &mut b[..EVENT_COMMON_BYTES]);
+    b[4] = EVENT_CR;
+    b[EVENT_COMMON_BYTES..EVENT_COMMON_BYTES + 2].copy_from_slice(&3u16.to_le_bytes());
+    b[EVENT_COMMON_BYTES + 8..EVENT_COMMON_BYTES + 16].copy_from_slice(&old.to_le_bytes());
+    b[EVENT_COMMON_BYTES + 16..EVENT_COMMON_BYTES + 24].copy_from_slice(&new.to_le_bytes());
+    b
+}
+
+/// An event reply body: `kvmi_vcpu_hdr` (vCPU 0), `{ u8 action; u8 event; ... }`, then `extra`.
+pub fn event_reply_body(event: u8, action: u8, extra: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 16];
+    b[8] = action;
+    b[9] = event;
+    b.extend_from_slice(extra);
+    b
 }
 
 /// QEMU's side of the handshake: 96 bytes, as `kvmi_qemu2introspector`.
@@ -112,10 +150,24 @@ pub fn qemu_handshake(name: &str) -> [u8; QEMU2INTROSPECTOR_BYTES] {
     h
 }
 
+/// How the fake hypervisor behaves beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct HypervisorOptions {
+    /// Write every event in two pieces with this gap between them (a far side that splits).
+    pub split_events: Option<Duration>,
+    /// Send the 104-byte handshake with this `max_gpa`.
+    pub max_gpa: Option<u64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct HypervisorReport {
     pub commands: u64,
     pub events: u64,
+    /// Commands that write guest state that reached the hypervisor (WRITE_PHYSICAL,
+    /// SET_REGISTERS): a read-only relay must keep this at zero.
+    pub writes: u64,
+    /// The `new_val` of each CR event reply, as applied on CONTINUE.
+    pub cr_values: Vec<u64>,
     /// Event sent → reply received, nanoseconds: how long the guest vCPU stood still.
     pub event_rtt: Histogram<u64>,
 }
@@ -123,14 +175,48 @@ pub struct HypervisorReport {
 /// The fake hypervisor: sends the handshake, checks the answer, then serves commands until
 /// the introspector closes (the unhook signal).
 pub fn serve_hypervisor(sock: &mut impl ReadWrite, name: &str) -> io::Result<HypervisorReport> {
-    sock.write_all(&qemu_handshake(name))?;
+    serve_hypervisor_with(sock, name, &HypervisorOptions::default())
+}
+
+fn send_event(sock: &mut impl ReadWrite, seq: u32, body: &[u8], opts: &HypervisorOptions) -> io::Result<()> {
+    let mut m = Vec::with_capacity(HDR_BYTES + body.len());
+    write_msg(&mut m, ID_EVENT, seq, body)?;
+    match opts.split_events {
+        None => sock.write_all(&m),
+        Some(gap) => {
+            let half = m.len() / 2;
+            sock.write_all(&m[..half])?;
+            sock.flush()?;
+            std::thread::sleep(gap);
+            sock.write_all(&m[half..])
+        }
+    }
+}
+
+/// [`serve_hypervisor`] with options.
+pub fn serve_hypervisor_with(
+    sock: &mut impl ReadWrite,
+    name: &str,
+    opts: &HypervisorOptions,
+) -> io::Result<HypervisorReport> {
+    let hs = match opts.max_gpa {
+        None => qemu_handshake(name).to_vec(),
+        Some(g) => {
+            let mut h = qemu_handshake(name).to_vec();
+            h[0..4].copy_from_slice(&104u32.to_le_bytes());
+            h.extend_from_slice(&g.to_le_bytes());
+            h
+        }
+    };
+    sock.write_all(&hs)?;
     let mut answer = [0u8; INTROSPECTOR2QEMU_BYTES];
     sock.read_exact(&mut answer)?;
     let size = u32::from_le_bytes([answer[0], answer[1], answer[2], answer[3]]);
     if size as usize != INTROSPECTOR2QEMU_BYTES {
         return Err(bad(format!("introspector handshake struct_size {size}, expected {INTROSPECTOR2QEMU_BYTES}")));
     }
-    let mut report = HypervisorReport { commands: 0, events: 0, event_rtt: new_histogram() };
+    let mut report =
+        HypervisorReport { commands: 0, events: 0, writes: 0, cr_values: Vec::new(), event_rtt: new_histogram() };
     let mut body = Vec::with_capacity(MAX_BODY_BYTES);
     let mut reply = vec![0u8; 8 + PAGE_BYTES];
     let mut event = vec![0u8; PAUSE_EVENT_BYTES - HDR_BYTES];
@@ -164,7 +250,7 @@ pub fn serve_hypervisor(sock: &mut impl ReadWrite, name: &str) -> io::Result<Hyp
                 for seq in 0..n {
                     event_body(seq, &mut event);
                     let t = Instant::now();
-                    write_msg(sock, ID_EVENT, seq, &event)?;
+                    send_event(sock, seq, &event, opts)?;
                     let r = read_msg(sock, &mut body)?.ok_or_else(|| bad("EOF while an event waits for its reply"))?;
                     report.event_rtt.saturating_record(t.elapsed().as_nanos() as u64);
                     if r.id != ID_EVENT_REPLY || r.seq != seq || body.len() != PAUSE_EVENT_REPLY_BYTES - HDR_BYTES {
@@ -177,6 +263,29 @@ pub fn serve_hypervisor(sock: &mut impl ReadWrite, name: &str) -> io::Result<Hyp
                     }
                     report.events += 1;
                 }
+            }
+            ID_GET_REGISTERS => {
+                // kvmi_error_code, then a register file (a pattern here).
+                page(0x7e9, &mut reply[8..8 + 136]);
+                write_msg(sock, hdr.id, hdr.seq, &reply[..8 + 136])?;
+            }
+            ID_SET_REGISTERS | ID_WRITE_PHYSICAL => {
+                report.writes += 1;
+                write_msg(sock, hdr.id, hdr.seq, &reply[..8])?;
+            }
+            ID_DEMO_RAISE_CR => {
+                let new = u64::from_le_bytes(
+                    body.get(0..8).ok_or_else(|| bad("short DEMO_RAISE_CR"))?.try_into().expect("8"),
+                );
+                write_msg(sock, hdr.id, hdr.seq, &reply[..8])?;
+                let seq = 1_000_000 + report.cr_values.len() as u32;
+                send_event(sock, seq, &cr_event_body(seq, 0x1000, new), opts)?;
+                let r = read_msg(sock, &mut body)?.ok_or_else(|| bad("EOF while a CR event waits for its reply"))?;
+                if r.id != ID_EVENT_REPLY || r.seq != seq || body.len() != CR_EVENT_REPLY_BYTES - HDR_BYTES {
+                    return Err(bad(format!("bad CR event reply: id {} seq {} ({} bytes)", r.id, r.seq, body.len())));
+                }
+                report.cr_values.push(u64::from_le_bytes(body[16..24].try_into().expect("8")));
+                report.events += 1;
             }
             other => return Err(bad(format!("fake hypervisor got unknown command id {other}"))),
         }
@@ -277,7 +386,7 @@ pub fn run_introspector(sock: &mut impl ReadWrite, reads: u64, events: u32) -> i
         sent += (HDR_BYTES + 4) as u64;
         received += (HDR_BYTES + body.len()) as u64;
         let mut want_event = vec![0u8; PAUSE_EVENT_BYTES - HDR_BYTES];
-        let reply = [0u8; PAUSE_EVENT_REPLY_BYTES - HDR_BYTES];
+        let reply = event_reply_body(EVENT_PAUSE_VCPU, 0, &[]);
         for n in 0..events {
             let hdr = read_msg(sock, &mut body)?.ok_or_else(|| bad(format!("EOF while waiting for event {n}")))?;
             event_body(n, &mut want_event);
@@ -305,6 +414,62 @@ pub fn run_introspector(sock: &mut impl ReadWrite, reads: u64, events: u32) -> i
         bytes_sent: sent,
         bytes_received: received,
     })
+}
+
+/// A scripted introspector for tests: the handshake, then one call at a time.
+pub struct Tool<S: ReadWrite> {
+    pub sock: S,
+    seq: u32,
+    pub vm_handshake: Vec<u8>,
+}
+
+impl<S: ReadWrite> Tool<S> {
+    /// Reads QEMU's handshake (its own size field says how long) and answers it.
+    pub fn accept(mut sock: S) -> io::Result<Tool<S>> {
+        let mut first = [0u8; 4];
+        sock.read_exact(&mut first)?;
+        let size = u32::from_le_bytes(first) as usize;
+        if !(32..=65536).contains(&size) {
+            return Err(bad(format!("handshake struct_size {size}")));
+        }
+        let mut hs = first.to_vec();
+        hs.resize(size, 0);
+        sock.read_exact(&mut hs[4..])?;
+        let mut answer = [0u8; INTROSPECTOR2QEMU_BYTES];
+        answer[0..4].copy_from_slice(&(INTROSPECTOR2QEMU_BYTES as u32).to_le_bytes());
+        sock.write_all(&answer)?;
+        Ok(Tool { sock, seq: 0, vm_handshake: hs })
+    }
+
+    /// Sends a command and returns its reply: (err, data after the error code).
+    pub fn call(&mut self, id: u16, req: &[u8]) -> io::Result<(i32, Vec<u8>)> {
+        self.seq += 1;
+        let seq = self.seq;
+        write_msg(&mut self.sock, id, seq, req)?;
+        let mut body = Vec::new();
+        let hdr =
+            read_msg(&mut self.sock, &mut body)?.ok_or_else(|| bad(format!("EOF waiting for the reply to {id}")))?;
+        if hdr.id != id || hdr.seq != seq || body.len() < 8 {
+            return Err(bad(format!(
+                "reply id {} seq {} ({} bytes) to id {id} seq {seq}",
+                hdr.id,
+                hdr.seq,
+                body.len()
+            )));
+        }
+        Ok((i32::from_le_bytes(body[0..4].try_into().expect("4")), body[8..].to_vec()))
+    }
+
+    /// The next message (an event).
+    pub fn next_message(&mut self) -> io::Result<(Hdr, Vec<u8>)> {
+        let mut body = Vec::new();
+        let hdr = read_msg(&mut self.sock, &mut body)?.ok_or_else(|| bad("EOF waiting for a message"))?;
+        Ok((hdr, body))
+    }
+
+    pub fn reply_event(&mut self, seq: u32, body: &[u8]) -> io::Result<()> {
+        write_msg(&mut self.sock, ID_EVENT_REPLY, seq, body)
+    }
 }
 
 #[cfg(test)]

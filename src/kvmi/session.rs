@@ -1,0 +1,439 @@
+//! One connection's KVMi layer: it stands at both destinations of a connection's pumps and
+//! decides, message by message, what the destination gets.
+//!
+//! The pump stays a byte mover that knows nothing of KVMi: with `--kvmi` each direction
+//! copies, and its destination socket is wrapped in a [`Gate`] (a `pump::Side`). When the
+//! pump offers the bytes it holds, the gate frames them (headers only; bodies are not read,
+//! except the few bytes a policy decision needs: an event's common header and a CR/MSR value,
+//! an event reply's action and value, CONTROL_CMD_RESPONSE's two flags) and:
+//! - writes whole messages it forwards, and says it took them;
+//! - takes a denied command without writing it, and queues the relay's `-KVM_EPERM` reply
+//!   toward the introspector (the other flow's outbox);
+//! - takes a refused event reply, and queues a plain CONTINUE toward the hypervisor in its
+//!   place (this flow's outbox, written before anything after it);
+//! - leaves a partial message in the pump (it says it would block), so no destination ever
+//!   receives part of a message the relay holds the rest of; the connection then clears the
+//!   pump's "destination blocked" flag, since the destination was not what blocked.
+//! - refuses a malformed stream (size beyond the limit, a reply or event reply for nothing
+//!   waiting, an unknown id under `--kvmi-unknown refuse`, a denied command while command
+//!   replies are off) with an error before any byte of the offending message is written.
+//!
+//! Invariants:
+//! - the bytes a pump offers start at a message boundary, except for `raw_left` bytes of
+//!   messages already judged and partly taken by the socket: the gate returns exactly what it
+//!   took (written or dropped), and the pump offers the rest again from there;
+//! - relay-made messages (outboxes) go only between messages, never inside one;
+//! - a message is judged once: its bookkeeping (seq matching, counts) happens when it is judged,
+//!   and from then on its bytes are `raw_left`.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::abi::{ID_EVENT, ID_EVENT_REPLY, Table};
+use super::handshake::{self, Parse, Pin};
+use super::policy::{CommandVerdict, Policy, ReplyVerdict, plain_continue};
+use super::tracker::Tracker;
+use super::wire::{Flow, Frame, HDR_BYTES, Hdr, error_reply, frame};
+use crate::metrics;
+use crate::pump::Side;
+
+/// At most one denial log line per this many milliseconds per connection; the rest are counted.
+pub const DENIAL_LOG_INTERVAL_MS: u64 = 1000;
+
+const TO_INTROSPECTOR: usize = 0;
+const TO_HYPERVISOR: usize = 1;
+
+fn index(flow: Flow) -> usize {
+    match flow {
+        Flow::ToIntrospector => TO_INTROSPECTOR,
+        Flow::ToHypervisor => TO_HYPERVISOR,
+    }
+}
+
+/// What comes before the messages of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preamble {
+    None,
+    /// QEMU's handshake, when it was not read before dialling (QEMU on the connect side).
+    Qemu,
+    /// The introspector's answer to the handshake.
+    Answer,
+}
+
+#[derive(Debug)]
+struct FlowState {
+    preamble: Preamble,
+    /// Bytes of judged messages (or the preamble) the socket has not taken yet.
+    raw_left: usize,
+    /// Relay-made messages for this flow's destination.
+    outbox: Vec<u8>,
+    /// The last offer ended in part of a message (or of the preamble).
+    stuck_partial: bool,
+}
+
+/// Per message type: what passed and how long its answer took.
+#[derive(Debug, Clone)]
+pub struct MessageFigures {
+    /// Commands forwarded, or events forwarded.
+    pub count: u64,
+    /// Bytes of the requests and their replies (commands), of the events and their replies.
+    pub bytes: u64,
+    /// Commands the relay answered itself, or event replies it replaced.
+    pub denied: u64,
+    /// Command → first byte of its reply, or event → its reply, nanoseconds.
+    pub latency_ns: Histogram<u64>,
+}
+
+impl Default for MessageFigures {
+    fn default() -> Self {
+        MessageFigures { count: 0, bytes: 0, denied: 0, latency_ns: metrics::time_histogram() }
+    }
+}
+
+pub struct Session {
+    table: &'static Table,
+    policy: Policy,
+    pin: Option<Pin>,
+    tracker: Tracker,
+    flows: [FlowState; 2],
+    /// When the loop woke for the events being handled (set by the connection).
+    pub now: Instant,
+    /// Why the stream was refused, once it was.
+    pub malformed: Option<String>,
+    /// The VM's handshake, when this layer read it (QEMU on the connect side).
+    pub vm: Option<handshake::Handshake>,
+    /// Per message type (command name, or `EVENT_` and the event's name).
+    pub figures: BTreeMap<&'static str, MessageFigures>,
+    last_denial_log: Option<Instant>,
+    denials_unlogged: u64,
+}
+
+impl Session {
+    /// `qemu_in_stream`: QEMU's handshake comes through this layer (QEMU on the connect side)
+    /// and is checked against `pin` here.
+    pub fn new(table: &'static Table, policy: Policy, pin: Option<Pin>, qemu_in_stream: bool, now: Instant) -> Session {
+        let flow = |preamble| FlowState { preamble, raw_left: 0, outbox: Vec::new(), stuck_partial: false };
+        Session {
+            table,
+            policy,
+            pin,
+            tracker: Tracker::new(table),
+            flows: [flow(if qemu_in_stream { Preamble::Qemu } else { Preamble::None }), flow(Preamble::Answer)],
+            now,
+            malformed: None,
+            vm: None,
+            figures: BTreeMap::new(),
+            last_denial_log: None,
+            denials_unlogged: 0,
+        }
+    }
+
+    /// The last offer in `flow` ended in part of a message (the destination did not block).
+    pub fn is_stuck(&self, flow: Flow) -> bool {
+        self.flows[index(flow)].stuck_partial
+    }
+
+    /// Whether relay-made messages wait for `flow`'s destination.
+    pub fn outbox_waiting(&self, flow: Flow) -> bool {
+        !self.flows[index(flow)].outbox.is_empty()
+    }
+
+    /// Writes relay-made messages for `flow` when its destination is between messages.
+    pub fn flush(&mut self, flow: Flow, sock: &impl Side) -> io::Result<()> {
+        let f = &mut self.flows[index(flow)];
+        if f.raw_left == 0 && !f.outbox.is_empty() {
+            flush_outbox(&mut f.outbox, sock)?;
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, why: String) -> io::Error {
+        let e = io::Error::new(io::ErrorKind::InvalidData, why.clone());
+        self.malformed.get_or_insert(why);
+        e
+    }
+
+    fn figures(&mut self, name: &'static str) -> &mut MessageFigures {
+        self.figures.entry(name).or_default()
+    }
+
+    fn event_name(&self, event: u8) -> &'static str {
+        // Bounded: one name per event of the table, one for all others.
+        match self.table.event(event) {
+            Some(e) => EVENT_NAMES.iter().find(|(n, _)| *n == e.name).map_or("EVENT_unknown", |(_, full)| full),
+            None => "EVENT_unknown",
+        }
+    }
+
+    /// Offered the bytes a pump holds for `flow`'s destination `sock`: writes or drops what it
+    /// may, returns how many bytes it took (module docs).
+    pub fn send(&mut self, flow: Flow, sock: &impl Side, buf: &[u8]) -> io::Result<usize> {
+        let f = index(flow);
+        self.flows[f].stuck_partial = false;
+        let mut taken = 0usize;
+        loop {
+            if self.flows[f].raw_left > 0 {
+                let want = self.flows[f].raw_left.min(buf.len() - taken);
+                if want == 0 {
+                    return done(taken);
+                }
+                match sock.send(&buf[taken..taken + want]) {
+                    Ok(n) => {
+                        self.flows[f].raw_left -= n;
+                        taken += n;
+                        if n < want {
+                            return done(taken);
+                        }
+                    }
+                    Err(e) if taken > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(taken),
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            if !self.flows[f].outbox.is_empty() && !flush_outbox(&mut self.flows[f].outbox, sock)? {
+                return done(taken);
+            }
+            if taken == buf.len() {
+                return Ok(taken);
+            }
+            let window = &buf[taken..];
+            match self.flows[f].preamble {
+                Preamble::None => {}
+                Preamble::Qemu => match handshake::parse_qemu(window) {
+                    Err(r) => return Err(self.fail(format!("handshake refused: {r}"))),
+                    Ok(Parse::Partial { .. }) => {
+                        self.flows[f].stuck_partial = true;
+                        return done(taken);
+                    }
+                    Ok(Parse::Complete(h)) => {
+                        if let Some(why) = self.pin.as_ref().and_then(|p| p.check(&h).err()) {
+                            return Err(self.fail(format!("handshake refused: {why}")));
+                        }
+                        self.flows[f].raw_left = h.size;
+                        self.flows[f].preamble = Preamble::None;
+                        self.vm = Some(h);
+                        continue;
+                    }
+                },
+                Preamble::Answer => match handshake::answer_bytes(window) {
+                    Err(size) => {
+                        return Err(self.fail(format!(
+                            "introspector's handshake answer claims {size} bytes, expected {}..={}",
+                            handshake::INTROSPECTOR_ANSWER_BYTES,
+                            handshake::INTROSPECTOR_ANSWER_MAX_BYTES
+                        )));
+                    }
+                    Ok(Some(n)) if window.len() >= n => {
+                        self.flows[f].raw_left = n;
+                        self.flows[f].preamble = Preamble::None;
+                        continue;
+                    }
+                    Ok(_) => {
+                        self.flows[f].stuck_partial = true;
+                        return done(taken);
+                    }
+                },
+            }
+            let hdr = match frame(flow, window) {
+                Err(o) => return Err(self.fail(o.to_string())),
+                Ok(Frame::Partial { .. }) => {
+                    self.flows[f].stuck_partial = true;
+                    return done(taken);
+                }
+                Ok(Frame::Whole(hdr)) => hdr,
+            };
+            let total = hdr.total_bytes();
+            let body = &window[HDR_BYTES..total];
+            match self.judge(flow, hdr, body)? {
+                Judged::Forward => self.flows[f].raw_left = total,
+                Judged::Dropped => taken += total,
+            }
+        }
+    }
+
+    /// Decides one whole message and does its bookkeeping.
+    fn judge(&mut self, flow: Flow, hdr: Hdr, body: &[u8]) -> io::Result<Judged> {
+        let now = self.now;
+        let total = hdr.total_bytes() as u64;
+        match (flow, hdr.id) {
+            (Flow::ToHypervisor, ID_EVENT) => {
+                Err(self.fail(format!("an event (seq {}) from the introspector side", hdr.seq)))
+            }
+            (Flow::ToIntrospector, ID_EVENT_REPLY) => {
+                Err(self.fail(format!("an event reply (seq {}) from the hypervisor side", hdr.seq)))
+            }
+            (Flow::ToIntrospector, ID_EVENT) => {
+                let event = self.tracker.forwarded_event(hdr, body, now).map_err(|m| self.fail(m.to_string()))?;
+                let name = self.event_name(event);
+                let fig = self.figures(name);
+                fig.count += 1;
+                fig.bytes += total;
+                Ok(Judged::Forward)
+            }
+            (Flow::ToIntrospector, _) => {
+                let (id, waited) = self.tracker.reply(hdr, now).map_err(|m| self.fail(m.to_string()))?;
+                let name = self.table.message_name(id);
+                let fig = self.figures(name);
+                fig.bytes += total;
+                fig.latency_ns.saturating_record(waited.as_nanos() as u64);
+                Ok(Judged::Forward)
+            }
+            (Flow::ToHypervisor, ID_EVENT_REPLY) => {
+                let pending = self.tracker.event_for_reply(hdr).map_err(|m| self.fail(m.to_string()))?;
+                let verdict = self.policy.event_reply(self.table, &pending, body);
+                let (_, waited) = self.tracker.event_replied(hdr, now).map_err(|m| self.fail(m.to_string()))?;
+                let name = self.event_name(pending.event);
+                let table = self.table;
+                let fig = self.figures(name);
+                fig.latency_ns.saturating_record(waited.as_nanos() as u64);
+                match verdict {
+                    ReplyVerdict::Forward => {
+                        fig.bytes += total;
+                        Ok(Judged::Forward)
+                    }
+                    ReplyVerdict::Replace(why) => {
+                        fig.denied += 1;
+                        let plain = plain_continue(table, hdr.seq, &pending);
+                        fig.bytes += plain.len() as u64;
+                        self.flows[TO_HYPERVISOR].outbox.extend_from_slice(&plain);
+                        self.log_denial(name, hdr.seq, why.as_str());
+                        Ok(Judged::Dropped)
+                    }
+                }
+            }
+            (Flow::ToHypervisor, id) => match self.policy.command(self.table, id) {
+                CommandVerdict::Forward => {
+                    self.tracker.forwarded_command(hdr, body, now).map_err(|m| self.fail(m.to_string()))?;
+                    let name = self.table.message_name(id);
+                    let fig = self.figures(name);
+                    fig.count += 1;
+                    fig.bytes += total;
+                    Ok(Judged::Forward)
+                }
+                CommandVerdict::Unknown => Err(self.fail(format!(
+                    "command id {id} (seq {}) is not in the KVMi {} table (--kvmi-unknown refuse)",
+                    hdr.seq, self.table.name
+                ))),
+                CommandVerdict::Deny(why) => {
+                    let name = self.table.message_name(id);
+                    if !self.tracker.expects_reply(hdr, body) {
+                        return Err(self.fail(format!(
+                            "{name} (seq {}) denied ({}) while command replies are off: KVM would close the socket",
+                            hdr.seq,
+                            why.as_str()
+                        )));
+                    }
+                    let fig = self.figures(name);
+                    fig.denied += 1;
+                    self.flows[TO_INTROSPECTOR].outbox.extend_from_slice(&error_reply(hdr));
+                    self.log_denial(name, hdr.seq, why.as_str());
+                    Ok(Judged::Dropped)
+                }
+            },
+        }
+    }
+
+    fn log_denial(&mut self, name: &str, seq: u32, why: &str) {
+        let now = self.now;
+        let quiet = self
+            .last_denial_log
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(DENIAL_LOG_INTERVAL_MS));
+        if quiet {
+            self.denials_unlogged += 1;
+            return;
+        }
+        self.last_denial_log = Some(now);
+        let before = std::mem::take(&mut self.denials_unlogged);
+        tracing::warn!(message_type = name, seq, reason = why, unlogged_before = before, "kvmi: denied");
+    }
+
+    /// The per-message figures in one log value: `NAME:count:denied:p50/p90/p99/p99.9/max_us`,
+    /// `;`-separated, or `-`.
+    pub fn summary(&self) -> String {
+        if self.figures.is_empty() {
+            return "-".into();
+        }
+        self.figures
+            .iter()
+            .map(|(n, f)| format!("{n}:{}:{}:{}", f.count, f.denied, metrics::percentiles_us(&f.latency_ns)))
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+}
+
+enum Judged {
+    /// Its bytes go to the destination as they are.
+    Forward,
+    /// Taken without writing (answered or replaced by the relay).
+    Dropped,
+}
+
+/// Nothing taken: would block; something taken: that much.
+fn done(taken: usize) -> io::Result<usize> {
+    if taken > 0 { Ok(taken) } else { Err(io::ErrorKind::WouldBlock.into()) }
+}
+
+/// Writes the outbox's front; true when it is empty.
+fn flush_outbox(outbox: &mut Vec<u8>, sock: &impl Side) -> io::Result<bool> {
+    while !outbox.is_empty() {
+        match sock.send(outbox) {
+            Ok(n) => {
+                outbox.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// `EVENT_` + the v7 event names, as static strings (figures are keyed by `&'static str`).
+static EVENT_NAMES: [(&str, &str); 14] = [
+    ("UNHOOK", "EVENT_UNHOOK"),
+    ("CR", "EVENT_CR"),
+    ("MSR", "EVENT_MSR"),
+    ("XSETBV", "EVENT_XSETBV"),
+    ("BREAKPOINT", "EVENT_BREAKPOINT"),
+    ("HYPERCALL", "EVENT_HYPERCALL"),
+    ("PF", "EVENT_PF"),
+    ("TRAP", "EVENT_TRAP"),
+    ("DESCRIPTOR", "EVENT_DESCRIPTOR"),
+    ("CREATE_VCPU", "EVENT_CREATE_VCPU"),
+    ("PAUSE_VCPU", "EVENT_PAUSE_VCPU"),
+    ("SINGLESTEP", "EVENT_SINGLESTEP"),
+    ("CMD_ERROR", "EVENT_CMD_ERROR"),
+    ("CPUID", "EVENT_CPUID"),
+];
+
+/// A pump's destination socket behind the KVMi layer.
+pub struct Gate<'a, S: Side> {
+    pub sock: &'a S,
+    pub session: &'a std::cell::RefCell<Session>,
+    pub flow: Flow,
+}
+
+impl<S: Side> Side for Gate<'_, S> {
+    fn splice_to_pipe(&self, pipe: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        self.sock.splice_to_pipe(pipe, len)
+    }
+    fn splice_from_pipe(&self, _pipe: std::os::fd::BorrowedFd<'_>, _len: usize) -> io::Result<usize> {
+        // KVMi sessions copy (the configuration forces it); splicing would bypass the framer.
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.recv(buf)
+    }
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.session.borrow_mut().send(self.flow, self.sock, buf)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        // Relay-made messages still waiting go out before the end of stream.
+        let mut s = self.session.borrow_mut();
+        let _ = s.flush(self.flow, self.sock);
+        self.sock.shutdown_write()
+    }
+}
