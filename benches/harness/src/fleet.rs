@@ -67,6 +67,9 @@ pub struct Busy {
     pub session_p99_us: Vec<f64>,
     pub merged: Option<Histogram<u64>>,
     pub cpu_s: f64,
+    /// The instances' run delay (s) and times scheduled in (not for socat: its forks exit).
+    pub wait_s: f64,
+    pub runs: u64,
 }
 
 impl Busy {
@@ -219,6 +222,8 @@ pub fn run(fo: &FleetOpts, all: &[Contender], relay_bin: &Path, base: &Path) -> 
                 session_p99_us: Vec::new(),
                 merged: None,
                 cpu_s: 0.0,
+                wait_s: 0.0,
+                runs: 0,
             })
             .collect();
         let mut rng = fastrand::Rng::with_seed(fo.seed ^ (n as u64) << 32);
@@ -229,11 +234,17 @@ pub fn run(fo: &FleetOpts, all: &[Contender], relay_bin: &Path, base: &Path) -> 
             rng.shuffle(&mut order);
             for k in order {
                 let d = &fleet[k];
-                let cpu0 = procs::total_cpu_seconds(&d.hops);
+                let (cpu0, wait0) = (procs::total_cpu_seconds(&d.hops), procs::total_sched_wait(&d.hops));
                 let (outcomes, wall) =
                     burst(&servers, &d.dials, sizes).map_err(|e| format!("--fleet {n} / {}: {e}", d.contender.name))?;
+                let wait1 = procs::total_sched_wait(&d.hops);
                 procs::settle(&d.hops);
                 let row = &mut rows[k];
+                if !matches!(d.contender.kind, Kind::Socat { .. }) {
+                    // socat's forks exit and take their schedstat with them.
+                    row.wait_s += wait1.0 - wait0.0;
+                    row.runs += wait1.1 - wait0.1;
+                }
                 row.cpu_s += procs::total_cpu_seconds(&d.hops) - cpu0;
                 row.wall += wall;
                 for o in outcomes {
@@ -325,17 +336,18 @@ pub fn markdown(fo: &FleetOpts, idle: &[Idle], busy: &[Busy]) -> String {
         "\n### Busy: N passive-VMI sessions at once ({} reads each, {} rounds, contenders shuffled per round)\n",
         fo.reads, fo.rounds
     );
-    s.push_str("| N | contender | reads/s, all N | ×socat | ×direct | median session p99 µs | ×socat | p50 µs | CPU µs/read |\n");
-    s.push_str("|--:|---|--:|--:|--:|--:|--:|--:|--:|\n");
+    s.push_str("| N | contender | reads/s, all N | ×socat | ×direct | median session p99 µs | ×socat | p50 µs | CPU µs/read | wait µs/read | runs/read |\n");
+    s.push_str("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for r in busy {
         let find = |name: &str| busy.iter().find(|o| o.n == r.n && o.contender == name);
         let ratio = |o: Option<&Busy>, f: fn(&Busy) -> f64| o.map_or(String::new(), |o| format!("{:.2}", f(r) / f(o)));
         let p50 = r.merged.as_ref().map_or(0.0, |h| crate::us(h, 0.5));
         let cpu =
             if r.contender == crate::report::DIRECT { String::new() } else { format!("{:.1}", r.cpu_us_per_op()) };
+        let per_read = |x: f64| if r.runs == 0 { String::new() } else { format!("{:.2}", x / r.reads.max(1) as f64) };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.1} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.1} | {} | {} | {} |",
             r.n,
             r.contender,
             r.rate(),
@@ -344,7 +356,9 @@ pub fn markdown(fo: &FleetOpts, idle: &[Idle], busy: &[Busy]) -> String {
             r.median_p99_us(),
             ratio(find(crate::report::SOCAT), Busy::median_p99_us),
             p50,
-            cpu
+            cpu,
+            per_read(r.wait_s * 1e6),
+            per_read(r.runs as f64)
         );
     }
     s

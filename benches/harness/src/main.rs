@@ -127,6 +127,14 @@ pub struct Row {
     /// Largest peak RSS (VmHWM, reset before each session) of one serving process over this
     /// workload's sessions, KiB (0 for direct).
     pub rss_kib: u64,
+    /// Run delay of the contender's live processes (runnable, waiting for a CPU), seconds, and
+    /// the times they were scheduled in (schedstat; not for socat, whose forks exit).
+    pub wait_s: f64,
+    pub runs: u64,
+    /// CPU seconds the `--load` processes got during this contender's sessions, and those
+    /// sessions' wall time: what the contender and its peers left the neighbours.
+    pub load_cpu_s: f64,
+    pub wall_s: f64,
 }
 
 pub struct Startup {
@@ -169,7 +177,9 @@ struct Args {
     /// Only these contenders, by name (repeatable) [default: all].
     #[arg(long = "contender", value_name = "NAME")]
     only: Vec<String>,
-    /// A relay contender `kvmi-relay NAME` with extra flags (repeatable).
+    /// A relay contender `kvmi-relay NAME` with extra flags (repeatable). `@nice=N`, `@fifo=PRIO`
+    /// and `@slice-us=N` are not relay flags: the harness sets that scheduling on the relay's
+    /// threads (what `Nice=`, `CPUSchedulingPolicy=fifo` or an EEVDF custom slice would give).
     #[arg(long = "variant", value_name = "NAME=--flag=v,--flag2=v", value_parser = parse_variant)]
     variants: Vec<(String, Vec<String>)>,
     /// Another build of the relay, `kvmi-relay NAME` (repeatable): an A/B in one run.
@@ -378,7 +388,14 @@ fn deploy(
     }
 }
 
-fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &mut Vec<Row>) -> Result<(), String> {
+fn run_topology(
+    t: Topology,
+    all: &[Contender],
+    opts: &Opts,
+    dir: &Path,
+    load: &procs::Load,
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let server = match t {
         Topology::UnixTcp => tcp(free_tcp_port()?),
@@ -407,6 +424,10 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
                 sessions: 0,
                 cpu_s: 0.0,
                 rss_kib: 0,
+                wait_s: 0.0,
+                runs: 0,
+                load_cpu_s: 0.0,
+                wall_s: 0.0,
             })
             .collect();
         let started = Instant::now();
@@ -423,10 +444,20 @@ fn run_topology(t: Topology, all: &[Contender], opts: &Opts, dir: &Path, rows: &
                 let (c, hops, dial) = &deployed[i];
                 procs::reset_peak_rss(hops)?;
                 let sample = || procs::serving_peak_rss_kib(hops);
+                let (wait0, load0, wall0) = (procs::total_sched_wait(hops), load.cpu_seconds(), Instant::now());
                 let o = work::session(w, opts.sizes, &listener, dial, &sample)
                     .map_err(|e| format!("{} / {} / {}: {e}", t.name(), w.name(), c.name))?;
+                let (wall, load1, wait1) = (wall0.elapsed(), load.cpu_seconds(), procs::total_sched_wait(hops));
                 procs::settle(hops);
                 let row = &mut merged[k];
+                if !matches!(c.kind, Kind::Socat { .. }) {
+                    // socat's forks exit and take their schedstat with them: only its parent's
+                    // accepts would be left.
+                    row.wait_s += wait1.0 - wait0.0;
+                    row.runs += wait1.1 - wait0.1;
+                }
+                row.load_cpu_s += load1 - load0;
+                row.wall_s += wall.as_secs_f64();
                 row.ops += o.ops;
                 row.elapsed += o.elapsed;
                 row.sessions += 1;
@@ -476,7 +507,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| format!("create {}: {e}", opts.out_dir.display()))?;
     // Before `--pin` narrows this process: the hogs may run on every CPU.
-    let _load = procs::Load::start(opts.load)?;
+    let load = procs::Load::start(opts.load)?;
     if let Some(p) = opts.pin {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         if p == Placement::HopsApart && cpus < 2 {
@@ -504,7 +535,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut result = Ok(());
     for t in topologies {
-        result = run_topology(t, &all, opts, &base.join(t.name()), &mut rows);
+        result = run_topology(t, &all, opts, &base.join(t.name()), &load, &mut rows);
         if result.is_err() {
             break;
         }

@@ -109,7 +109,7 @@ pub fn spawn_hop_with_env(
             if matches!(listen, Endpoint::Tcp(_)) {
                 c.arg("--allow-ip=127.0.0.1/32");
             }
-            c.args(flags);
+            c.args(flags.iter().filter(|f| !f.starts_with('@')));
             c
         }
         Kind::Socat { nodelay } => {
@@ -173,7 +173,58 @@ pub fn spawn_hop_with_env(
         .map_err(|e| format!("start {kind:?}: {e}"))?;
     let mut hop = Hop { child, _listener: listener };
     wait_listening(listen, &mut hop.child)?;
+    if let Kind::Relay { flags, .. } = kind {
+        for f in flags.iter().filter(|f| f.starts_with('@')) {
+            set_scheduling(hop.child.id(), f)?;
+        }
+    }
     Ok(hop)
+}
+
+/// The scheduling attributes a unit (or the relay itself) could give, set from outside on every
+/// thread of `pid`: `@nice=N` (`Nice=`), `@fifo=PRIO` (`CPUSchedulingPolicy=fifo`,
+/// `CPUSchedulingPriority=`), `@slice-us=N` (EEVDF's custom slice, `sched_setattr` with
+/// `sched_runtime` on a normal task; Linux 6.12 and later clamp it to 0.1–100 ms).
+pub fn set_scheduling(pid: u32, flag: &str) -> Result<(), String> {
+    let (what, value) = flag[1..].split_once('=').ok_or_else(|| format!("{flag}: expected @WHAT=N"))?;
+    let v: i64 = value.parse().map_err(|e| format!("{flag}: {e}"))?;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("{flag}: threads of {pid}: {e}"))?;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let mut attr = SchedAttr { size: std::mem::size_of::<SchedAttr>() as u32, ..SchedAttr::default() };
+        match what {
+            "nice" => attr.nice = v as i32,
+            "fifo" => {
+                attr.policy = libc::SCHED_FIFO as u32;
+                attr.priority = v as u32;
+            }
+            "slice-us" => attr.runtime_ns = (v as u64) * 1000,
+            _ => return Err(format!("{flag}: one of @nice=, @fifo=, @slice-us=")),
+        }
+        // SAFETY: sched_setattr reads `attr`, a live, fully initialised struct of the size it is
+        // told; it touches no memory of ours beyond that.
+        let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr as *const SchedAttr, 0u32) };
+        if rc != 0 {
+            return Err(format!("{flag}: sched_setattr on thread {tid}: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// `struct sched_attr` (sched_setattr(2)), version 1.
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime_ns: u64,
+    deadline_ns: u64,
+    period_ns: u64,
+    util_min: u32,
+    util_max: u32,
 }
 
 /// Makes a hop or a `--load` process die with the harness (PR_SET_PDEATHSIG), so that a harness
@@ -318,6 +369,28 @@ pub fn settle(hops: &[Hop]) {
     }
 }
 
+/// What the scheduler says about the live threads of `pid` (/proc/PID/task/*/schedstat): time
+/// spent runnable but waiting for a CPU (run delay, ns) and times scheduled in. Exited children
+/// (socat's forks) leave no trace here.
+pub fn sched_wait(pid: u32) -> (u64, u64) {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| {
+                    let mut f = s.split_whitespace().skip(1).map(|w| w.parse::<u64>().ok());
+                    Some((f.next()??, f.next()??))
+                })
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        })
+        .unwrap_or((0, 0))
+}
+
+/// `sched_wait` over every hop: (run delay s, times scheduled in).
+pub fn total_sched_wait(hops: &[Hop]) -> (f64, u64) {
+    hops.iter().map(|h| sched_wait(h.child.id())).fold((0.0, 0), |a, b| (a.0 + b.0 as f64 / 1e9, a.1 + b.1))
+}
+
 pub fn total_cpu_seconds(hops: &[Hop]) -> f64 {
     hops.iter().map(|h| cpu_seconds(h.child.id())).sum()
 }
@@ -376,6 +449,11 @@ pub fn startup_times(kind: &Kind, relay_bin: &Path, dir: &Path, reps: usize) -> 
 pub struct Load(Vec<Child>);
 
 impl Load {
+    /// CPU seconds the busy processes have used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.0.iter().map(|c| cpu_seconds(c.id())).sum()
+    }
+
     pub fn start(n: usize) -> Result<Load, String> {
         let exe = std::env::current_exe().map_err(|e| format!("--load: find this binary: {e}"))?;
         let mut hogs = Load(Vec::new());

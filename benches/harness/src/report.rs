@@ -78,6 +78,18 @@ impl Row {
     pub fn cpu_us_per_op(&self) -> f64 {
         1e6 * self.cpu_s / (self.ops.max(1) as f64)
     }
+    /// The contender's run delay per operation, µs (None for socat: its forks leave none).
+    pub fn wait_us_per_op(&self) -> Option<f64> {
+        (self.runs > 0).then(|| 1e6 * self.wait_s / (self.ops.max(1) as f64))
+    }
+    /// Times its processes were scheduled in, per operation.
+    pub fn runs_per_op(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.runs as f64 / (self.ops.max(1) as f64))
+    }
+    /// The share of their CPUs the `--load` processes got during this contender's sessions, %.
+    pub fn load_share_pct(&self, hogs: usize) -> Option<f64> {
+        (hogs > 0 && self.wall_s > 0.0).then(|| 100.0 * self.load_cpu_s / (self.wall_s * hogs as f64))
+    }
     pub fn cpu_s_per_gib(&self) -> f64 {
         self.cpu_s / (self.ops as f64 / GIB).max(1e-12)
     }
@@ -172,16 +184,16 @@ impl Report<'_> {
             let _ = writeln!(md, "### {title}\n");
             let _ = writeln!(
                 md,
-                "| topology | contender | ops/s | ×direct | ×socat | p50 | p90 | p99 | p99.9 | max | +p50 | +p50 % | +p99.9 | CPU µs/op | RSS KiB |"
+                "| topology | contender | ops/s | ×direct | ×socat | p50 | p90 | p99 | p99.9 | max | +p50 | +p50 % | +p99.9 | CPU µs/op | wait µs/op | runs/op | load % | RSS KiB |"
             );
-            let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+            let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
             for r in self.rows.iter().filter(|r| r.workload == w) {
                 let Some(h) = &r.rtt else { continue };
                 let direct = self.find(r.topology, w, DIRECT).and_then(|d| d.rtt.as_ref());
                 let pct = direct.map_or(String::new(), |d| format!("{:+.0}", 100.0 * (us(h, 0.5) / us(d, 0.5) - 1.0)));
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.topology.name(),
                     r.contender,
                     r.rate(),
@@ -196,6 +208,9 @@ impl Report<'_> {
                     pct,
                     opt_signed(self.added(r, 0.999)),
                     if r.contender == DIRECT { String::new() } else { format!("{:.1}", r.cpu_us_per_op()) },
+                    opt(r.wait_us_per_op(), 1),
+                    opt(r.runs_per_op(), 2),
+                    opt(r.load_share_pct(o.load), 0),
                     rss(r),
                 );
             }
@@ -387,6 +402,9 @@ impl Report<'_> {
                 "cpu_us_per_op": if bulk { None } else { Some(r.cpu_us_per_op()) },
                 "cpu_s_per_gib": if bulk { Some(r.cpu_s_per_gib()) } else { None },
                 "rss_kib": r.rss_kib,
+                "wait_us_per_op": r.wait_us_per_op(),
+                "runs_per_op": r.runs_per_op(),
+                "load_share_pct": r.load_share_pct(self.opts.load),
                 "session_p50_min_us": r.session_p50_spread().map(|s| s.0),
                 "session_p50_median_us": r.session_p50_spread().map(|s| s.1),
                 "session_p50_max_us": r.session_p50_spread().map(|s| s.2),
