@@ -40,7 +40,7 @@ use crate::metrics::{self, DirMetrics, Figures, percentiles_us};
 use crate::pump::Pump;
 use crate::service::{Notifier, Status};
 use crate::sys;
-use window::PollWindow;
+use window::{PollWindow, RUN_DELAY_SAMPLE, SchedStat};
 
 mod operator;
 mod window;
@@ -105,6 +105,10 @@ pub struct Relay {
     rerun: VecDeque<usize>,
     /// Bounded polling (`--poll-window-us`).
     window: PollWindow,
+    /// The relay's own run delay, which tells the window when the CPUs are crowded.
+    sched: Option<SchedStat>,
+    /// No run-delay sample before then.
+    next_sched_sample: Instant,
     /// The service manager's side: readiness, status, watchdog pings from this loop.
     service: Notifier,
     /// The address the listener actually bound (shows the port chosen for `tcp:IP:0`).
@@ -190,6 +194,8 @@ impl Relay {
             accept_paused_until: None,
             shutdown_deadline: None,
             rerun: VecDeque::new(),
+            sched: if window.is_enabled() { SchedStat::open() } else { None },
+            next_sched_sample: now,
             window,
             service: Notifier::from_env(),
             bound,
@@ -232,6 +238,7 @@ impl Relay {
                 return Err(StartError::Loop(e));
             }
             if !events.is_empty() {
+                self.sample_run_delay(now);
                 self.window.on_events(now);
             }
 
@@ -287,6 +294,20 @@ impl Relay {
                 info!(totals = ?self.totals, "stopped");
                 return Ok(());
             }
+        }
+    }
+
+    /// At most every `RUN_DELAY_SAMPLE` while events come: tells the window whether the CPUs
+    /// are crowded (`window`).
+    fn sample_run_delay(&mut self, now: Instant) {
+        if now < self.next_sched_sample {
+            return;
+        }
+        self.next_sched_sample = now + RUN_DELAY_SAMPLE;
+        let Some((waited, runs)) = self.sched.as_mut().and_then(SchedStat::sample) else { return };
+        if self.window.on_run_delay(waited, runs) {
+            let waited_us = waited.as_micros() as u64;
+            debug!(waited_us, runs, crowded = self.window.is_crowded(), "poll window: CPUs crowded or free again");
         }
     }
 

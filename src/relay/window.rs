@@ -13,7 +13,19 @@
 //! before it yields back) is remembered, and a second one within `SLOW_YIELD_SPAN` suspends the
 //! window: no new one opens for a cool-down of `COOL_DOWN_MIN`, doubling up to `COOL_DOWN_MAX`
 //! while suspensions follow each other within `COOL_DOWN_MAX`.
+//!
+//! Many relays on few CPUs (one per VM, all busy) meet a quieter problem: no single yield is slow,
+//! but every CPU has a queue, so each window spins on a CPU that a peer (another relay's client,
+//! a guest's vCPU) is waiting for, and the answer it waits for is queued behind the spinners
+//! (measured with 32 busy relays on 2 CPUs: median session p99 8.5× socat's with the window,
+//! 1.0× without; docs/BENCHMARKS.md, "Many instances"). The scheduler tells the relay when that
+//! is so: its own run delay, the time it spent runnable but waiting for a CPU, per time it was
+//! scheduled in (/proc/thread-self/schedstat, read at most every `RUN_DELAY_SAMPLE` while
+//! events come). When a wake-up waits longer for a CPU than a window lasts, the CPUs are
+//! crowded and no window opens (`CrowdedCpus`), until a later sample says otherwise.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 /// A yield that ran others for longer than this met a thread that wanted a scheduler slice: shorter
@@ -26,6 +38,9 @@ pub const SLOW_YIELD_SPAN: Duration = Duration::from_millis(100);
 pub const COOL_DOWN_MIN: Duration = Duration::from_millis(10);
 /// The longest suspension: on a CPU that stays busy, two slices lost per this long.
 pub const COOL_DOWN_MAX: Duration = Duration::from_secs(1);
+
+/// How often, at most, the relay reads its own run delay while events come (none while idle).
+pub const RUN_DELAY_SAMPLE: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 pub struct PollWindow {
@@ -40,6 +55,8 @@ pub struct PollWindow {
     suspended_until: Option<Instant>,
     /// The length of the current or last suspension.
     cool_down: Duration,
+    /// The last run-delay sample said the CPUs are crowded: no window opens.
+    crowded: bool,
 }
 
 impl PollWindow {
@@ -52,15 +69,39 @@ impl PollWindow {
             slow_yield_at: None,
             suspended_until: None,
             cool_down: COOL_DOWN_MIN,
+            crowded: false,
         }
     }
 
-    /// A turn brought events: open the window for another `len`, unless suspended.
+    /// Whether the window is on at all: run-delay samples are taken only then.
+    pub fn is_enabled(&self) -> bool {
+        !self.len.is_zero()
+    }
+
+    /// A turn brought events: open the window for another `len`, unless suspended or the CPUs
+    /// are crowded.
     pub fn on_events(&mut self, now: Instant) {
-        if self.len.is_zero() || self.suspended_until.is_some_and(|t| now < t) {
+        if self.len.is_zero() || self.crowded || self.suspended_until.is_some_and(|t| now < t) {
             return;
         }
         self.until = Some(now + self.len);
+    }
+
+    /// Since the last sample the relay waited `waited` for a CPU over `runs` times it was
+    /// scheduled in. Returns true when that changed whether the CPUs count as crowded.
+    pub fn on_run_delay(&mut self, waited: Duration, runs: u64) -> bool {
+        // No run at all while waiting: one long wait (a CPU held by others the whole time).
+        let crowded = waited > self.len * runs.max(1) as u32;
+        let changed = crowded != self.crowded;
+        self.crowded = crowded;
+        if crowded {
+            self.until = None;
+        }
+        changed
+    }
+
+    pub fn is_crowded(&self) -> bool {
+        self.crowded
     }
 
     /// Whether the loop should poll with a zero timeout (and yield first) at `now`.
@@ -84,6 +125,40 @@ impl PollWindow {
         self.slow_yield_at = None;
         self.until = None;
         true
+    }
+}
+
+/// The relay's own scheduler figures, /proc/thread-self/schedstat: run time, run delay (both
+/// ns) and times scheduled in. The file stays open (procfs regenerates it on every read at
+/// offset 0), so a sample is one pread.
+#[derive(Debug)]
+pub struct SchedStat {
+    file: File,
+    last: Option<(u64, u64)>,
+}
+
+impl SchedStat {
+    /// None where the kernel keeps no schedstat (CONFIG_SCHED_INFO off): the window then never
+    /// counts the CPUs as crowded.
+    pub fn open() -> Option<SchedStat> {
+        let file = File::open("/proc/thread-self/schedstat").ok()?;
+        let mut s = SchedStat { file, last: None };
+        s.last = Some(s.read()?);
+        Some(s)
+    }
+
+    fn read(&self) -> Option<(u64, u64)> {
+        let mut buf = [0u8; 96];
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        let mut f = std::str::from_utf8(&buf[..n]).ok()?.split_whitespace().skip(1).map(|w| w.parse::<u64>().ok());
+        Some((f.next()??, f.next()??))
+    }
+
+    /// Run delay and runs since the last sample.
+    pub fn sample(&mut self) -> Option<(Duration, u64)> {
+        let (wait_ns, runs) = self.read()?;
+        let (w0, r0) = self.last.replace((wait_ns, runs))?;
+        Some((Duration::from_nanos(wait_ns.saturating_sub(w0)), runs.saturating_sub(r0)))
     }
 }
 
@@ -182,6 +257,34 @@ mod tests {
         assert!(w.after_yield(t, SLICE));
         w.on_events(t + 10 * MS);
         assert!(w.is_open(t + 10 * MS));
+    }
+
+    /// 32 busy relays on 2 CPUs: each wake-up waited 136 µs for a CPU on average.
+    #[test]
+    fn crowded_cpus_close_the_window_until_a_sample_says_otherwise() {
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(LEN);
+        w.on_events(t0);
+        assert!(!w.on_run_delay(3 * US * 100, 100), "3 µs per run (one relay, idle machine) is not crowded");
+        assert!(w.is_open(t0));
+        assert!(w.on_run_delay(136 * US * 100, 100));
+        assert!(w.is_crowded());
+        assert!(!w.is_open(t0), "the open window closes at once");
+        w.on_events(t0 + MS);
+        assert!(!w.is_open(t0 + MS));
+        assert!(!w.on_run_delay(136 * US * 50, 50), "still crowded: nothing changes");
+        assert!(w.on_run_delay(LEN * 100, 100), "a wait as long as the window is not crowded");
+        w.on_events(t0 + 2 * MS);
+        assert!(w.is_open(t0 + 2 * MS));
+        assert!(w.on_run_delay(2 * LEN, 0), "waiting without ever running counts as one long wait");
+    }
+
+    #[test]
+    fn its_own_schedstat_reads_and_counts_up() {
+        let mut s = SchedStat::open().expect("/proc/thread-self/schedstat: the kernel keeps schedstat");
+        std::thread::sleep(Duration::from_millis(2));
+        let (_, runs) = s.sample().expect("a second sample");
+        assert!(runs >= 1, "sleeping and waking again is a run: {runs}");
     }
 
     #[test]
