@@ -16,7 +16,10 @@ TOOLS=target/dist/kvmi-relay-tools
 OPS=${OPS:-20000}
 [ $# -gt 0 ] || set -- "default=target/dist/kvmi-relay" "nopoll=target/dist/kvmi-relay,--poll-window-us=0"
 dir=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+# Every child is killed on the way out, however the script ends: one left behind (a peer waiting
+# for a connection) would keep whatever it inherited open, a lock file included.
+intro= relay= perfpid=
+trap 'kill $intro $relay $perfpid 2>/dev/null || true; rm -rf "$dir"' EXIT
 events=raw_syscalls:sys_enter,context-switches,cpu-migrations
 for s in epoll_wait epoll_pwait sched_yield read write recvfrom sendto splice; do
     events="$events,syscalls:sys_enter_$s"
@@ -49,9 +52,11 @@ for spec in "$@"; do
         t1=$(cut -d' ' -f1 /proc/$relay/schedstat)
         kill -INT $perfpid
         wait $perfpid 2>/dev/null || true
-        wait $intro || { cat "$dir/intro.log"; exit 1; }
+        wait $intro || { cat "$dir/intro.log"; intro=; exit 1; }
+        intro= perfpid=
         kill $relay
         wait $relay 2>/dev/null || true
+        relay=
         rm -f "$dir/relay.sock"
         awk -F, -v name="$name" -v burst=$burst -v ops=$OPS -v ns=$((t1 - t0)) '
             /^[0-9]/ { c[$3] = $1 }
