@@ -7,6 +7,10 @@
 //! The same passive burst (sequential 24-byte READ_PHYSICAL → 4112-byte page) and active burst
 //! (552-byte PAUSE_VCPU event → 24-byte reply) runs first directly (no relay) and then through
 //! both relays; every byte is checked; the figures are printed side by side.
+//!
+//! Relay A, on the hypervisor host, runs with `--kvmi`: the VM is pinned by uuid and name and
+//! the tenant is read-only. A second session then tries a WRITE_PHYSICAL, which relay A answers
+//! itself with EPERM, and relay A's per-message table is printed from its close lines.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -173,6 +177,7 @@ fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
         }
     };
     println!("  relay B listens on tcp:127.0.0.1:{port} (allow-list 127.0.0.1/32)");
+    let uuid = kvmi_relay::kvmi::handshake::format_uuid(&kvmi::FAKE_VM_UUID);
     let relay_a = spawn_relay(
         relay,
         &[
@@ -180,6 +185,14 @@ fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
             format!("--connect=tcp:127.0.0.1:{port}"),
             "--name=one-7".into(),
             format!("--control={}", a_ctl.display()),
+            // The provider's side of the trust boundary: pin the VM, the tenant reads only.
+            "--kvmi".into(),
+            format!("--kvmi-vm-uuid={uuid}"),
+            "--kvmi-vm-name=one-7".into(),
+            "--kvmi-policy=read-only".into(),
+            // The demo's own DEMO_RAISE_EVENTS (standing in for a guest's activity) is no KVMi
+            // command: let it pass.
+            "--kvmi-unknown=pass".into(),
         ],
         &a_log,
     );
@@ -190,9 +203,22 @@ fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
             return Err(format!("start relay A: {e}"));
         }
     };
+    println!("  relay A: --kvmi, VM pinned to uuid {uuid} and name one-7, --kvmi-policy read-only");
     let relayed = match wait_for_socket(&vm_sock, &mut relay_a) {
         Ok(()) => session(&intro_ep, &Endpoint::Unix(vm_sock.clone()), a),
         Err(e) => Err(e),
+    };
+    let denied = match &relayed {
+        Ok(_) => {
+            // Relay A serves one session at a time (--max-conns 1): wait for the first to close.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !std::fs::read_to_string(&a_log).unwrap_or_default().contains(" closed ")
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            denied_write(&intro_ep, &Endpoint::Unix(vm_sock.clone()))
+        }
+        Err(e) => Err(e.clone()),
     };
     // The relays' own view of the same traffic, from their control sockets, before they stop.
     std::thread::sleep(Duration::from_millis(50));
@@ -204,7 +230,15 @@ fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
         .collect();
     stop(relay_a);
     stop(relay_b);
-    let relayed = relayed?;
+    let logs = || {
+        let tail = |p: &Path| {
+            std::fs::read_to_string(p).unwrap_or_default().lines().rev().take(5).collect::<Vec<_>>().join("\n  ")
+        };
+        format!("\n relay A said:\n  {}\n relay B said:\n  {}", tail(&a_log), tail(&b_log))
+    };
+    let relayed = relayed.map_err(|e| format!("{e}{}", logs()))?;
+    let (err, writes) = denied.map_err(|e| format!("{e}{}", logs()))?;
+    let a_text = std::fs::read_to_string(&a_log).unwrap_or_default();
 
     println!(
         "every byte checked both ways: handshake (96 B → 24 B, vm \"{}\"), GET_VERSION, pages, events\n",
@@ -230,5 +264,48 @@ fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
     for (name, table) in &tables {
         println!("\n== relay {name}\n{table}");
     }
+    println!("\n== relay A (--kvmi read-only): a tenant's WRITE_PHYSICAL");
+    println!(
+        "  answered by relay A with err {err} ({}), never forwarded: the hypervisor saw {writes} writes",
+        if err == -1 { "-KVM_EPERM, EPERM in libkvmi" } else { "NOT the relay's EPERM" }
+    );
+    if err != -1 || writes != 0 {
+        return Err("relay A let a write through".into());
+    }
+    println!("\n== relay A: per message type, each session (command → reply, event → reply, at relay A)");
+    for (n, l) in a_text.lines().filter(|l| l.contains(" closed ")).enumerate() {
+        let msgs = l.split_whitespace().find_map(|w| w.strip_prefix("kvmi_messages=")).unwrap_or("-");
+        println!("  session {}:", n + 1);
+        println!("    {:<24} {:>7} {:>7}  latency µs p50/p90/p99/p99.9/max", "message", "count", "denied");
+        for m in msgs.split(';').filter(|m| *m != "-") {
+            let mut f = m.splitn(4, ':');
+            let (name, count, denied, lat) =
+                (f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            println!("    {name:<24} {count:>7} {denied:>7}  {lat}");
+        }
+    }
     Ok(())
+}
+
+/// A tenant tries to write guest memory through relay A: returns the error code it got and how
+/// many writes reached the fake hypervisor.
+fn denied_write(listen: &Endpoint, dial: &Endpoint) -> Result<(i32, u64), String> {
+    let listener = net::listen(listen).map_err(|e| format!("listen {listen}: {e}"))?;
+    let tool = std::thread::spawn(move || -> Result<i32, String> {
+        let s = net::accept(&listener).map_err(|e| format!("accept: {e}"))?;
+        let mut t = kvmi::Tool::accept(s).map_err(|e| format!("fake introspector: {e}"))?;
+        t.call(kvmi::ID_GET_VERSION, &[]).map_err(|e| format!("GET_VERSION: {e}"))?;
+        let mut req = Vec::new();
+        req.extend_from_slice(&0x1000u64.to_le_bytes());
+        req.extend_from_slice(&8u64.to_le_bytes());
+        req.extend_from_slice(b"tampered");
+        let (err, _) = t.call(kvmi::ID_WRITE_PHYSICAL, &req).map_err(|e| format!("WRITE_PHYSICAL: {e}"))?;
+        Ok(err)
+    });
+    let mut s = net::connect_retrying(dial, Duration::from_secs(5)).map_err(|e| format!("dial {dial}: {e}"))?;
+    let hv = kvmi::serve_hypervisor(&mut s, "one-7").map_err(|e| format!("fake hypervisor: {e}"))?;
+    let err = tool.join().map_err(|_| "introspector thread panicked".to_string())??;
+    // Relay A logs the session's close line once both sides are gone.
+    std::thread::sleep(Duration::from_millis(100));
+    Ok((err, hv.writes))
 }

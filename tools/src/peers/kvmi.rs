@@ -138,11 +138,14 @@ pub fn event_reply_body(event: u8, action: u8, extra: &[u8]) -> Vec<u8> {
     b
 }
 
+/// The uuid the fake hypervisor's handshake carries.
+pub const FAKE_VM_UUID: [u8; 16] = *b"kvmi-relay-fake!";
+
 /// QEMU's side of the handshake: 96 bytes, as `kvmi_qemu2introspector`.
 pub fn qemu_handshake(name: &str) -> [u8; QEMU2INTROSPECTOR_BYTES] {
     let mut h = [0u8; QEMU2INTROSPECTOR_BYTES];
     h[0..4].copy_from_slice(&(QEMU2INTROSPECTOR_BYTES as u32).to_le_bytes());
-    h[4..20].copy_from_slice(b"kvmi-relay-fake!");
+    h[4..20].copy_from_slice(&FAKE_VM_UUID);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     h[24..32].copy_from_slice(&now.to_le_bytes());
     let n = name.len().min(63);
