@@ -32,6 +32,7 @@ pub mod pump;
 pub mod relay;
 pub mod service;
 pub mod sys;
+pub mod tls;
 
 use std::io::IsTerminal;
 
