@@ -90,7 +90,7 @@ bench-loaded: build
 
 # Many instances at once (docs/BENCHMARKS.md, "Many instances"): N = 1, 32 and 128 relays, as
 # many socats and the direct path, UNIX → TCP; each N idle for 10 s, then 3 rounds of N
-# passive-VMI sessions at once. Output in target/bench/fleet/. About 2 minutes.
+# passive-VMI sessions at once. Output in target/bench/fleet/. About a minute.
 bench-fleet: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
 	$(BENCH_CARGO) --relay $(BIN) --fleet 1 --fleet 32 --fleet 128 --out target/bench/fleet
