@@ -20,7 +20,8 @@ build:
 # Debian packages the tests need (idempotent; skipped when already present).
 # systemd: systemd-analyze verify/security for tests/systemd_units.rs.
 # fonts-dejavu-core: the labels of the bench plot (bench-quick runs in `make test`).
-DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core
+# prometheus: `promtool check metrics` on the `--kvmi` Prometheus output (tests/relay_kvmi.rs).
+DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core prometheus
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

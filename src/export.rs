@@ -32,6 +32,37 @@ pub struct Snapshot {
     pub connections: Vec<ConnSnap>,
     /// Every session since start (or the last reset), live and closed, per direction.
     pub all_sessions: [DirSnap; 2],
+    /// `--kvmi`: the VM and the figures per message type (every session since start or reset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kvmi: Option<KvmiSnap>,
+}
+
+/// `--kvmi`: which VM the sessions carried and what each message type cost.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KvmiSnap {
+    /// From the VM's handshake (the live session's, else the last one's), already escaped
+    /// (printable ASCII only); `-` before any.
+    pub vm_name: String,
+    pub vm_uuid: String,
+    /// One entry per message type seen, commands first, each kind by name.
+    pub messages: Vec<MessageSnap>,
+}
+
+/// One message type's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageSnap {
+    /// `command` or `event`.
+    pub kind: &'static str,
+    /// The ABI table's name, or `unknown`: a bounded set, safe as a metric label.
+    pub message: &'static str,
+    /// Commands forwarded, or events forwarded.
+    pub count: u64,
+    /// Requests and replies, or events and replies.
+    pub bytes: u64,
+    /// Commands the relay answered with EPERM, or event replies it replaced.
+    pub denied: u64,
+    /// Command → first byte of its reply, or event → its reply.
+    pub latency_ns: HistSnap,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,7 +182,38 @@ pub fn text(s: &Snapshot) -> String {
     }
     row(&mut o, "all", "every session since start or reset", "", &s.all_sessions[0]);
     row(&mut o, "", "", "", &s.all_sessions[1]);
+    if let Some(k) = &s.kvmi {
+        kvmi_text(&mut o, k);
+    }
     o
+}
+
+fn kvmi_text(o: &mut String, k: &KvmiSnap) {
+    let _ = writeln!(
+        o,
+        "\nKVMi: vm {} ({}); every session since start or reset; latency: command -> reply, event -> reply",
+        k.vm_name, k.vm_uuid
+    );
+    let _ = writeln!(
+        o,
+        "{:<7} {:<26} {:>10} {:>8} {:>12} {:<36}",
+        "kind", "message", "count", "denied", "bytes", "latency"
+    );
+    for m in &k.messages {
+        let _ = writeln!(
+            o,
+            "{:<7} {:<26} {:>10} {:>8} {:>12} {:<36}",
+            m.kind,
+            m.message,
+            m.count,
+            m.denied,
+            m.bytes,
+            pcts_us(&m.latency_ns)
+        );
+    }
+    if k.messages.is_empty() {
+        let _ = writeln!(o, "(no KVMi messages yet)");
+    }
 }
 
 fn pcts_us(h: &HistSnap) -> String {
@@ -229,7 +291,60 @@ pub fn prometheus(s: &Snapshot) -> String {
             let _ = writeln!(o, "kvmi_relay_latency_seconds_count{{{labels}}} {}", h.count);
         }
     }
+    if let Some(k) = &s.kvmi {
+        kvmi_prometheus(&mut o, &vm, t, k);
+    }
     o
+}
+
+/// `--kvmi` families; `message` takes only the ABI table's names and `unknown`.
+fn kvmi_prometheus(o: &mut String, vm: &str, t: &Totals, k: &KvmiSnap) {
+    let _ = writeln!(
+        o,
+        "# HELP kvmi_relay_kvmi_refused_handshakes_total VM handshakes refused (wrong VM, bad size, none in time)."
+    );
+    let _ = writeln!(o, "# TYPE kvmi_relay_kvmi_refused_handshakes_total counter");
+    let _ = writeln!(o, "kvmi_relay_kvmi_refused_handshakes_total{{vm=\"{vm}\"}} {}", t.refused_handshake);
+    let _ = writeln!(o, "# HELP kvmi_relay_kvmi_malformed_total Sessions closed for a malformed KVMi stream.");
+    let _ = writeln!(o, "# TYPE kvmi_relay_kvmi_malformed_total counter");
+    let _ = writeln!(o, "kvmi_relay_kvmi_malformed_total{{vm=\"{vm}\"}} {}", t.kvmi_malformed);
+    let ident = format!("vm=\"{vm}\",vm_name=\"{}\",vm_uuid=\"{}\"", label(&k.vm_name), label(&k.vm_uuid));
+    let per = |m: &MessageSnap| format!("{ident},kind=\"{}\",message=\"{}\"", m.kind, label(m.message));
+    for (family, help, value) in [
+        (
+            "kvmi_relay_kvmi_messages_total",
+            "KVMi commands or events forwarded, per message type.",
+            (|m: &MessageSnap| m.count) as fn(&MessageSnap) -> u64,
+        ),
+        (
+            "kvmi_relay_kvmi_denied_total",
+            "Commands answered by the relay (EPERM) or event replies it replaced, per message type.",
+            |m| m.denied,
+        ),
+        ("kvmi_relay_kvmi_bytes_total", "Bytes of KVMi messages and their replies, per message type.", |m| m.bytes),
+    ] {
+        let _ = writeln!(o, "# HELP {family} {help}");
+        let _ = writeln!(o, "# TYPE {family} counter");
+        for m in &k.messages {
+            let _ = writeln!(o, "{family}{{{}}} {}", per(m), value(m));
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP kvmi_relay_kvmi_latency_seconds Command to the first byte of its reply, or event to its reply (the vCPU stood still), as the relay saw it."
+    );
+    let _ = writeln!(o, "# TYPE kvmi_relay_kvmi_latency_seconds histogram");
+    for m in &k.messages {
+        let labels = per(m);
+        let h = &m.latency_ns;
+        for (i, le) in PROMETHEUS_BUCKETS_S.iter().enumerate() {
+            let n = h.buckets.get(i).copied().unwrap_or(0);
+            let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_bucket{{{labels},le=\"{le:e}\"}} {n}");
+        }
+        let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_sum{{{labels}}} {:e}", h.mean * h.count as f64 / 1e9);
+        let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_count{{{labels}}} {}", h.count);
+    }
 }
 
 /// Checks text against the exposition-format grammar as far as a scraper relies on it: metric
@@ -365,6 +480,32 @@ mod tests {
                 directions: [dir("l2c", &[5_000, 7_000, 2_000_000]), dir("c2l", &[])],
             }],
             all_sessions: [dir("l2c", &[5_000, 7_000, 2_000_000]), dir("c2l", &[])],
+            kvmi: None,
+        }
+    }
+
+    fn with_kvmi() -> Snapshot {
+        let mut h = time_histogram();
+        h.record(30_000).unwrap();
+        let msg = |kind, message, count, denied| MessageSnap {
+            kind,
+            message,
+            count,
+            bytes: 4136 * count,
+            denied,
+            latency_ns: HistSnap::of_time(&h),
+        };
+        Snapshot {
+            kvmi: Some(KvmiSnap {
+                vm_name: "one-\\x1b\"7".into(),
+                vm_uuid: "6b766d69-2d72-656c-6179-2d66616b6521".into(),
+                messages: vec![
+                    msg("command", "READ_PHYSICAL", 3, 0),
+                    msg("command", "WRITE_PHYSICAL", 0, 2),
+                    msg("event", "PAUSE_VCPU", 1, 0),
+                ],
+            }),
+            ..sample()
         }
     }
 
@@ -403,6 +544,28 @@ mod tests {
         assert!(lint_prometheus("# TYPE 1a counter\n").is_err(), "bad name");
         let falling = "# TYPE h histogram\nh_bucket{le=\"1\"} 5\nh_bucket{le=\"2\"} 4\n";
         assert!(lint_prometheus(falling).is_err(), "falling bucket counts");
+    }
+
+    #[test]
+    fn kvmi_figures_appear_in_every_format() {
+        let s = with_kvmi();
+        let t = text(&s);
+        assert!(t.contains("6b766d69-2d72-656c-6179-2d66616b6521"), "{t}");
+        assert!(
+            t.lines().any(|l| l.starts_with("command") && l.contains("WRITE_PHYSICAL") && l.contains(" 2 ")),
+            "{t}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json(&s)).unwrap();
+        assert_eq!(v["kvmi"]["messages"][1]["message"], "WRITE_PHYSICAL");
+        assert_eq!(v["kvmi"]["messages"][1]["denied"], 2);
+        assert_eq!(v["kvmi"]["messages"][2]["kind"], "event");
+        let p = prometheus(&s);
+        lint_prometheus(&p).unwrap();
+        assert!(p.contains("kvmi_relay_kvmi_denied_total{vm=\"one-\\\"7\\\"\",vm_name=\"one-\\\\x1b\\\"7\",vm_uuid=\"6b766d69-2d72-656c-6179-2d66616b6521\",kind=\"command\",message=\"WRITE_PHYSICAL\"} 2"), "{p}");
+        assert!(p.contains("kind=\"event\",message=\"PAUSE_VCPU\",le=\"5e-5\"} 1"), "{p}");
+        // Without --kvmi none of it.
+        assert!(!prometheus(&sample()).contains("kvmi_relay_kvmi_"));
+        assert!(json(&sample()).find("\"kvmi\"").is_none());
     }
 
     #[test]

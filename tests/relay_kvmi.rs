@@ -393,3 +393,94 @@ fn a_reply_whose_seq_matches_no_command_closes_the_session() {
     assert!(rest.is_empty(), "the stray reply reached the introspector");
     hv.join().unwrap();
 }
+
+/// `promtool check metrics` (Debian's prometheus package, `make deps`) on `text`.
+fn promtool_check(text: &str) {
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("promtool: {e} (install Debian's prometheus package: make deps)"),
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\n{text}");
+}
+
+#[test]
+fn stats_show_per_message_figures_in_every_format_with_a_bounded_message_label() {
+    let control_dir = tmpdir();
+    let control = path_in(control_dir.path(), "control.sock");
+    let ctl = format!("--control={}", control.display());
+    let mut l =
+        live(&[&ctl, "--name=one-7", "--kvmi-policy=read-only", "--kvmi-unknown=pass"], HypervisorOptions::default());
+    for gpa in 0..3 {
+        assert_eq!(l.tool.call(fake::ID_READ_PHYSICAL, &read_req(gpa << 12, 4096)).unwrap().0, 0);
+    }
+    for _ in 0..2 {
+        assert_eq!(l.tool.call(fake::ID_WRITE_PHYSICAL, &read_req(0, 0)).unwrap(), (-1, vec![]));
+    }
+    cr_round(&mut l, 0x2000);
+
+    let prom = kvmi_relay::control::ask(&control, "stats prometheus").unwrap();
+    promtool_check(&prom);
+    kvmi_relay::export::lint_prometheus(&prom).unwrap();
+    let uuid = format_uuid(b"kvmi-relay-fake!");
+    let series = |family: &str, kind: &str, message: &str| -> Option<u64> {
+        let want = format!(
+            "{family}{{vm=\"one-7\",vm_name=\"one-7\",vm_uuid=\"{uuid}\",kind=\"{kind}\",message=\"{message}\"}} "
+        );
+        prom.lines().find_map(|l| l.strip_prefix(&want)).map(|v| v.parse().unwrap())
+    };
+    assert_eq!(series("kvmi_relay_kvmi_messages_total", "command", "READ_PHYSICAL"), Some(3), "{prom}");
+    assert_eq!(series("kvmi_relay_kvmi_denied_total", "command", "WRITE_PHYSICAL"), Some(2), "{prom}");
+    assert_eq!(series("kvmi_relay_kvmi_messages_total", "command", "WRITE_PHYSICAL"), Some(0), "{prom}");
+    assert_eq!(series("kvmi_relay_kvmi_messages_total", "event", "CR"), Some(1), "{prom}");
+    assert_eq!(series("kvmi_relay_kvmi_latency_seconds_count", "command", "READ_PHYSICAL"), Some(3), "{prom}");
+    assert_eq!(
+        series("kvmi_relay_kvmi_messages_total", "command", "unknown"),
+        Some(1),
+        "the demo's own command: {prom}"
+    );
+    // Bounded: every `message` value is a name of the table or `unknown`.
+    let table = kvmi_relay::kvmi::abi::Abi::V7.table();
+    for line in prom.lines().filter(|l| l.contains("message=\"")) {
+        let v = line.split("message=\"").nth(1).unwrap().split('"').next().unwrap();
+        let known =
+            v == "unknown" || table.commands.iter().any(|c| c.name == v) || table.events.iter().any(|e| e.name == v);
+        assert!(known, "message label {v:?} is not in the table: {line}");
+    }
+
+    let text = kvmi_relay::control::ask(&control, "stats text").unwrap();
+    assert!(text.contains("KVMi: vm one-7") && text.contains(&uuid), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("command")
+            && l.contains("WRITE_PHYSICAL")
+            && l.split_whitespace().nth(3) == Some("2")),
+        "{text}"
+    );
+
+    // After the session closed, the figures stay (every session since start or reset).
+    let Live { mut relay, tool, hv, _dir } = l;
+    drop(tool);
+    hv.join().unwrap().unwrap();
+    relay.wait_log("closed", Duration::from_secs(5));
+    let v: serde_json::Value =
+        serde_json::from_str(&kvmi_relay::control::ask(&control, "stats json").unwrap()).unwrap();
+    let msgs = v["kvmi"]["messages"].as_array().unwrap();
+    let read = msgs.iter().find(|m| m["message"] == "READ_PHYSICAL").unwrap();
+    assert_eq!(
+        (read["kind"].as_str(), read["count"].as_u64(), read["latency_ns"]["count"].as_u64()),
+        (Some("command"), Some(3), Some(3))
+    );
+    assert_eq!(v["kvmi"]["vm_uuid"], uuid.as_str());
+    assert_eq!(kvmi_relay::control::ask(&control, "reset").unwrap(), "reset\n");
+    let v: serde_json::Value =
+        serde_json::from_str(&kvmi_relay::control::ask(&control, "stats json").unwrap()).unwrap();
+    assert_eq!(v["kvmi"]["messages"].as_array().map(Vec::len), Some(0), "reset zeroes them: {v}");
+}

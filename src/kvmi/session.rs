@@ -74,6 +74,45 @@ struct FlowState {
     stuck_partial: bool,
 }
 
+/// Whether a message type is a command (named by the table's command) or an event (named by
+/// the table's event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Command,
+    Event,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Command => "command",
+            Kind::Event => "event",
+        }
+    }
+}
+
+/// A message type: its kind and its name in the ABI table, or [`UNKNOWN`]. The set of values
+/// is bounded by the table (one per command, one per event, one `unknown` per kind), so it may
+/// label metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageType {
+    pub kind: Kind,
+    pub name: &'static str,
+}
+
+/// The name of every id the table does not know.
+pub const UNKNOWN: &str = "unknown";
+
+impl std::fmt::Display for MessageType {
+    /// Commands as their name, events as `EVENT_` and theirs (the close line's keys).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            Kind::Command => f.write_str(self.name),
+            Kind::Event => write!(f, "EVENT_{}", self.name),
+        }
+    }
+}
+
 /// Per message type: what passed and how long its answer took.
 #[derive(Debug, Clone)]
 pub struct MessageFigures {
@@ -93,6 +132,19 @@ impl Default for MessageFigures {
     }
 }
 
+impl MessageFigures {
+    /// Adds `other`'s counts and samples (same histogram bounds by construction).
+    pub fn add(&mut self, other: &MessageFigures) {
+        self.count += other.count;
+        self.bytes += other.bytes;
+        self.denied += other.denied;
+        let _ = self.latency_ns.add(&other.latency_ns);
+    }
+}
+
+/// Per-type figures, in a stable order.
+pub type FiguresByType = BTreeMap<MessageType, MessageFigures>;
+
 pub struct Session {
     table: &'static Table,
     policy: Policy,
@@ -105,8 +157,8 @@ pub struct Session {
     pub malformed: Option<String>,
     /// The VM's handshake, when this layer read it (QEMU on the connect side).
     pub vm: Option<handshake::Handshake>,
-    /// Per message type (command name, or `EVENT_` and the event's name).
-    pub figures: BTreeMap<&'static str, MessageFigures>,
+    /// Per message type.
+    pub figures: FiguresByType,
     last_denial_log: Option<Instant>,
     denials_unlogged: u64,
 }
@@ -156,16 +208,18 @@ impl Session {
         e
     }
 
-    fn figures(&mut self, name: &'static str) -> &mut MessageFigures {
-        self.figures.entry(name).or_default()
+    fn figures(&mut self, t: MessageType) -> &mut MessageFigures {
+        self.figures.entry(t).or_default()
     }
 
-    fn event_name(&self, event: u8) -> &'static str {
-        // Bounded: one name per event of the table, one for all others.
-        match self.table.event(event) {
-            Some(e) => EVENT_NAMES.iter().find(|(n, _)| *n == e.name).map_or("EVENT_unknown", |(_, full)| full),
-            None => "EVENT_unknown",
-        }
+    /// Bounded: one type per event of the table, one for all others.
+    fn event_type(&self, event: u8) -> MessageType {
+        MessageType { kind: Kind::Event, name: self.table.event(event).map_or(UNKNOWN, |e| e.name) }
+    }
+
+    /// Bounded: one type per command of the table, one for all others.
+    fn command_type(&self, id: u16) -> MessageType {
+        MessageType { kind: Kind::Command, name: self.table.command(id).map_or(UNKNOWN, |c| c.name) }
     }
 
     /// Offered the bytes a pump holds for `flow`'s destination `sock`: writes or drops what it
@@ -267,16 +321,16 @@ impl Session {
             }
             (Flow::ToIntrospector, ID_EVENT) => {
                 let event = self.tracker.forwarded_event(hdr, body, now).map_err(|m| self.fail(m.to_string()))?;
-                let name = self.event_name(event);
-                let fig = self.figures(name);
+                let t = self.event_type(event);
+                let fig = self.figures(t);
                 fig.count += 1;
                 fig.bytes += total;
                 Ok(Judged::Forward)
             }
             (Flow::ToIntrospector, _) => {
                 let (id, waited) = self.tracker.reply(hdr, now).map_err(|m| self.fail(m.to_string()))?;
-                let name = self.table.message_name(id);
-                let fig = self.figures(name);
+                let t = self.command_type(id);
+                let fig = self.figures(t);
                 fig.bytes += total;
                 fig.latency_ns.saturating_record(waited.as_nanos() as u64);
                 Ok(Judged::Forward)
@@ -285,9 +339,9 @@ impl Session {
                 let pending = self.tracker.event_for_reply(hdr).map_err(|m| self.fail(m.to_string()))?;
                 let verdict = self.policy.event_reply(self.table, &pending, body);
                 let (_, waited) = self.tracker.event_replied(hdr, now).map_err(|m| self.fail(m.to_string()))?;
-                let name = self.event_name(pending.event);
+                let t = self.event_type(pending.event);
                 let table = self.table;
-                let fig = self.figures(name);
+                let fig = self.figures(t);
                 fig.latency_ns.saturating_record(waited.as_nanos() as u64);
                 match verdict {
                     ReplyVerdict::Forward => {
@@ -299,7 +353,7 @@ impl Session {
                         let plain = plain_continue(table, hdr.seq, &pending);
                         fig.bytes += plain.len() as u64;
                         self.flows[TO_HYPERVISOR].outbox.extend_from_slice(&plain);
-                        self.log_denial(name, hdr.seq, why.as_str());
+                        self.log_denial(t, hdr.seq, why.as_str());
                         Ok(Judged::Dropped)
                     }
                 }
@@ -307,8 +361,8 @@ impl Session {
             (Flow::ToHypervisor, id) => match self.policy.command(self.table, id) {
                 CommandVerdict::Forward => {
                     self.tracker.forwarded_command(hdr, body, now).map_err(|m| self.fail(m.to_string()))?;
-                    let name = self.table.message_name(id);
-                    let fig = self.figures(name);
+                    let t = self.command_type(id);
+                    let fig = self.figures(t);
                     fig.count += 1;
                     fig.bytes += total;
                     Ok(Judged::Forward)
@@ -318,25 +372,25 @@ impl Session {
                     hdr.seq, self.table.name
                 ))),
                 CommandVerdict::Deny(why) => {
-                    let name = self.table.message_name(id);
+                    let t = self.command_type(id);
                     if !self.tracker.expects_reply(hdr, body) {
                         return Err(self.fail(format!(
-                            "{name} (seq {}) denied ({}) while command replies are off: KVM would close the socket",
+                            "{t} (seq {}) denied ({}) while command replies are off: KVM would close the socket",
                             hdr.seq,
                             why.as_str()
                         )));
                     }
-                    let fig = self.figures(name);
+                    let fig = self.figures(t);
                     fig.denied += 1;
                     self.flows[TO_INTROSPECTOR].outbox.extend_from_slice(&error_reply(hdr));
-                    self.log_denial(name, hdr.seq, why.as_str());
+                    self.log_denial(t, hdr.seq, why.as_str());
                     Ok(Judged::Dropped)
                 }
             },
         }
     }
 
-    fn log_denial(&mut self, name: &str, seq: u32, why: &str) {
+    fn log_denial(&mut self, t: MessageType, seq: u32, why: &str) {
         let now = self.now;
         let quiet = self
             .last_denial_log
@@ -347,7 +401,12 @@ impl Session {
         }
         self.last_denial_log = Some(now);
         let before = std::mem::take(&mut self.denials_unlogged);
-        tracing::warn!(message_type = name, seq, reason = why, unlogged_before = before, "kvmi: denied");
+        tracing::warn!(message_type = %t, seq, reason = why, unlogged_before = before, "kvmi: denied");
+    }
+
+    /// Zeroes the per-type figures (`stats reset`); the stream's state is untouched.
+    pub fn reset_figures(&mut self) {
+        self.figures.clear();
     }
 
     /// The per-message figures in one log value: `NAME:count:denied:p50/p90/p99/p99.9/max_us`,
@@ -358,7 +417,7 @@ impl Session {
         }
         self.figures
             .iter()
-            .map(|(n, f)| format!("{n}:{}:{}:{}", f.count, f.denied, metrics::percentiles_us(&f.latency_ns)))
+            .map(|(t, f)| format!("{t}:{}:{}:{}", f.count, f.denied, metrics::percentiles_us(&f.latency_ns)))
             .collect::<Vec<_>>()
             .join(";")
     }
@@ -390,24 +449,6 @@ fn flush_outbox(outbox: &mut Vec<u8>, sock: &impl Side) -> io::Result<bool> {
     }
     Ok(true)
 }
-
-/// `EVENT_` + the v7 event names, as static strings (figures are keyed by `&'static str`).
-static EVENT_NAMES: [(&str, &str); 14] = [
-    ("UNHOOK", "EVENT_UNHOOK"),
-    ("CR", "EVENT_CR"),
-    ("MSR", "EVENT_MSR"),
-    ("XSETBV", "EVENT_XSETBV"),
-    ("BREAKPOINT", "EVENT_BREAKPOINT"),
-    ("HYPERCALL", "EVENT_HYPERCALL"),
-    ("PF", "EVENT_PF"),
-    ("TRAP", "EVENT_TRAP"),
-    ("DESCRIPTOR", "EVENT_DESCRIPTOR"),
-    ("CREATE_VCPU", "EVENT_CREATE_VCPU"),
-    ("PAUSE_VCPU", "EVENT_PAUSE_VCPU"),
-    ("SINGLESTEP", "EVENT_SINGLESTEP"),
-    ("CMD_ERROR", "EVENT_CMD_ERROR"),
-    ("CPUID", "EVENT_CPUID"),
-];
 
 /// A pump's destination socket behind the KVMi layer.
 pub struct Gate<'a, S: Side> {

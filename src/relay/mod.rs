@@ -35,6 +35,7 @@ use crate::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
 use crate::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
 use crate::error::StartError;
 use crate::histlog::HistLog;
+use crate::kvmi::session::FiguresByType;
 use crate::listener::Listener;
 use crate::metrics::{self, DirMetrics, Figures, percentiles_us};
 use crate::pump::Pump;
@@ -121,6 +122,10 @@ pub struct Relay {
     /// Allocated when the first session closes: a relay whose VM keeps one session open for its
     /// whole life never holds these six histograms (~175 KiB).
     closed: Option<Box<[ClosedDir; 2]>>,
+    /// `--kvmi`: figures per message type of the sessions that have closed (since start or the
+    /// last reset), and the VM's name and uuid from the last handshake of a closed session.
+    kvmi_closed: FiguresByType,
+    kvmi_last_vm: Option<(String, String)>,
 }
 
 /// One direction's figures over every closed session.
@@ -204,6 +209,8 @@ impl Relay {
             control_conns: (0..CONTROL_CONNS_MAX).map(|_| None).collect(),
             hist_log,
             closed: None,
+            kvmi_closed: FiguresByType::new(),
+            kvmi_last_vm: None,
         })
     }
 
@@ -511,6 +518,14 @@ impl Relay {
         let (a, b) = (conn.pump(0), conn.pump(1));
         let (vm_name, vm_uuid) = conn.vm_identity();
         let kvmi_messages = conn.kvmi.as_ref().map_or_else(|| "-".to_string(), |(k, _)| k.borrow().summary());
+        if let Some((k, _)) = &conn.kvmi {
+            for (t, f) in &k.borrow().figures {
+                self.kvmi_closed.entry(*t).or_default().add(f);
+            }
+            if vm_uuid != "-" {
+                self.kvmi_last_vm = Some((vm_name.clone(), vm_uuid.clone()));
+            }
+        }
         let closed = self.closed.get_or_insert_with(Default::default);
         for d in 0..2 {
             let p = conn.pump(d);

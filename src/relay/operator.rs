@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use super::{CONTROL_CONN_BASE, ClosedDir, Relay, Totals};
 use crate::conn::DIRECTION_NAMES;
 use crate::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
-use crate::export::{self, ConnSnap, DirSnap, HistSnap, Snapshot};
+use crate::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
 use crate::pump::DirStats;
 
 impl Relay {
@@ -103,10 +103,14 @@ impl Relay {
     fn reset(&mut self) {
         self.totals = Totals::default();
         self.closed = None;
+        self.kvmi_closed.clear();
         for s in self.slots.iter_mut().flatten() {
             for d in 0..2 {
                 s.conn.pump_mut(d).reset_stats();
                 s.conn.metrics[d].reset();
+            }
+            if let Some((k, _)) = &s.conn.kvmi {
+                k.borrow_mut().reset_figures();
             }
         }
     }
@@ -157,7 +161,38 @@ impl Relay {
             totals: self.totals,
             connections,
             all_sessions,
+            kvmi: self.cfg.kvmi.is_some().then(|| self.kvmi_snapshot()),
         }
+    }
+
+    /// The VM (the live session's handshake, else the last closed one's) and the per-type
+    /// figures of every session since start or reset.
+    fn kvmi_snapshot(&self) -> KvmiSnap {
+        let mut all = self.kvmi_closed.clone();
+        let mut vm = self.kvmi_last_vm.clone();
+        for s in self.slots.iter().flatten() {
+            let Some((k, _)) = &s.conn.kvmi else { continue };
+            for (t, f) in &k.borrow().figures {
+                all.entry(*t).or_default().add(f);
+            }
+            let (name, uuid) = s.conn.vm_identity();
+            if uuid != "-" {
+                vm = Some((name, uuid));
+            }
+        }
+        let (vm_name, vm_uuid) = vm.unwrap_or_else(|| ("-".into(), "-".into()));
+        let messages = all
+            .iter()
+            .map(|(t, f)| MessageSnap {
+                kind: t.kind.as_str(),
+                message: t.name,
+                count: f.count,
+                bytes: f.bytes,
+                denied: f.denied,
+                latency_ns: HistSnap::of_time(&f.latency_ns),
+            })
+            .collect();
+        KvmiSnap { vm_name, vm_uuid, messages }
     }
 
     fn closed_stats(&self, d: usize) -> DirStats {
