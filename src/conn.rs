@@ -164,7 +164,8 @@ impl Conn {
                 let qemu_in_stream = k.hypervisor_side == CONNECT_SIDE;
                 let pin =
                     qemu_in_stream.then(|| crate::kvmi::handshake::Pin { uuid: k.vm_uuid, name: k.vm_name.clone() });
-                let session = Session::new(k.abi.table(), k.policy.clone(), pin, qemu_in_stream, now);
+                let session = Session::new(k.abi.table(), k.policy.clone(), pin, qemu_in_stream, now)
+                    .with_intervals(cfg.hist_log.is_some());
                 // Direction d moves bytes from socket d: from the hypervisor's socket they go
                 // toward the introspector.
                 let flows = if k.hypervisor_side == LISTEN_SIDE {

@@ -5,6 +5,12 @@
 //! (HistogramLogProcessor, the plotters that read .hlog) take it as it is. Tags are
 //! `<vm>.<direction>.<figure>`, e.g. `one-7.c2l.turnaround`; values are nanoseconds.
 //!
+//! With `--kvmi` there is also one tag per message type in use, `<vm>.kvmi.<MESSAGE>` (the
+//! close line's names: `one-7.kvmi.READ_PHYSICAL`, `one-7.kvmi.EVENT_PAUSE_VCPU`), holding the
+//! command → reply or event → reply latency; a type's tag appears with the first interval that
+//! saw it and is written in every interval after, empty or not. The names come from the ABI
+//! table (and `unknown`), so the number of tags is bounded.
+//!
 //! Every interval writes all four tags, empty or not, so a reader sees a continuous timeline.
 //! Samples of connections that closed during an interval are kept until its end. The file is
 //! opened for appending and reopened on SIGHUP (logrotate's `create`/`postrotate` pattern);
@@ -18,8 +24,13 @@ use std::time::{Duration, Instant, SystemTime};
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+
 use crate::conn::DIRECTION_NAMES;
-use crate::metrics::{DirMetrics, Figures};
+use crate::kvmi::session::{FiguresByType, MessageType};
+use crate::metrics::{self, DirMetrics, Figures};
 
 pub struct HistLog {
     path: PathBuf,
@@ -33,10 +44,16 @@ pub struct HistLog {
     closed: [Figures; 2],
     tag_prefix: String,
     serializer: V2DeflateSerializer,
+    /// `--kvmi`: the header says what the per-type tags are.
+    kvmi: bool,
+    /// `--kvmi`: each message type's samples of the current interval, taken from the sessions'
+    /// figures (live ones at the tick, closed ones as they close); a type stays once seen.
+    kvmi_types: BTreeMap<MessageType, Histogram<u64>>,
 }
 
 impl HistLog {
-    pub fn open(path: &Path, interval: Duration, name: &str, now: Instant) -> io::Result<HistLog> {
+    /// `kvmi`: the relay runs with `--kvmi` (per message type tags).
+    pub fn open(path: &Path, interval: Duration, name: &str, kvmi: bool, now: Instant) -> io::Result<HistLog> {
         let start_wall = SystemTime::now();
         let tag_prefix: String =
             name.chars().map(|c| if c == ',' || c == ' ' || c == '\r' || c == '\n' { '_' } else { c }).collect();
@@ -50,6 +67,8 @@ impl HistLog {
             closed: [Figures::default(), Figures::default()],
             tag_prefix,
             serializer: V2DeflateSerializer::new(),
+            kvmi,
+            kvmi_types: BTreeMap::new(),
         };
         log.header_if_new()?;
         Ok(log)
@@ -75,9 +94,16 @@ impl HistLog {
             return Ok(());
         }
         let mut buf = Vec::new();
-        IntervalLogWriterBuilder::new()
+        let mut builder = IntervalLogWriterBuilder::new();
+        builder
             .add_comment("kvmi-relay interval log: transit and turnaround in nanoseconds")
-            .add_comment("tags: <vm>.<l2c|c2l>.<transit|turnaround>; l2c = listen side (hypervisor) to connect side")
+            .add_comment("tags: <vm>.<l2c|c2l>.<transit|turnaround>; l2c = listen side (hypervisor) to connect side");
+        if self.kvmi {
+            builder.add_comment(
+                "tags: <vm>.kvmi.<MESSAGE>: a command's latency to the first byte of its reply, EVENT_<NAME>: an event's to its reply",
+            );
+        }
+        builder
             .with_start_time(self.start_wall)
             .with_base_time(self.start_wall)
             .with_max_value_divisor(1e6)
@@ -93,6 +119,17 @@ impl HistLog {
         for (d, m) in metrics.iter().enumerate() {
             if let Some(i) = &m.interval {
                 self.closed[d].add(&i.transit_ns, &i.turnaround_ns);
+            }
+        }
+    }
+
+    /// Takes the interval samples of a session's per-type figures (resetting them): at a tick
+    /// for live sessions, when a session closes, and before `stats --reset` clears them.
+    pub fn take_kvmi(&mut self, figures: &mut FiguresByType) {
+        for (t, f) in figures.iter_mut() {
+            if let Some(i) = &mut f.interval_ns {
+                let _ = self.kvmi_types.entry(*t).or_insert_with(metrics::time_histogram).add(&*i);
+                i.reset();
             }
         }
     }
@@ -122,6 +159,11 @@ impl HistLog {
                     w.write_histogram(h, start, length, Tag::new(&tag))
                         .map_err(|e| io::Error::other(format!("{e:?}")))?;
                 }
+            }
+            for (t, h) in &mut self.kvmi_types {
+                let tag = format!("{}.kvmi.{t}", self.tag_prefix);
+                w.write_histogram(h, start, length, Tag::new(&tag)).map_err(|e| io::Error::other(format!("{e:?}")))?;
+                h.reset();
             }
         }
         // The builder writes a MaxValueDivisor comment each time; the header already has it.

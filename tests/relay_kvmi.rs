@@ -484,3 +484,46 @@ fn stats_show_per_message_figures_in_every_format_with_a_bounded_message_label()
         serde_json::from_str(&kvmi_relay::control::ask(&control, "stats json").unwrap()).unwrap();
     assert_eq!(v["kvmi"]["messages"].as_array().map(Vec::len), Some(0), "reset zeroes them: {v}");
 }
+
+#[test]
+fn the_interval_log_has_a_tag_per_message_type_in_use_with_exact_counts() {
+    let log_dir = tmpdir();
+    let log_path = path_in(log_dir.path(), "one-7.hlog");
+    let hist = format!("--hist-log={}", log_path.display());
+    let mut l =
+        live(&[&hist, "--hist-interval=0.1", "--name=one-7", "--kvmi-unknown=pass"], HypervisorOptions::default());
+    for gpa in 0..25 {
+        assert_eq!(l.tool.call(fake::ID_READ_PHYSICAL, &read_req(gpa << 12, 4096)).unwrap().0, 0);
+    }
+    // A few intervals pass while the session is live: its samples are taken at each tick.
+    std::thread::sleep(Duration::from_millis(350));
+    for gpa in 0..5 {
+        assert_eq!(l.tool.call(fake::ID_READ_PHYSICAL, &read_req(gpa << 12, 4096)).unwrap().0, 0);
+    }
+    assert_eq!(l.tool.call(fake::ID_GET_REGISTERS, &[0u8; 16]).unwrap().0, 0);
+    cr_round(&mut l, 0x2000);
+    let Live { mut relay, tool, hv, _dir } = l;
+    drop(tool);
+    hv.join().unwrap().unwrap();
+    relay.wait_log("closed", Duration::from_secs(5));
+    let (st, _) = relay.stop();
+    assert!(st.success());
+
+    let text = std::fs::read(&log_path).unwrap();
+    let head = String::from_utf8_lossy(&text);
+    assert!(head.contains("<vm>.kvmi.<MESSAGE>"), "the header names the tags:\n{head}");
+    let counts = hlog_counts(&text);
+    assert_eq!(counts["one-7.kvmi.READ_PHYSICAL"].0, 30, "{counts:?}");
+    assert_eq!(counts["one-7.kvmi.GET_VERSION"].0, 1, "{counts:?}");
+    assert_eq!(counts["one-7.kvmi.GET_REGISTERS"].0, 1, "{counts:?}");
+    assert_eq!(counts["one-7.kvmi.EVENT_CR"].0, 1, "{counts:?}");
+    assert_eq!(counts["one-7.kvmi.unknown"].0, 1, "the demo's own command: {counts:?}");
+    // Only the types in use, and each written in every interval from its first on.
+    let kvmi_tags: Vec<&String> = counts.keys().filter(|t| t.contains(".kvmi.")).collect();
+    assert_eq!(kvmi_tags.len(), 5, "{counts:?}");
+    // The 350 ms pause spans at least two 100 ms intervals without a read: the tag is written
+    // in them too (empty), so READ_PHYSICAL has at least 3 intervals.
+    let intervals = counts["one-7.l2c.transit"].1;
+    let reads = counts["one-7.kvmi.READ_PHYSICAL"].1;
+    assert!(reads >= 3 && reads <= intervals, "{counts:?}");
+}

@@ -124,21 +124,31 @@ pub struct MessageFigures {
     pub denied: u64,
     /// Command → first byte of its reply, or event → its reply, nanoseconds.
     pub latency_ns: Histogram<u64>,
+    /// The same samples again, since the interval log last took them (only with `--hist-log`).
+    pub interval_ns: Option<Histogram<u64>>,
 }
 
 impl Default for MessageFigures {
     fn default() -> Self {
-        MessageFigures { count: 0, bytes: 0, denied: 0, latency_ns: metrics::time_histogram() }
+        MessageFigures { count: 0, bytes: 0, denied: 0, latency_ns: metrics::time_histogram(), interval_ns: None }
     }
 }
 
 impl MessageFigures {
-    /// Adds `other`'s counts and samples (same histogram bounds by construction).
+    /// Adds `other`'s counts and cumulative samples (same histogram bounds by construction);
+    /// interval samples belong to the interval log.
     pub fn add(&mut self, other: &MessageFigures) {
         self.count += other.count;
         self.bytes += other.bytes;
         self.denied += other.denied;
         let _ = self.latency_ns.add(&other.latency_ns);
+    }
+
+    fn record_latency(&mut self, ns: u64) {
+        self.latency_ns.saturating_record(ns);
+        if let Some(i) = &mut self.interval_ns {
+            i.saturating_record(ns);
+        }
     }
 }
 
@@ -161,6 +171,8 @@ pub struct Session {
     pub figures: FiguresByType,
     last_denial_log: Option<Instant>,
     denials_unlogged: u64,
+    /// Keep interval samples per type for the interval log (`--hist-log`).
+    intervals: bool,
 }
 
 impl Session {
@@ -180,7 +192,14 @@ impl Session {
             figures: BTreeMap::new(),
             last_denial_log: None,
             denials_unlogged: 0,
+            intervals: false,
         }
+    }
+
+    /// Keeps each type's samples a second time for the interval log (`--hist-log`).
+    pub fn with_intervals(mut self, on: bool) -> Session {
+        self.intervals = on;
+        self
     }
 
     /// The last offer in `flow` ended in part of a message (the destination did not block).
@@ -209,7 +228,11 @@ impl Session {
     }
 
     fn figures(&mut self, t: MessageType) -> &mut MessageFigures {
-        self.figures.entry(t).or_default()
+        let intervals = self.intervals;
+        self.figures.entry(t).or_insert_with(|| MessageFigures {
+            interval_ns: intervals.then(metrics::time_histogram),
+            ..MessageFigures::default()
+        })
     }
 
     /// Bounded: one type per event of the table, one for all others.
@@ -332,7 +355,7 @@ impl Session {
                 let t = self.command_type(id);
                 let fig = self.figures(t);
                 fig.bytes += total;
-                fig.latency_ns.saturating_record(waited.as_nanos() as u64);
+                fig.record_latency(waited.as_nanos() as u64);
                 Ok(Judged::Forward)
             }
             (Flow::ToHypervisor, ID_EVENT_REPLY) => {
@@ -342,7 +365,7 @@ impl Session {
                 let t = self.event_type(pending.event);
                 let table = self.table;
                 let fig = self.figures(t);
-                fig.latency_ns.saturating_record(waited.as_nanos() as u64);
+                fig.record_latency(waited.as_nanos() as u64);
                 match verdict {
                     ReplyVerdict::Forward => {
                         fig.bytes += total;

@@ -181,7 +181,7 @@ impl Relay {
         };
         let hist_log = match &cfg.hist_log {
             Some(path) => Some(
-                HistLog::open(path, cfg.hist_interval, &cfg.name, now)
+                HistLog::open(path, cfg.hist_interval, &cfg.name, cfg.kvmi.is_some(), now)
                     .map_err(|source| StartError::HistLog { path: path.clone(), source })?,
             ),
             None => None,
@@ -536,6 +536,9 @@ impl Relay {
         }
         if let Some(h) = &mut self.hist_log {
             h.absorb(&conn.metrics);
+            if let Some((k, _)) = &conn.kvmi {
+                h.take_kvmi(&mut k.borrow_mut().figures);
+            }
         }
         info!(
             end = end_name(&end),

@@ -110,6 +110,10 @@ impl Relay {
                 s.conn.metrics[d].reset();
             }
             if let Some((k, _)) = &s.conn.kvmi {
+                // The interval samples belong to the log: it takes them first.
+                if let Some(h) = &mut self.hist_log {
+                    h.take_kvmi(&mut k.borrow_mut().figures);
+                }
                 k.borrow_mut().reset_figures();
             }
         }
@@ -117,6 +121,11 @@ impl Relay {
 
     pub(super) fn write_intervals(&mut self, now: Instant) {
         let Some(h) = &mut self.hist_log else { return };
+        for s in self.slots.iter().flatten() {
+            if let Some((k, _)) = &s.conn.kvmi {
+                h.take_kvmi(&mut k.borrow_mut().figures);
+            }
+        }
         let live = self.slots.iter_mut().flatten().map(|s| &mut s.conn.metrics);
         if let Err(e) = h.tick(now, live) {
             error!(path = %h.path().display(), error = %e, "cannot write the histogram log");

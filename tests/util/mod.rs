@@ -242,3 +242,46 @@ pub fn send_and_half_close(from: &socket2::Socket, to: &socket2::Socket, bytes: 
     writer.join().unwrap();
     back
 }
+
+/// An HdrHistogram interval log read back: samples per tag, summed over its intervals, and
+/// how many intervals each tag had.
+pub fn hlog_counts(text: &[u8]) -> std::collections::BTreeMap<String, (u64, usize)> {
+    use hdrhistogram::serialization::Deserializer;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    let mut counts = std::collections::BTreeMap::<String, (u64, usize)>::new();
+    let mut de = Deserializer::new();
+    for entry in IntervalLogIterator::new(text) {
+        if let LogEntry::Interval(h) = entry.expect("every line parses") {
+            let bytes = base64_decode(h.encoded_histogram());
+            let hist: hdrhistogram::Histogram<u64> = de.deserialize(&mut &bytes[..]).expect("V2 histogram decodes");
+            let e = counts.entry(h.tag().expect("tagged").as_str().to_string()).or_default();
+            e.0 += hist.len();
+            e.1 += 1;
+        }
+    }
+    counts
+}
+
+/// Standard base64 (the interval log's encoding), for read-backs only.
+pub fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= (val(c) as u32) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len() - 1 {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
