@@ -29,8 +29,10 @@ pub enum StartError {
     Bind { endpoint: String, source: io::Error },
     #[error("{}: cannot listen: {source}", Escaped(endpoint))]
     Listen { endpoint: String, source: io::Error },
-    #[error("{}: cannot chmod {} to {mode:04o} (--socket-mode): {source}", Escaped(endpoint), Escaped(path.display()))]
-    Chmod { endpoint: String, mode: u32, path: PathBuf, source: io::Error },
+    #[error("{}: {}: {source}", Escaped(endpoint), Escaped(path.display()))]
+    Replaced { endpoint: String, path: PathBuf, source: io::Error },
+    #[error("{}: {} came out {got:04o}, more open than {mode:04o} (--socket-mode; a default ACL on its directory overrides the umask)", Escaped(endpoint), Escaped(path.display()))]
+    Mode { endpoint: String, mode: u32, got: u32, path: PathBuf },
     #[error("{}: cannot chown {} to group {gid} (--socket-group): {source}", Escaped(endpoint), Escaped(path.display()))]
     Chown { endpoint: String, gid: u32, path: PathBuf, source: io::Error },
     #[error("--hist-log {}: cannot open: {source}", Escaped(path.display()))]

@@ -14,9 +14,10 @@
 //! Every interval writes all four tags, empty or not, so a reader sees a continuous timeline.
 //! Samples of connections that closed during an interval are kept until its end. The file is
 //! opened for appending and reopened on SIGHUP (logrotate's `create`/`postrotate` pattern);
-//! a new, empty file gets the header again.
+//! a new, empty file gets the header again. A symlink at the path, a file owned by another user
+//! or anything but a regular file is refused, at start and on reopening.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -184,6 +185,7 @@ impl HistLog {
     }
 }
 
+/// Never through a planted symlink, never into another user's file (`files`).
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    crate::files::open_append_own(path)
 }

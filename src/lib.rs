@@ -24,6 +24,7 @@ pub mod endpoint;
 pub mod error;
 pub mod escape;
 pub mod export;
+pub mod files;
 pub mod histlog;
 pub mod kvmi;
 pub mod listener;

@@ -4,14 +4,15 @@
 //! UNIX, the peer CID on vsock, the source address on TCP) for `access::decide`.
 //!
 //! UNIX socket files: created with the operator's mode and group, never world-writable and
-//! never briefly more open than asked (the umask is narrowed around bind). A stale file left by
+//! never briefly more open than asked (the umask is narrowed around bind, and is all that sets
+//! the mode: nothing after bind goes by path, see `files`). A stale file left by
 //! a dead instance (connect says ECONNREFUSED) is replaced; a path where something answers is
 //! refused; anything that is not a socket is never touched. The file is removed when the
 //! `Listener` is dropped, only if it is still the one this process bound.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{getsockopt, sockopt};
@@ -168,23 +169,28 @@ pub fn bind_unix(endpoint: &str, path: &Path, mode: u32, gid: Option<u32>) -> Re
     let bound = s.bind(&addr);
     umask(old);
     bound.map_err(|source| StartError::Bind { endpoint: endpoint.into(), source })?;
-    let meta =
-        std::fs::symlink_metadata(path).map_err(|source| StartError::Bind { endpoint: endpoint.into(), source })?;
-    // From here on the file is ours and removed again if anything below fails.
-    let file = SocketFile { path: path.to_path_buf(), dev: meta.dev(), ino: meta.ino() };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| StartError::Chmod {
+    // Nothing from here on goes by path: whoever can rename entries in the directory may have
+    // swapped the socket for a link by now (files.rs). The inode the name holds is checked
+    // (a socket of ours) and changed through an fd.
+    let inode = crate::files::own_socket(path).map_err(|source| StartError::Replaced {
         endpoint: endpoint.into(),
-        mode,
         path: err_path(),
         source,
     })?;
+    // From here on the file is ours and removed again if anything below fails.
+    let file = SocketFile { path: path.to_path_buf(), dev: inode.dev, ino: inode.ino };
+    if inode.mode & 0o777 & !mode != 0 {
+        // The umask is ignored where the directory has a default ACL.
+        return Err(StartError::Mode { endpoint: endpoint.into(), mode, got: inode.mode, path: err_path() });
+    }
     if let Some(gid) = gid {
-        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|source| StartError::Chown {
+        inode.chgrp(gid).map_err(|source| StartError::Chown {
             endpoint: endpoint.into(),
             gid,
             path: err_path(),
             source,
         })?;
     }
+    crate::files::warn_if_others_can_write(endpoint, path);
     Ok((s, file))
 }

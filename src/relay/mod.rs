@@ -180,10 +180,12 @@ impl Relay {
             None => None,
         };
         let hist_log = match &cfg.hist_log {
-            Some(path) => Some(
-                HistLog::open(path, cfg.hist_interval, &cfg.name, cfg.kvmi.is_some(), now)
-                    .map_err(|source| StartError::HistLog { path: path.clone(), source })?,
-            ),
+            Some(path) => {
+                let log = HistLog::open(path, cfg.hist_interval, &cfg.name, cfg.kvmi.is_some(), now)
+                    .map_err(|source| StartError::HistLog { path: path.clone(), source })?;
+                crate::files::warn_if_others_can_write("--hist-log", path);
+                Some(log)
+            }
             None => None,
         };
         let window = PollWindow::new(cfg.poll_window);
