@@ -224,5 +224,5 @@ pub enum KvmiAbiArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Live connections and their latency percentiles from a relay's control socket.
-    Stats(crate::control::StatsArgs),
+    Stats(crate::observe::control::StatsArgs),
 }

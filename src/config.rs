@@ -14,10 +14,10 @@ use nix::unistd::{Group, Uid, User};
 
 use crate::access::{Policy, canonical_net};
 use crate::cli::{KvmiAbiArg, KvmiPolicyArg, KvmiUnknownArg, MoveArg, RelayArgs, SideArg};
-use crate::endpoint::{Endpoint, VSOCK_CID_ANY};
+use crate::datapath::pump::Strategy;
 use crate::escape::Escaped;
 use crate::kvmi;
-use crate::pump::Strategy;
+use crate::net::endpoint::{Endpoint, VSOCK_CID_ANY};
 
 /// Smallest and largest pipe size accepted for `--pipe-size`.
 const PIPE_SIZE_MIN_BYTES: usize = 4096;
@@ -557,8 +557,8 @@ fn kvmi_config(p: &mut Problems, a: &RelayArgs) -> Option<KvmiConfig> {
         vm_uuid,
         vm_name,
         hypervisor_side: match a.kvmi_hypervisor_side {
-            SideArg::Listen => crate::conn::LISTEN_SIDE,
-            SideArg::Connect => crate::conn::CONNECT_SIDE,
+            SideArg::Listen => crate::datapath::conn::LISTEN_SIDE,
+            SideArg::Connect => crate::datapath::conn::CONNECT_SIDE,
         },
         policy,
     })
@@ -678,7 +678,9 @@ mod tests {
 
     #[test]
     fn log_filters_need_a_level_in_every_directive() {
-        for ok in ["info", "WARN", "off", "kvmi_relay=debug", "kvmi_relay=debug,warn", "kvmi_relay::pump=trace"] {
+        for ok in
+            ["info", "WARN", "off", "kvmi_relay=debug", "kvmi_relay=debug,warn", "kvmi_relay::datapath::pump=trace"]
+        {
             assert!(log_filter_is_valid(ok), "{ok}");
         }
         for bad in ["", "infoo", "debgu", "kvmi_relay=loud", "warn,kvmi_relay", "=info"] {

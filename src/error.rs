@@ -14,7 +14,7 @@ pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
     #[error("{0}")]
-    Activation(#[from] crate::service::ActivationError),
+    Activation(#[from] crate::relay::service::ActivationError),
     #[error("{}: {} is a live socket (something still answers there); refusing to replace it", Escaped(endpoint), Escaped(path.display()))]
     LiveSocket { endpoint: String, path: PathBuf },
     #[error("{}: cannot tell whether {} is still in use: {source}", Escaped(endpoint), Escaped(path.display()))]

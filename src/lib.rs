@@ -1,14 +1,15 @@
 //! kvmi-relay: an access-controlled, zero-copy relay for one VM's KVMi introspection socket.
 //!
 //! Where things are:
-//! - bytes move in `pump.rs` (splice or copy, one pump per direction) driven by `conn.rs`
-//!   (one session's state machine) and `relay/mod.rs` (the event loop, the only poller user;
-//!   `relay/operator.rs` serves the control socket, snapshots and the interval log from it);
-//! - access is decided in `access.rs` (pure functions), identities are gathered in
-//!   `listener.rs`; dialling is `dial.rs`;
-//! - the KVMi protocol (handshake, framing, policy, seq matching) is `kvmi/`, pure;
+//! - bytes move in `datapath/` (`pump.rs`: splice or copy, one pump per direction, driven by
+//!   `conn.rs`, one session's state machine); `relay/` is the event loop, the only poller user
+//!   (`relay/operator.rs` serves the control socket, snapshots and the interval log from it,
+//!   `relay/service.rs` talks to systemd);
+//! - peers come from `net/` (endpoints, the listener gathering identities, the dial); access is
+//!   decided in `access.rs` (pure functions);
+//! - what is observed is `observe/` (histograms, export, interval log, control protocol);
+//! - the protocol layers between a connection and its pump: `kvmi/` (pure) and `tls/`;
 //! - `unsafe` lives in `sys.rs` only;
-//! - systemd (readiness, watchdog, socket activation) is `service.rs`;
 //! - the command line stops at `cli.rs`; `config.rs` is the border to everything else.
 //!
 //! The fake KVMi peers, test peers, demo and man-page generator are the `kvmi-relay-tools`
@@ -17,21 +18,14 @@
 pub mod access;
 pub mod cli;
 pub mod config;
-pub mod conn;
-pub mod control;
-pub mod dial;
-pub mod endpoint;
+pub mod datapath;
 pub mod error;
 pub mod escape;
-pub mod export;
 pub mod files;
-pub mod histlog;
 pub mod kvmi;
-pub mod listener;
-pub mod metrics;
-pub mod pump;
+pub mod net;
+pub mod observe;
 pub mod relay;
-pub mod service;
 pub mod sys;
 pub mod tls;
 
@@ -79,9 +73,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         sys::pin_this_thread(cpu).map_err(|source| StartError::Pin { cpu, source })?;
     }
     // A socket the service manager holds (socket activation) is used instead of binding one.
-    let listener = match service::inherited_listener(&cfg)? {
+    let listener = match relay::service::inherited_listener(&cfg)? {
         Some(l) => l,
-        None => listener::Listener::bind(&cfg)?,
+        None => net::listener::Listener::bind(&cfg)?,
     };
     tracing::info!(
         name = %cfg.name,

@@ -15,7 +15,7 @@ const EXIT_BAD_START: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Some(Command::Stats(a)) => kvmi_relay::control::stats(a),
+        Some(Command::Stats(a)) => kvmi_relay::observe::control::stats(a),
         None => return relay(cli),
     };
     ExitCode::from(code.clamp(0, 255) as u8)

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 use kvmi_relay_tools::peers::net;
 use util::*;
 

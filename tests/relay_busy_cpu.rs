@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kvmi_relay::control::ask;
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
+use kvmi_relay::observe::control::ask;
 use kvmi_relay_tools::peers::net;
 use util::*;
 

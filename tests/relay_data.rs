@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 use kvmi_relay_tools::peers::bulk::{self, BulkSpec};
 use kvmi_relay_tools::peers::net;
 use util::*;

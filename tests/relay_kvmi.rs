@@ -427,9 +427,9 @@ fn stats_show_per_message_figures_in_every_format_with_a_bounded_message_label()
     }
     cr_round(&mut l, 0x2000);
 
-    let prom = kvmi_relay::control::ask(&control, "stats prometheus").unwrap();
+    let prom = kvmi_relay::observe::control::ask(&control, "stats prometheus").unwrap();
     promtool_check(&prom);
-    kvmi_relay::export::lint_prometheus(&prom).unwrap();
+    kvmi_relay::observe::export::lint_prometheus(&prom).unwrap();
     let uuid = format_uuid(b"kvmi-relay-fake!");
     let series = |family: &str, kind: &str, message: &str| -> Option<u64> {
         let want = format!(
@@ -456,7 +456,7 @@ fn stats_show_per_message_figures_in_every_format_with_a_bounded_message_label()
         assert!(known, "message label {v:?} is not in the table: {line}");
     }
 
-    let text = kvmi_relay::control::ask(&control, "stats text").unwrap();
+    let text = kvmi_relay::observe::control::ask(&control, "stats text").unwrap();
     assert!(text.contains("KVMi: vm one-7") && text.contains(&uuid), "{text}");
     assert!(
         text.lines().any(|l| l.starts_with("command")
@@ -471,7 +471,7 @@ fn stats_show_per_message_figures_in_every_format_with_a_bounded_message_label()
     hv.join().unwrap().unwrap();
     relay.wait_log("closed", Duration::from_secs(5));
     let v: serde_json::Value =
-        serde_json::from_str(&kvmi_relay::control::ask(&control, "stats json").unwrap()).unwrap();
+        serde_json::from_str(&kvmi_relay::observe::control::ask(&control, "stats json").unwrap()).unwrap();
     let msgs = v["kvmi"]["messages"].as_array().unwrap();
     let read = msgs.iter().find(|m| m["message"] == "READ_PHYSICAL").unwrap();
     assert_eq!(
@@ -479,9 +479,9 @@ fn stats_show_per_message_figures_in_every_format_with_a_bounded_message_label()
         (Some("command"), Some(3), Some(3))
     );
     assert_eq!(v["kvmi"]["vm_uuid"], uuid.as_str());
-    assert_eq!(kvmi_relay::control::ask(&control, "reset").unwrap(), "reset\n");
+    assert_eq!(kvmi_relay::observe::control::ask(&control, "reset").unwrap(), "reset\n");
     let v: serde_json::Value =
-        serde_json::from_str(&kvmi_relay::control::ask(&control, "stats json").unwrap()).unwrap();
+        serde_json::from_str(&kvmi_relay::observe::control::ask(&control, "stats json").unwrap()).unwrap();
     assert_eq!(v["kvmi"]["messages"].as_array().map(Vec::len), Some(0), "reset zeroes them: {v}");
 }
 

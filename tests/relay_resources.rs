@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvmi_relay::endpoint::Endpoint;
-use kvmi_relay::metrics::{chunk_histogram, time_histogram};
+use kvmi_relay::net::endpoint::Endpoint;
+use kvmi_relay::observe::metrics::{chunk_histogram, time_histogram};
 use kvmi_relay_tools::peers::{data, net};
 use util::*;
 

@@ -37,8 +37,8 @@ use super::handshake::{self, Parse, Pin};
 use super::policy::{CommandVerdict, Policy, ReplyVerdict, plain_continue};
 use super::tracker::Tracker;
 use super::wire::{Flow, Frame, HDR_BYTES, Hdr, error_reply, frame};
-use crate::metrics;
-use crate::pump::Side;
+use crate::datapath::pump::Side;
+use crate::observe::metrics;
 
 /// At most one denial log line per this many milliseconds per connection; the rest are counted.
 pub const DENIAL_LOG_INTERVAL_MS: u64 = 1000;

@@ -31,19 +31,20 @@ use tracing::{debug, error, info, warn};
 
 use crate::access::{self, Verdict};
 use crate::config::Config;
-use crate::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
-use crate::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
+use crate::datapath::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
+use crate::datapath::pump::Pump;
 use crate::error::StartError;
-use crate::histlog::HistLog;
 use crate::kvmi::session::FiguresByType;
-use crate::listener::Listener;
-use crate::metrics::{self, DirMetrics, Figures, percentiles_us};
-use crate::pump::Pump;
-use crate::service::{Notifier, Status};
+use crate::net::listener::Listener;
+use crate::observe::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
+use crate::observe::histlog::HistLog;
+use crate::observe::metrics::{self, DirMetrics, Figures, percentiles_us};
+use crate::relay::service::{Notifier, Status};
 use crate::sys;
 use window::{PollWindow, RUN_DELAY_SAMPLE, SchedStat};
 
 mod operator;
+pub mod service;
 mod window;
 
 const LISTENER: Token = Token(0);

@@ -14,10 +14,10 @@ use mio::unix::SourceFd;
 use tracing::{error, info, warn};
 
 use super::{CONTROL_CONN_BASE, ClosedDir, Relay, Totals};
-use crate::conn::DIRECTION_NAMES;
-use crate::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
-use crate::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
-use crate::pump::DirStats;
+use crate::datapath::conn::DIRECTION_NAMES;
+use crate::datapath::pump::DirStats;
+use crate::observe::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
+use crate::observe::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
 
 impl Relay {
     pub(super) fn accept_control(&mut self, now: Instant) {

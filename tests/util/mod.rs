@@ -214,8 +214,8 @@ pub fn tcp_from(source: &str, to: SocketAddr) -> std::io::Result<socket2::Socket
 
 /// An echo server on a UNIX socket in `dir`, serving connections (one thread each) until the
 /// test ends.
-pub fn echo_server(dir: &Path) -> kvmi_relay::endpoint::Endpoint {
-    let ep = kvmi_relay::endpoint::Endpoint::Unix(dir.join("echo.sock"));
+pub fn echo_server(dir: &Path) -> kvmi_relay::net::endpoint::Endpoint {
+    let ep = kvmi_relay::net::endpoint::Endpoint::Unix(dir.join("echo.sock"));
     let l = kvmi_relay_tools::peers::net::listen(&ep).unwrap();
     std::thread::spawn(move || {
         while let Ok(s) = kvmi_relay_tools::peers::net::accept(&l) {

@@ -20,7 +20,7 @@ use clap::Args;
 
 use crate::peers::kvmi::{self, HypervisorReport, IntrospectorReport};
 use crate::peers::{net, pingpong};
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -225,7 +225,10 @@ fn demo_in(a: &DemoArgs, relay: &Path, dir: &Path) -> Result<(), String> {
     let tables: Vec<(String, String)> = [("A (hypervisor host)", &a_ctl), ("B (monitor host)", &b_ctl)]
         .iter()
         .map(|(n, p)| {
-            (n.to_string(), kvmi_relay::control::ask(p, "stats text").unwrap_or_else(|e| format!("no stats: {e}\n")))
+            (
+                n.to_string(),
+                kvmi_relay::observe::control::ask(p, "stats text").unwrap_or_else(|e| format!("no stats: {e}\n")),
+            )
         })
         .collect();
     stop(relay_a);

@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::sync::mpsc;
 
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 use kvmi_relay_tools::peers::net;
 use socket2::Socket;
 

@@ -23,7 +23,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 use kvmi_relay_tools::peers::net;
 
 use crate::procs::{self, Contender, Hop, Kind};

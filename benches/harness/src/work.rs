@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 use kvmi_relay_tools::peers::{kvmi, net, pingpong};
 use socket2::Socket;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::{bulk, kvmi, net, pingpong};
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 
 fn endpoint(text: &str) -> Result<Endpoint, String> {
     Endpoint::parse(text)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use socket2::{Socket, Type};
 
-use kvmi_relay::endpoint::Endpoint;
+use kvmi_relay::net::endpoint::Endpoint;
 
 /// Dials `ep` (blocking), with TCP_NODELAY on TCP.
 pub fn connect(ep: &Endpoint) -> io::Result<Socket> {

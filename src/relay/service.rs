@@ -26,9 +26,9 @@ use socket2::{Domain, Socket, Type};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::endpoint::{Endpoint, VSOCK_CID_ANY};
 use crate::escape::Escaped;
-use crate::listener::Listener;
+use crate::net::endpoint::{Endpoint, VSOCK_CID_ANY};
+use crate::net::listener::Listener;
 use crate::relay::Totals;
 
 /// What `STATUS=` reports; sent again only when one of these changes.

@@ -29,9 +29,9 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 
-use crate::conn::DIRECTION_NAMES;
+use crate::datapath::conn::DIRECTION_NAMES;
 use crate::kvmi::session::{FiguresByType, MessageType};
-use crate::metrics::{self, DirMetrics, Figures};
+use crate::observe::metrics::{self, DirMetrics, Figures};
 
 pub struct HistLog {
     path: PathBuf,

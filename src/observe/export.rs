@@ -3,7 +3,7 @@
 //!
 //! Pure functions of a `Snapshot`, so every format is tested without sockets. Latency values are
 //! nanoseconds in the snapshot and JSON, microseconds in the table, seconds in Prometheus (its
-//! convention). Percentiles come from HDR histograms with 1 % resolution (see metrics.rs).
+//! convention). Percentiles come from HDR histograms with 1 % resolution (see `observe::metrics`).
 
 use std::fmt::Write as _;
 
@@ -443,7 +443,7 @@ pub fn lint_prometheus(text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::time_histogram;
+    use crate::observe::metrics::time_histogram;
 
     fn dir(name: &'static str, samples_ns: &[u64]) -> DirSnap {
         let mut h = time_histogram();

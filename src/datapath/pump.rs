@@ -39,7 +39,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use tracing::{debug, info, warn};
 
-use crate::metrics;
+use crate::observe::metrics;
 use crate::sys::{self, Pipe};
 
 /// Most read+write rounds one `run` makes before yielding to other connections and the other

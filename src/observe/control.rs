@@ -20,7 +20,7 @@ use socket2::Socket;
 use crate::access::{self, Peer, Policy, Verdict};
 use crate::error::StartError;
 use crate::escape::Escaped;
-use crate::listener::{SocketFile, bind_unix};
+use crate::net::listener::{SocketFile, bind_unix};
 
 /// Control clients served at once; more are closed at accept.
 pub const CONTROL_CONNS_MAX: usize = 4;

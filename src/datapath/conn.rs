@@ -25,12 +25,12 @@ use socket2::Socket;
 
 use crate::access::Peer;
 use crate::config::Config;
-use crate::dial;
-use crate::endpoint::Endpoint;
+use crate::datapath::pump::Pump;
 use crate::kvmi::session::{Gate, Session};
 use crate::kvmi::wire::Flow;
-use crate::metrics::DirMetrics;
-use crate::pump::Pump;
+use crate::net::dial;
+use crate::net::endpoint::Endpoint;
+use crate::observe::metrics::DirMetrics;
 
 /// Socket index of the accepted peer (the listen side).
 pub const LISTEN_SIDE: usize = 0;
@@ -402,7 +402,11 @@ impl Conn {
     /// Runs direction `d`'s pump, through the KVMi layer when there is one. A direction whose
     /// destination was offered only part of a message did not block on that socket: its flag
     /// is cleared, and the pump runs again while reads brought more (the rest may be in).
-    fn run_pump(&mut self, d: usize, draining: bool) -> Result<crate::pump::Run, crate::pump::PumpError> {
+    fn run_pump(
+        &mut self,
+        d: usize,
+        draining: bool,
+    ) -> Result<crate::datapath::pump::Run, crate::datapath::pump::PumpError> {
         let (src, dst) = (&self.socks[d], &self.socks[1 - d]);
         let Some((k, flows)) = &self.kvmi else {
             return self.pumps[d].run(src, dst, !draining);

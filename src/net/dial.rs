@@ -6,7 +6,7 @@ use std::io;
 
 use socket2::{Socket, Type};
 
-use crate::endpoint::Endpoint;
+use crate::net::endpoint::Endpoint;
 
 /// Starts connecting to `ep`. Ok means connected or in progress; check with `finish`.
 pub fn start(ep: &Endpoint) -> io::Result<Socket> {

@@ -21,8 +21,8 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::access::Peer;
 use crate::config::Config;
-use crate::endpoint::Endpoint;
 use crate::error::StartError;
+use crate::net::endpoint::Endpoint;
 
 /// Pending connections the kernel queues for us.
 const LISTEN_BACKLOG: i32 = 64;
