@@ -185,7 +185,8 @@ fn read_only_answers_writes_itself_and_lets_reads_through() {
     assert_eq!(l.tool.call(fake::ID_SET_REGISTERS, &[0u8; 152]).unwrap(), (-1, vec![]));
     // The session goes on after a denial.
     assert_eq!(l.tool.call(fake::ID_READ_PHYSICAL, &read_req(0, 4096)).unwrap().0, 0);
-    let log = l.relay.log();
+    // The denial's log line is written by the relay after its reply went out: wait for it.
+    let log = l.relay.wait_log("kvmi: denied", Duration::from_secs(10));
     assert!(log.contains("kvmi: denied") && log.contains("WRITE_PHYSICAL"), "{log}");
     let (hv, line) = l.finish();
     assert_eq!(hv.writes, 0, "a write reached the hypervisor");
