@@ -300,6 +300,7 @@ pub fn contenders(opts: &Opts) -> Result<Vec<Contender>, String> {
             name: name.clone(),
             kind: Kind::Relay { flags: flags.clone(), bin: bin.clone() },
             bulk: true,
+            kvmi: flags.iter().any(|f| f == "--kvmi" || f.starts_with("--kvmi=")),
         });
     }
     if opts.fleet.is_some() && opts.only.is_empty() {
@@ -325,9 +326,10 @@ fn standard_contenders() -> Vec<Contender> {
         name: name.into(),
         kind: Kind::Relay { flags: flags.iter().map(|s| s.to_string()).collect(), bin: None },
         bulk,
+        kvmi: flags.contains(&"--kvmi"),
     };
     let mut v = vec![
-        Contender { name: "direct".into(), kind: Kind::Direct, bulk: true },
+        Contender { name: "direct".into(), kind: Kind::Direct, bulk: true, kvmi: false },
         relay("kvmi-relay", &[], true),
         relay("kvmi-relay pw=0", &["--poll-window-us=0"], false),
         relay("kvmi-relay pw=100", &["--poll-window-us=100"], false),
@@ -335,12 +337,16 @@ fn standard_contenders() -> Vec<Contender> {
         relay("kvmi-relay splice", &["--move=splice"], true),
         relay("kvmi-relay copy", &["--move=copy"], true),
         relay("kvmi-relay pipe=1M", &["--pipe-size=1048576"], true),
-        Contender { name: report::COPY_LOOP.into(), kind: Kind::CopyLoop, bulk: true },
-        Contender { name: "socat".into(), kind: Kind::Socat { nodelay: false }, bulk: true },
-        Contender { name: "socat nodelay".into(), kind: Kind::Socat { nodelay: true }, bulk: true },
+        // KVMi-aware: headers framed, policy judged, whole messages toward the introspector,
+        // per-type figures. The fake introspector's event trigger is not a KVMi command: pass it.
+        relay("kvmi-relay kvmi", &["--kvmi", "--kvmi-unknown=pass"], false),
+        relay("kvmi-relay kvmi ro", &["--kvmi", "--kvmi-unknown=pass", "--kvmi-policy=read-only"], false),
+        Contender { name: report::COPY_LOOP.into(), kind: Kind::CopyLoop, bulk: true, kvmi: false },
+        Contender { name: "socat".into(), kind: Kind::Socat { nodelay: false }, bulk: true, kvmi: false },
+        Contender { name: "socat nodelay".into(), kind: Kind::Socat { nodelay: true }, bulk: true, kvmi: false },
     ];
     if Path::new(procs::PROXYD).exists() {
-        v.push(Contender { name: "proxyd".into(), kind: Kind::Proxyd, bulk: true });
+        v.push(Contender { name: "proxyd".into(), kind: Kind::Proxyd, bulk: true, kvmi: false });
     } else {
         eprintln!("note: {} not found, systemd-socket-proxyd left out", procs::PROXYD);
     }
@@ -409,7 +415,7 @@ fn run_topology(
     }
     for w in Workload::ALL.into_iter().filter(|w| opts.workloads.is_empty() || opts.workloads.contains(w)) {
         let rounds = if w.is_bulk() { opts.bulk_rounds } else { opts.latency_rounds };
-        let entrants: Vec<usize> = (0..deployed.len()).filter(|&i| !w.is_bulk() || deployed[i].0.bulk).collect();
+        let entrants: Vec<usize> = (0..deployed.len()).filter(|&i| deployed[i].0.runs(w)).collect();
         let cpu_before: Vec<f64> = entrants.iter().map(|&i| procs::total_cpu_seconds(&deployed[i].1)).collect();
         let mut merged: Vec<Row> = entrants
             .iter()

@@ -44,6 +44,16 @@ pub struct Contender {
     pub kind: Kind,
     /// Takes part in the bulk workloads too (the poll-window variants only matter for latency).
     pub bulk: bool,
+    /// Speaks KVMi (`--kvmi`): takes part in the KVMi workloads only (passive and active VMI);
+    /// ping-pong and bulk bytes are not KVMi and such a relay refuses them at the handshake.
+    pub kvmi: bool,
+}
+
+impl Contender {
+    /// Whether this contender runs workload `w`.
+    pub fn runs(&self, w: crate::work::Workload) -> bool {
+        (!w.is_bulk() || self.bulk) && (!self.kvmi || w.is_kvmi())
+    }
 }
 
 /// One running hop process.

@@ -48,6 +48,11 @@ impl Workload {
     pub fn is_bulk(self) -> bool {
         matches!(self, Workload::BulkOne | Workload::BulkBoth)
     }
+
+    /// Speaks KVMi end to end (the fake hypervisor and introspector).
+    pub fn is_kvmi(self) -> bool {
+        matches!(self, Workload::Passive | Workload::Active)
+    }
 }
 
 /// Operations per session.
