@@ -552,8 +552,9 @@ mod tests {
     /// What the KVMi layer costs per message, on top of the write it makes anyway: framing,
     /// policy, seq matching, per-type figures. Passive: a READ_PHYSICAL request (24 B) and its
     /// 4 KiB page (4112 B); active: a PAUSE_VCPU event (552 B) and its reply (24 B). Printed for
-    /// docs/BENCHMARKS.md (`cargo test --release --lib kvmi_layer_cost -- --nocapture`); the bound
-    /// only catches a regression by an order of magnitude.
+    /// docs/BENCHMARKS.md (`cargo test --release --lib kvmi_layer_cost -- --nocapture`). The test
+    /// judges what was counted, never the time: a busy machine makes any time bound flaky, and the
+    /// speed target lives in the benchmark beside its baseline.
     #[test]
     fn kvmi_layer_cost_per_round_trip() {
         const N: u32 = 200_000;
@@ -590,7 +591,6 @@ mod tests {
             let read = s.figures[&MessageType { kind: Kind::Command, name: "READ_PHYSICAL" }].count;
             let paused = s.figures[&MessageType { kind: Kind::Event, name: "PAUSE_VCPU" }].count;
             assert_eq!((read, paused), (u64::from(N), u64::from(N)));
-            assert!(passive_ns < 20_000.0 && active_ns < 20_000.0);
         }
     }
 }
