@@ -301,6 +301,38 @@ case_kvmi_session() {
     end /tmp/kvmi.relay.log /tmp/hv.out /tmp/intro.out
 }
 
+# A --kvmi read-only session over real vsock, the relay on the hypervisor side (UNIX, where QEMU
+# dials) pinned to the VM by name, the introspector behind vsock: reads and events pass, a
+# WRITE_PHYSICAL is answered by the relay (EPERM) and never reaches the hypervisor, and the close
+# line counts every message type.
+case_kvmi_read_only() {
+    begin kvmi-read-only-over-vsock
+    bg /tmp/kro-intro.out $T fake-introspector --listen vsock:1:5113 --reads 300 --events 200 --try-write
+    intro=$BG_PID
+    sleep 0.5
+    relay /tmp/kro.relay.log --listen unix:/tmp/kro-vmi-sock --connect vsock:1:5113 \
+        --kvmi --kvmi-vm-name one-7 --kvmi-policy read-only --kvmi-unknown pass
+    wait_file /tmp/kro-vmi-sock || bad "relay did not bind"
+    settle
+    timeout 60 $T fake-hypervisor --connect unix:/tmp/kro-vmi-sock --name one-7 >/tmp/kro-hv.out 2>&1
+    wait $intro
+    expect_ok /tmp/kro-hv.out fake-hypervisor
+    expect_ok /tmp/kro-intro.out fake-introspector
+    grep -q ' write_err=-1' /tmp/kro-intro.out || bad "WRITE_PHYSICAL not answered with EPERM: $(cat /tmp/kro-intro.out)"
+    grep -q ' writes=0 ' /tmp/kro-hv.out || bad "a write reached the hypervisor: $(cat /tmp/kro-hv.out)"
+    stop $RELAY_PID || bad "relay exit $? on SIGTERM"
+    _l=$(closed_line /tmp/kro.relay.log)
+    [ "$(field "$_l" end)" = finished ] || bad "session did not end finished"
+    [ "$(field "$_l" vm_name)" = one-7 ] || bad "vm_name=$(field "$_l" vm_name)"
+    _m=$(field "$_l" kvmi_messages)
+    for want in "READ_PHYSICAL:300:0:" "EVENT_PAUSE_VCPU:200:0:" "WRITE_PHYSICAL:0:1:" "GET_VERSION:1:0:"; do
+        case ";$_m" in *";$want"*) ;; *) bad "kvmi_messages lacks $want: $_m" ;; esac
+    done
+    grep -q 'kvmi: denied' /tmp/kro.relay.log || bad "no denial logged"
+    DETAIL="kvmi_messages=$_m"
+    end /tmp/kro.relay.log /tmp/kro-hv.out /tmp/kro-intro.out
+}
+
 # figure PREFIX OUTFILE: FIGURE lines from a "pingpong ok ..." line.
 figures() {
     _l=$(head -1 "$2")
@@ -361,6 +393,7 @@ case_sigterm() {
 ALL="start-refused-without-allow-cid unix-to-vsock-bulk unix-to-vsock-splice vsock-to-unix-bulk
 vsock-to-unix-splice vsock-allow-cid-1-admits vsock-allow-cid-7-refuses half-close-unix-to-vsock
 half-close-vsock-to-unix reset-unix-client reset-vsock-client copy-mode-vsock kvmi-session-over-vsock
+kvmi-read-only-over-vsock
 pingpong-latency sigterm-clean-exit vsock-peer-gone-with-full-pipes"
 WANT=${*:-$ALL}
 want() { for w in $WANT; do [ "$w" = "$1" ] && return 0; done; return 1; }
@@ -379,6 +412,7 @@ want reset-vsock-client && reset_case reset-vsock-client vsock:1:5107 unix:/tmp/
 want vsock-peer-gone-with-full-pipes && reset_case vsock-peer-gone-with-full-pipes vsock:1:5112 unix:/tmp/rst3-far.sock /tmp/rst3.relay.log 1048576 --allow-cid 1
 want copy-mode-vsock && case_copy_mode
 want kvmi-session-over-vsock && case_kvmi_session
+want kvmi-read-only-over-vsock && case_kvmi_read_only
 want pingpong-latency && case_pingpong
 want sigterm-clean-exit && case_sigterm
 reap

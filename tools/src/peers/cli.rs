@@ -33,6 +33,10 @@ pub struct FakeIntrospectorArgs {
     /// PAUSE_VCPU events answered one by one (active VMI).
     #[arg(long, default_value = "2000")]
     pub events: u32,
+    /// After the bursts, one WRITE_PHYSICAL (8 bytes at 0x1000); its error code is printed as
+    /// `write_err=N` (-1 = EPERM: a read-only relay answered it).
+    #[arg(long)]
+    pub try_write: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -127,9 +131,10 @@ pub fn fake_hypervisor(a: FakeHypervisorArgs) -> i32 {
     match kvmi::serve_hypervisor(&mut sock, &a.name) {
         Ok(r) => {
             println!(
-                "fake-hypervisor ok commands={} events={} event_rtt {}",
+                "fake-hypervisor ok commands={} events={} writes={} event_rtt {}",
                 r.commands,
                 r.events,
+                r.writes,
                 pingpong::summary(&r.event_rtt)
             );
             0
@@ -145,9 +150,17 @@ pub fn fake_introspector(a: FakeIntrospectorArgs) -> i32 {
     };
     match kvmi::run_introspector(&mut sock, a.reads, a.events) {
         Ok(r) => {
+            let write = if a.try_write {
+                match try_write(&mut sock) {
+                    Ok(err) => format!(" write_err={err}"),
+                    Err(e) => return fail("fake-introspector", format!("WRITE_PHYSICAL: {e}")),
+                }
+            } else {
+                String::new()
+            };
             let ops = r.reads as f64 / r.passive_elapsed.as_secs_f64().max(1e-9);
             println!(
-                "fake-introspector ok vm={} reads={} ops_per_s={ops:.0} read_rtt {} events={}",
+                "fake-introspector ok vm={} reads={} ops_per_s={ops:.0} read_rtt {} events={}{write}",
                 r.vm_name,
                 r.reads,
                 pingpong::summary(&r.read_rtt),
@@ -157,6 +170,27 @@ pub fn fake_introspector(a: FakeIntrospectorArgs) -> i32 {
         }
         Err(e) => fail("fake-introspector", e),
     }
+}
+
+/// One WRITE_PHYSICAL on a session past its handshake; its reply's error code.
+fn try_write(sock: &mut socket2::Socket) -> std::io::Result<i32> {
+    // A seq the bursts never use.
+    const SEQ: u32 = 0xffff_0000;
+    let mut req = Vec::new();
+    req.extend_from_slice(&0x1000u64.to_le_bytes());
+    req.extend_from_slice(&8u64.to_le_bytes());
+    req.extend_from_slice(b"tampered");
+    kvmi::write_msg(sock, kvmi::ID_WRITE_PHYSICAL, SEQ, &req)?;
+    let mut body = Vec::new();
+    let hdr = kvmi::read_msg(sock, &mut body)?
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "EOF before the reply"))?;
+    if hdr.id != kvmi::ID_WRITE_PHYSICAL || hdr.seq != SEQ || body.len() < 8 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("reply id {} seq {} with {} bytes", hdr.id, hdr.seq, body.len()),
+        ));
+    }
+    Ok(i32::from_le_bytes(body[0..4].try_into().expect("4 bytes")))
 }
 
 pub fn peer(a: PeerArgs) -> i32 {
