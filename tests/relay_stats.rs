@@ -301,3 +301,32 @@ fn sigusr1_logs_every_live_connections_percentiles() {
     assert!(line.contains("conn{id=1"), "{line}");
     assert!(!line.contains("l2c_transit_us=-"), "percentiles, not a dash: {line}");
 }
+
+/// `stats` aimed at a relay's data socket (not its control socket) puts no byte into the VM's
+/// session: the relay admits it and dials the far side, the far side reads EOF and nothing else,
+/// and `stats` says the path is not a control socket, exits 1, within a few seconds.
+#[test]
+fn stats_aimed_at_a_data_socket_sends_nothing_and_says_so() {
+    let d = tmpdir();
+    let server_ep = Endpoint::Unix(d.path().join("server.sock"));
+    let server_listener = net::listen(&server_ep).unwrap();
+    let (relay, listen, _control) = start(d.path(), &server_ep, &[]);
+    let Endpoint::Unix(data) = &listen else { unreachable!() };
+    let far = std::thread::spawn(move || {
+        let s = net::accept(&server_listener).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let _ = (&s).read_to_end(&mut got);
+        got
+    });
+    let t0 = Instant::now();
+    let out = Command::new(BIN).args(["stats", data.to_str().unwrap()]).output().unwrap();
+    let took = t0.elapsed();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    let got = far.join().unwrap();
+    assert_eq!(got, b"", "the far side of the data session received {:?}", String::from_utf8_lossy(&got));
+    assert_eq!(out.status.code(), Some(1), "stats said: {said}");
+    assert!(said.contains(&format!("{}: this is not a kvmi-relay control socket", data.display())), "{said}");
+    assert!(took < Duration::from_secs(4), "stats took {took:?}");
+    drop(relay);
+}

@@ -1,7 +1,10 @@
 //! The control socket (`--control PATH`) and its client (`kvmi-relay stats PATH`).
 //!
-//! Protocol: the client sends one line — `stats text`, `stats json`, `stats prometheus` or
-//! `reset` — and reads the answer until EOF. The socket file is created 0600 and every client is
+//! Protocol: the relay speaks first, one greeting line (`GREETING`); the client sends nothing
+//! until it has read it, so a client aimed at a data socket by mistake puts no byte into a VM's
+//! session: it hears no greeting, gives up after `GREETING_WAIT_MS` and says the path is not a
+//! control socket. After the greeting the client sends one line — `stats text`, `stats json`,
+//! `stats prometheus` or `reset` — and reads the answer until EOF. The socket file is created 0600 and every client is
 //! checked with the same peer-credential decision as a UNIX listener (`access::decide`): only
 //! the relay's own uid and root. Control connections are tiny state machines like the relayed
 //! ones: they never touch the poller, the event loop registers them; a slow or silent client is
@@ -28,6 +31,10 @@ pub const CONTROL_CONNS_MAX: usize = 4;
 const CONTROL_DEADLINE_MS: u64 = 2000;
 /// Longest request line.
 const REQUEST_MAX_BYTES: usize = 256;
+/// The first line the relay writes to every admitted control client.
+pub const GREETING: &[u8] = b"kvmi-relay control 1\n";
+/// How long a client waits for the greeting before it says the path is not a control socket.
+const GREETING_WAIT_MS: u64 = 1000;
 /// The control socket's mode: owner only.
 const CONTROL_MODE: u32 = 0o600;
 
@@ -91,6 +98,11 @@ impl ControlServer {
             return Ok(Some(Err(peer)));
         }
         sock.set_nonblocking(true)?;
+        // A fresh socket's send buffer always takes the short greeting whole.
+        let sent = sock.send_with_flags(GREETING, libc::MSG_NOSIGNAL)?;
+        if sent != GREETING.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "control client: greeting cut short"));
+        }
         Ok(Some(Ok(ControlConn {
             sock,
             request: Vec::new(),
@@ -217,6 +229,10 @@ pub fn stats(a: StatsArgs) -> i32 {
             print!("{answer}");
             0
         }
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            eprintln!("kvmi-relay stats: {}: this is not a kvmi-relay control socket ({e})", Escaped(a.path.display()));
+            1
+        }
         Err(e) => {
             eprintln!("kvmi-relay stats: {}: {e}", Escaped(a.path.display()));
             1
@@ -224,9 +240,48 @@ pub fn stats(a: StatsArgs) -> i32 {
     }
 }
 
-/// Sends one request line and reads the answer until EOF.
+/// Reads the relay's greeting: nothing is sent before it. Not a control socket (no greeting
+/// within `GREETING_WAIT_MS`, or another first line) is `ErrorKind::InvalidData`.
+fn await_greeting(s: &mut std::os::unix::net::UnixStream) -> io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_millis(GREETING_WAIT_MS)))?;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    let not_control = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    while got.len() < GREETING.len() {
+        match s.read(&mut byte) {
+            Ok(0) if got.is_empty() => {
+                return Err(not_control(
+                    "closed without a greeting; a control socket closes only clients other than the relay's own uid and root"
+                        .into(),
+                ));
+            }
+            Ok(0) => break,
+            Ok(_) => {
+                got.push(byte[0]);
+                if byte[0] == b'\n' {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(not_control(format!("no greeting within {GREETING_WAIT_MS} ms")));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                return Err(not_control("reset without a greeting".into()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if got != GREETING {
+        return Err(not_control(format!("its first bytes were \"{}\"", Escaped(String::from_utf8_lossy(&got)))));
+    }
+    Ok(())
+}
+
+/// Waits for the greeting, sends one request line and reads the answer until EOF.
 pub fn ask(path: &Path, line: &str) -> io::Result<String> {
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    await_greeting(&mut s)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(format!("{line}\n").as_bytes())?;
     let mut out = String::new();
