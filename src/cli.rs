@@ -112,7 +112,8 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_CPU", value_name = "CPU")]
     pub cpu: Option<String>,
 
-    /// How long SIGTERM/SIGINT waits for bytes already in the pipes to be delivered.
+    /// How long SIGTERM/SIGINT waits for bytes in flight to be delivered and both peers to end
+    /// their side; sessions still open then end as `aborted`.
     #[arg(long, env = "KVMI_RELAY_SHUTDOWN_TIMEOUT_MS", value_name = "MS", default_value = "3000")]
     pub shutdown_timeout_ms: String,
 

@@ -211,6 +211,9 @@ fn sigterm_delivers_the_bytes_already_in_the_pipes_then_exits_0() {
     let mut got = Vec::new();
     server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     (&server).read_to_end(&mut got).unwrap();
+    // The peers end their sides on EOF, as KVMi's do; the relay waits for that before closing
+    // (closing with their bytes unread would reset a TCP peer).
+    drop((client, server));
     let (st, log) = relay.wait_exit(Duration::from_secs(5));
     assert!(st.success(), "{log}");
     let line = closed_lines(&log).pop().unwrap_or_else(|| panic!("no close line:\n{log}"));

@@ -5,7 +5,8 @@
 //! ```text
 //!   accept ──admit──▶ Dialling ──connected──▶ Relaying ──both directions finished──▶ closed
 //!                        │ dial error/timeout        │ reset / error ──────────────▶ closed
-//!                        └──────────────▶ closed     │ shutdown: stop reading, drain ▶ closed
+//!                        └──────────────▶ closed     │ shutdown: stop reading, drain ──▶ Closing
+//!                                                                    │ both peers' EOF ──▶ closed
 //! ```
 //!
 //! A connection never touches the poller: it says which readiness it wants on each socket
@@ -13,7 +14,18 @@
 //! the event loop registers, re-registers and removes. Close rules (checked in `advance`):
 //! 1. `finished`: each direction saw EOF, delivered everything and half-closed its destination;
 //! 2. `failed`: any error on either socket (reset, broken pipe) tears the pair down at once;
-//! 3. `drained`: during shutdown, both stores are empty.
+//! 3. `drained`: during shutdown, both stores are empty, both sockets were half-closed
+//!    (`shutdown(SHUT_WR)`: the peers see every byte, then EOF) and both peers ended their side.
+//!    Until then (`Closing`) what they still send is read and dropped: closing a socket with
+//!    unread input makes TCP send a reset, and the kernel throws away its unsent queue with it
+//!    (bytes the relay counted as written would never arrive). The loop's shutdown deadline
+//!    cuts what is left as `aborted` (`abort`).
+//!
+//! What a peer sees at teardown, by family: `abort` sets SO_LINGER 0, so a TCP peer gets a
+//! reset (ECONNRESET; unread bytes toward it are dropped). SO_LINGER means nothing to AF_UNIX and
+//! vsock: there close is all there is. A UNIX peer reads what was already queued to it, then EOF
+//! (ECONNRESET instead when the relay closed with bytes from that peer unread); a vsock peer
+//! gets EOF (the transport sends its shutdown/reset message; queued bytes may be lost).
 
 use std::cell::RefCell;
 use std::io;
@@ -55,6 +67,11 @@ enum Phase {
         deadline: Instant,
     },
     Relaying,
+    /// Shutdown: everything delivered and both sockets half-closed; reading (and dropping)
+    /// until each peer ends its side. `eof[side]`: that peer did.
+    Closing {
+        eof: [bool; 2],
+    },
 }
 
 /// Why a connection ended.
@@ -62,8 +79,11 @@ enum Phase {
 pub enum End {
     /// Both directions saw EOF and delivered everything.
     Finished,
-    /// Shutdown: the stores are empty.
+    /// Shutdown: the stores are empty, both peers saw EOF after every byte and ended their side.
     Drained,
+    /// Shutdown: the deadline came first (bytes still held, or a peer that did not end its
+    /// side); closed with a reset where the family has one.
+    Aborted,
     /// The far side could not be dialled.
     DialFailed(io::Error),
     DialTimeout(Duration),
@@ -232,7 +252,7 @@ impl Conn {
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
             Phase::Greeting { deadline, .. } | Phase::Dialling { deadline } => Some(deadline),
-            Phase::Relaying => None,
+            Phase::Relaying | Phase::Closing { .. } => None,
         }
     }
 
@@ -245,6 +265,7 @@ impl Conn {
         match self.phase {
             Phase::Greeting { .. } => (side == LISTEN_SIDE).then_some(Interest::READABLE),
             Phase::Dialling { .. } => (side == CONNECT_SIDE).then_some(Interest::WRITABLE),
+            Phase::Closing { .. } => Some(Interest::READABLE),
             Phase::Relaying => {
                 // Direction 1 - side writes to `side`.
                 let outbox = self.kvmi.as_ref().is_some_and(|(k, flows)| k.borrow().outbox_waiting(flows[1 - side]));
@@ -277,6 +298,9 @@ impl Conn {
     /// Moves the connection forward. `now` is when the loop woke for the events being handled;
     /// `draining` stops all reads (shutdown).
     pub fn advance(&mut self, now: Instant, draining: bool) -> Step {
+        if let Phase::Closing { eof } = &mut self.phase {
+            return read_to_end_dropping(&self.socks, eof);
+        }
         if let Phase::Greeting { deadline, got } = &mut self.phase {
             if draining {
                 return Step::Close(End::Drained);
@@ -394,7 +418,15 @@ impl Conn {
             return Step::Close(End::Finished);
         }
         if draining && self.pumps[0].fill() == 0 && self.pumps[1].fill() == 0 {
-            return Step::Close(End::Drained);
+            for s in &self.socks {
+                // A side already half-closed (its source's EOF) or a peer already gone says so
+                // again here; reading below tells which.
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            let mut eof = [false; 2];
+            let step = read_to_end_dropping(&self.socks, &mut eof);
+            self.phase = Phase::Closing { eof };
+            return step;
         }
         Step::Continue { more }
     }
@@ -437,12 +469,43 @@ impl Conn {
     }
 
     /// Closes both sockets so that the peers see a reset rather than an orderly EOF (used when
-    /// the other side reset: an EOF would claim the stream ended cleanly).
+    /// the other side reset: an EOF would claim the stream ended cleanly; and for a session the
+    /// shutdown timeout cut). What each family makes of it: the module header.
     pub fn abort(&self) {
         for s in &self.socks {
             let _ = s.set_linger(Some(Duration::ZERO));
         }
     }
+}
+
+/// `Closing`: reads each socket whose peer has not ended its side until it would block, dropping
+/// the bytes; Close(Drained) once both did, Failed when one breaks off instead.
+fn read_to_end_dropping(socks: &[Socket], eof: &mut [bool; 2]) -> Step {
+    let mut scratch = [0u8; 16 * 1024];
+    let mut more = false;
+    for (side, s) in socks.iter().enumerate() {
+        // Bounded per turn like a pump's round: a side that did not reach WouldBlock asks to
+        // be advanced again (edge-triggered: no new event would come for what is queued).
+        let mut blocked = false;
+        for _ in 0..64 {
+            if eof[side] {
+                blocked = true;
+                break;
+            }
+            match io::Read::read(&mut &*s, &mut scratch) {
+                Ok(0) => eof[side] = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    blocked = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Step::Close(End::Failed { side, error }),
+            }
+        }
+        more |= !blocked;
+    }
+    if eof.iter().all(|&e| e) { Step::Close(End::Drained) } else { Step::Continue { more } }
 }
 
 /// Reads what is missing of QEMU's handshake, never a byte beyond it. Ok(None): not complete

@@ -73,6 +73,8 @@ pub struct Totals {
     /// `--kvmi`: sessions closed for a malformed stream.
     pub kvmi_malformed: u64,
     pub failed: u64,
+    /// Sessions the shutdown timeout cut (bytes still held, or a peer that did not end its side).
+    pub aborted: u64,
     pub closed: u64,
     /// Times accept hit EMFILE/ENFILE and paused.
     pub accept_pauses: u64,
@@ -482,6 +484,10 @@ impl Relay {
         let _entered = s.span.enter();
         match &end {
             End::Finished | End::Drained => {}
+            End::Aborted => {
+                self.totals.aborted += 1;
+                conn.abort();
+            }
             End::DialFailed(e) => {
                 self.totals.dial_failed += 1;
                 warn!(target = %self.cfg.connect, error = %e, "cannot reach the far side; closing the peer");
@@ -592,10 +598,13 @@ impl Relay {
         if self.shutdown_deadline.is_some_and(|t| now >= t) {
             let left: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_some()).collect();
             if !left.is_empty() {
-                warn!(connections = left.len(), "shutdown timeout: closing connections that still hold bytes");
+                warn!(
+                    connections = left.len(),
+                    "shutdown timeout: aborting sessions that still hold bytes or whose peers did not end their side"
+                );
             }
             for slot in left {
-                self.close(slot, End::Drained);
+                self.close(slot, End::Aborted);
             }
         }
     }
@@ -659,6 +668,7 @@ fn end_name(end: &End) -> &'static str {
     match end {
         End::Finished => "finished",
         End::Drained => "drained",
+        End::Aborted => "aborted",
         End::DialFailed(_) => "dial-failed",
         End::DialTimeout(_) => "dial-timeout",
         End::Refused(_) => "refused-handshake",
