@@ -424,6 +424,7 @@ impl TryFrom<RelayArgs> for Config {
         let control = a.control.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
         if let Some(c) = &control {
             match parent_of(c) {
+                _ if c.is_relative() => problem!(p, control, "'{}' is relative; give an absolute path", c.display()),
                 d if !d.is_dir() => problem!(p, control, "parent directory {} does not exist", d.display()),
                 _ if c.exists() && !is_socket(c) => {
                     problem!(p, control, "{} exists and is not a socket; refusing to replace it", c.display())
@@ -437,7 +438,9 @@ impl TryFrom<RelayArgs> for Config {
         let hist_log = a.hist_log.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
         if let Some(h) = &hist_log {
             let d = parent_of(h);
-            if !d.is_dir() {
+            if h.is_relative() {
+                problem!(p, hist_log, "'{}' is relative; give an absolute path", h.display());
+            } else if !d.is_dir() {
                 problem!(p, hist_log, "parent directory {} does not exist", d.display());
             }
         }

@@ -66,6 +66,99 @@ fn every_bad_input_is_one_line_exit_2_nothing_created() {
     }
 }
 
+/// A relative `unix:` path (or --control/--hist-log file) would be bound, dialled or written
+/// relative to whatever the working directory is (/ under systemd): each is refused as one line
+/// naming the flag and the value, exit code 2, and nothing appears in the working directory.
+#[test]
+fn relative_unix_paths_are_refused_and_nothing_is_created() {
+    let d = tmpdir();
+    let abs = format!("--listen=unix:{}", d.path().join("abs.sock").display());
+    let cwd = tmpdir();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--listen=unix:relay.sock".into(), "--connect=unix:/x".into()],
+            "--listen (KVMI_RELAY_LISTEN): unix path 'relay.sock' is relative",
+        ),
+        (
+            vec!["--listen=unix:./run/relay.sock".into(), "--connect=unix:/x".into()],
+            "--listen (KVMI_RELAY_LISTEN): unix path './run/relay.sock' is relative",
+        ),
+        (
+            vec![abs.clone(), "--connect=unix:run/far.sock".into()],
+            "--connect (KVMI_RELAY_CONNECT): unix path 'run/far.sock' is relative",
+        ),
+        (
+            vec![abs.clone(), "--connect=unix:/x".into(), "--control=relay.ctl".into()],
+            "--control (KVMI_RELAY_CONTROL): 'relay.ctl' is relative",
+        ),
+        (
+            vec![abs.clone(), "--connect=unix:/x".into(), "--hist-log=one.hlog".into()],
+            "--hist-log (KVMI_RELAY_HIST_LOG): 'one.hlog' is relative",
+        ),
+    ];
+    std::fs::create_dir(cwd.path().join("run")).unwrap();
+    for (args, needle) in cases {
+        for check in [false, true] {
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.args(&args).current_dir(cwd.path()).env_remove("RUST_LOG");
+            if check {
+                cmd.arg("--check");
+            }
+            let (code, err) = run_bounded(&mut cmd, Duration::from_secs(10));
+            assert_eq!(code, Some(2), "exit code for {args:?} (check={check}): {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "one line for one problem: {err}");
+            assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+            let left: Vec<_> = walk(cwd.path());
+            assert_eq!(left, vec![cwd.path().join("run")], "{args:?} created files in the working directory");
+        }
+    }
+}
+
+/// Runs to completion, killing the process if it is still running after `patience`
+/// (a relay that accepted its input would serve forever).
+fn run_bounded(cmd: &mut std::process::Command, patience: Duration) -> (Option<i32>, String) {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kvmi-relay");
+    let deadline = std::time::Instant::now() + patience;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err).unwrap();
+    match status {
+        Some(st) => (st.code(), err),
+        None => (None, format!("still running after {patience:?} (killed); stderr: {err}")),
+    }
+}
+
+/// Every path below `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            all.push(p.clone());
+            all.extend(walk(&p));
+        } else {
+            all.push(p);
+        }
+    }
+    all.sort();
+    all
+}
+
 #[test]
 fn the_environment_configures_an_instance_and_is_named_in_errors() {
     let out = std::process::Command::new(BIN)

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr};
 
@@ -33,6 +33,11 @@ impl Endpoint {
             "unix" => {
                 if rest.is_empty() {
                     return Err("unix: endpoint needs a path".into());
+                }
+                // A relative path would be resolved against whatever the working directory is
+                // (/ under systemd), differently by each process that uses it.
+                if !Path::new(rest).is_absolute() {
+                    return Err(format!("unix path '{rest}' is relative; give an absolute path"));
                 }
                 if rest.len() > UNIX_PATH_MAX_BYTES {
                     return Err(format!(
@@ -145,6 +150,8 @@ mod tests {
             ("tcp:[::1:7", "without closing"),
             ("vsock:x:1", "not a vsock CID"),
             ("unix:", "needs a path"),
+            ("unix:relay.sock", "unix path 'relay.sock' is relative"),
+            ("unix:./run/r.sock", "is relative"),
             ("udp:1.2.3.4:5", "unknown endpoint kind"),
             ("/tmp/sock", "not an endpoint"),
         ] {
