@@ -235,6 +235,46 @@ fn a_live_socket_is_never_unlinked() {
     assert!(live.accept().is_ok());
 }
 
+/// A second instance started on a running instance's path learns that the path is live without
+/// connecting to it: the running relay admits nobody, dials nothing, refuses nobody (with
+/// `--max-conns 1` a probe would have taken the slot a real hypervisor needs at that moment).
+#[test]
+fn a_second_instance_on_a_live_path_opens_no_session_on_the_first() {
+    let d = tmpdir();
+    let p = d.path().join("relay.sock");
+    let far_path = d.path().join("far.sock");
+    let far = UnixListener::bind(&far_path).unwrap();
+    far.set_nonblocking(true).unwrap();
+    let args = [
+        format!("--listen=unix:{}", p.display()),
+        format!("--connect=unix:{}", far_path.display()),
+        "--max-conns=1".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = Relay::start(&args);
+    let err = refused(&args, None);
+    assert!(err.contains("is a live socket"), "{err}");
+    // Whatever the first relay would do with a probe (admit and dial, or refuse it), it has
+    // logged by the time it answers a real client; this client then shows nothing came before.
+    let client = std::os::unix::net::UnixStream::connect(&p).expect("the first relay still answers");
+    let (dialled, _) = loop {
+        match far.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("accept on the far side: {e}"),
+        }
+    };
+    assert!(
+        matches!(far.accept(), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the far side was dialled twice: once for the second instance's probe"
+    );
+    drop((client, dialled));
+    let (st, log) = first.stop();
+    assert!(st.success(), "{log}");
+    assert_eq!(log.matches("admitted; dialling").count(), 1, "one session, the real client's:\n{log}");
+    assert!(!log.contains("refused:"), "{log}");
+}
+
 #[test]
 fn a_regular_file_at_the_path_is_left_alone() {
     let d = tmpdir();

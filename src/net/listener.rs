@@ -6,8 +6,9 @@
 //! UNIX socket files: created with the operator's mode and group, never world-writable and
 //! never briefly more open than asked (the umask is narrowed around bind, and is all that sets
 //! the mode: nothing after bind goes by path, see `files`). A stale file left by
-//! a dead instance (connect says ECONNREFUSED) is replaced; a path where something answers is
-//! refused; anything that is not a socket is never touched. The file is removed when the
+//! a dead instance is replaced; a live one is refused, found without connecting to it
+//! (`unix_diag`: the kernel lists listeners by inode; a probe would be a session on a running
+//! relay); anything that is not a socket is never touched. The file is removed when the
 //! `Listener` is dropped, only if it is still the one this process bound.
 
 use std::io;
@@ -143,6 +144,14 @@ pub fn bind_unix(endpoint: &str, path: &Path, mode: u32, gid: Option<u32>) -> Re
             if !m.file_type().is_socket() {
                 return Err(StartError::NotASocket { endpoint: endpoint.into(), path: err_path() });
             }
+            // Asked of the kernel first: a connect would be a session on a running relay.
+            match crate::net::unix_diag::is_listening(m.dev(), m.ino()) {
+                Ok(true) => return Err(StartError::LiveSocket { endpoint: endpoint.into(), path: err_path() }),
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "socket diagnostics unavailable; probing by connect"),
+            }
+            // No listener in this network namespace: a dead file meets ECONNREFUSED; a listener
+            // in another namespace sharing the directory answers (the one case a probe visits).
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(_) => return Err(StartError::LiveSocket { endpoint: endpoint.into(), path: err_path() }),
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
