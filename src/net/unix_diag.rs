@@ -12,8 +12,9 @@
 //! ECONNREFUSED on a dead file.
 //!
 //! Wire layout (linux/netlink.h, linux/sock_diag.h, linux/unix_diag.h), all native-endian:
-//! a request is `nlmsghdr` (16 bytes) + `unix_diag_req` (24 bytes); each answer is `nlmsghdr`
-//! + `unix_diag_msg` (16 bytes) + attributes (`rtattr`: u16 length, u16 type, 4-byte aligned).
+//! a request is `nlmsghdr` (16 bytes) and `unix_diag_req` (24 bytes); each answer is
+//! `nlmsghdr`, `unix_diag_msg` (16 bytes) and attributes (`rtattr`: u16 length, u16 type,
+//! 4-byte aligned).
 //! `UNIX_DIAG_VFS` carries `{ u32 inode, u32 device }`, the device in the kernel's own encoding
 //! (major << 20 | minor), not the one `stat` returns.
 
