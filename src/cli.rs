@@ -72,6 +72,19 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_CONNECT_TIMEOUT_MS", value_name = "MS", default_value = "5000")]
     pub connect_timeout_ms: String,
 
+    /// TCP keepalive on every TCP socket the relay owns: seconds of silence before the first
+    /// probe (then 3 probes 5 s apart); 0 = off. With the default a peer that vanished without
+    /// FIN or reset (power loss, a partition) frees its session, and a --max-conns slot, within
+    /// 30 s.
+    #[arg(long, env = "KVMI_RELAY_TCP_KEEPALIVE_S", value_name = "SECONDS", default_value = "15")]
+    pub tcp_keepalive_s: String,
+
+    /// TCP_USER_TIMEOUT on every TCP socket the relay owns: how long sent data (or keepalive
+    /// probes) may stay unacknowledged before the connection is given up; 0 = the kernel's
+    /// retransmission limit (about 15 minutes).
+    #[arg(long, env = "KVMI_RELAY_TCP_USER_TIMEOUT_MS", value_name = "MS", default_value = "30000")]
+    pub tcp_user_timeout_ms: String,
+
     /// Kernel pipe size per direction in bytes, to start with (F_SETPIPE_SZ; the kernel's answer
     /// is used). Also where copy buffers into TCP start; --move auto's message buffer into UNIX
     /// and vsock is 16 KiB, or this if smaller.

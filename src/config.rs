@@ -76,6 +76,8 @@ pub struct Config {
     pub socket_gid: Option<u32>,
     pub max_conns: usize,
     pub connect_timeout: Duration,
+    /// Keepalive and user timeout of every TCP socket (`--tcp-keepalive-s`, `--tcp-user-timeout-ms`).
+    pub tcp: TcpLiveness,
     pub pipe_size_bytes: usize,
     /// Ceiling of a pipe's growth (`--pipe-size-max`).
     pub pipe_size_max_bytes: usize,
@@ -97,6 +99,20 @@ pub struct Config {
     /// `--kvmi`: the session speaks KVMi (None: bytes move uninspected).
     pub kvmi: Option<KvmiConfig>,
 }
+
+/// How a TCP peer that vanished without FIN or reset is noticed. Both None: the kernel's
+/// defaults (no keepalive; retransmissions for about 15 minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpLiveness {
+    /// Silence before the first keepalive probe.
+    pub keepalive_idle: Option<Duration>,
+    /// TCP_USER_TIMEOUT: unacknowledged data (or probes) for this long closes the connection.
+    pub user_timeout: Option<Duration>,
+}
+
+/// Keepalive probes after the idle time, and the gap between them.
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+pub const TCP_KEEPALIVE_INTERVAL_S: u64 = 5;
 
 /// What `--kvmi` and its refinements say.
 #[derive(Debug, Clone)]
@@ -393,6 +409,18 @@ impl TryFrom<RelayArgs> for Config {
         if connect_timeout_ms == 0 {
             problem!(p, connect_timeout_ms, "must be at least 1");
         }
+        let keepalive_s = number::<u64>(&mut p, names("tcp_keepalive_s"), &a.tcp_keepalive_s).unwrap_or(0);
+        if keepalive_s > i32::MAX as u64 {
+            problem!(p, tcp_keepalive_s, "{keepalive_s} s is beyond what the kernel takes (TCP_KEEPIDLE)");
+        }
+        let user_timeout_ms = number::<u64>(&mut p, names("tcp_user_timeout_ms"), &a.tcp_user_timeout_ms).unwrap_or(0);
+        if user_timeout_ms > u32::MAX as u64 {
+            problem!(p, tcp_user_timeout_ms, "{user_timeout_ms} ms is beyond what the kernel takes (TCP_USER_TIMEOUT)");
+        }
+        let tcp = TcpLiveness {
+            keepalive_idle: (keepalive_s > 0).then(|| Duration::from_secs(keepalive_s)),
+            user_timeout: (user_timeout_ms > 0).then(|| Duration::from_millis(user_timeout_ms)),
+        };
         let pipe_size_bytes = store_size(&mut p, names("pipe_size"), &a.pipe_size);
         let pipe_size_max_bytes = store_size(&mut p, names("pipe_size_max"), &a.pipe_size_max);
         let copy_buffer_max_bytes = store_size(&mut p, names("copy_buffer_max"), &a.copy_buffer_max);
@@ -469,6 +497,7 @@ impl TryFrom<RelayArgs> for Config {
             socket_gid,
             max_conns,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
+            tcp,
             pipe_size_bytes,
             pipe_size_max_bytes,
             // KVMi sessions look at every header: the bytes pass through user space anyway.
@@ -706,6 +735,8 @@ mod tests {
             "socket_group",
             "max_conns",
             "connect_timeout_ms",
+            "tcp_keepalive_s",
+            "tcp_user_timeout_ms",
             "pipe_size",
             "pipe_size_max",
             "copy_buffer_max",
@@ -731,6 +762,31 @@ mod tests {
             assert_eq!(flag, format!("--{}", id.replace('_', "-")));
             assert_eq!(env, format!("KVMI_RELAY_{}", id.to_uppercase()));
         }
+    }
+
+    #[test]
+    fn tcp_liveness_defaults_free_a_dead_peer_within_a_minute_and_0_means_off() {
+        let c = parse(&["--listen", "tcp:127.0.0.1:7", "--allow-any-ip", "--connect", "unix:/tmp/b"]).unwrap();
+        let idle = c.tcp.keepalive_idle.expect("keepalive on by default");
+        let by_probes = idle + Duration::from_secs(TCP_KEEPALIVE_INTERVAL_S * u64::from(TCP_KEEPALIVE_PROBES));
+        assert!(by_probes <= Duration::from_secs(60), "{by_probes:?}");
+        assert!(c.tcp.user_timeout.expect("user timeout on by default") <= Duration::from_secs(60));
+        let c = parse(&[
+            "--listen",
+            "tcp:127.0.0.1:7",
+            "--allow-any-ip",
+            "--connect",
+            "unix:/tmp/b",
+            "--tcp-keepalive-s",
+            "0",
+            "--tcp-user-timeout-ms",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.tcp, TcpLiveness { keepalive_idle: None, user_timeout: None });
+        let e =
+            parse(&["--listen", "unix:/tmp/a", "--connect", "unix:/tmp/b", "--tcp-keepalive-s", "soon"]).unwrap_err();
+        assert!(e.to_string().contains("--tcp-keepalive-s (KVMI_RELAY_TCP_KEEPALIVE_S)"), "{e}");
     }
 
     #[test]

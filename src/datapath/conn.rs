@@ -36,7 +36,7 @@ use mio::Interest;
 use socket2::Socket;
 
 use crate::access::Peer;
-use crate::config::Config;
+use crate::config::{Config, TcpLiveness};
 use crate::datapath::pump::Pump;
 use crate::kvmi::session::{Gate, Session};
 use crate::kvmi::wire::Flow;
@@ -144,6 +144,7 @@ pub struct Conn {
     forwarded: [Option<Instant>; 2],
     connect: Endpoint,
     connect_timeout: Duration,
+    tcp: TcpLiveness,
     busy_poll_us: u32,
 }
 
@@ -151,7 +152,7 @@ impl Conn {
     /// Takes an admitted peer and starts dialling the far side.
     pub fn new(id: u64, peer: Peer, accepted: Socket, cfg: &Config, now: Instant) -> Result<Conn, SetupError> {
         if peer_is_tcp(&peer) {
-            accepted.set_tcp_nodelay(true).map_err(SetupError::Socket)?;
+            crate::net::tcp::tune(&accepted, &cfg.tcp).map_err(SetupError::Socket)?;
         }
         if cfg.busy_poll_us > 0 {
             // Best effort: SO_BUSY_POLL is refused on some socket families.
@@ -197,6 +198,7 @@ impl Conn {
             }),
             connect: cfg.connect.clone(),
             connect_timeout: cfg.connect_timeout,
+            tcp: cfg.tcp,
             busy_poll_us: cfg.busy_poll_us,
             phase,
             opened: now,
@@ -207,11 +209,11 @@ impl Conn {
     }
 
     fn dial(cfg: &Config) -> Result<Socket, SetupError> {
-        Self::dial_to(&cfg.connect, cfg.busy_poll_us)
+        Self::dial_to(&cfg.connect, &cfg.tcp, cfg.busy_poll_us)
     }
 
-    fn dial_to(connect: &Endpoint, busy_poll_us: u32) -> Result<Socket, SetupError> {
-        let dialled = dial::start(connect).map_err(SetupError::Dial)?;
+    fn dial_to(connect: &Endpoint, tcp: &TcpLiveness, busy_poll_us: u32) -> Result<Socket, SetupError> {
+        let dialled = dial::start(connect, tcp).map_err(SetupError::Dial)?;
         if busy_poll_us > 0 {
             let _ = dialled.set_busy_poll(busy_poll_us);
         }
@@ -320,7 +322,7 @@ impl Conn {
                     }
                     self.preface = std::mem::take(got);
                     self.vm = Some(h);
-                    match Self::dial_to(&self.connect, self.busy_poll_us) {
+                    match Self::dial_to(&self.connect, &self.tcp, self.busy_poll_us) {
                         Ok(s) => self.socks.push(s),
                         Err(SetupError::Dial(e)) | Err(SetupError::Socket(e)) | Err(SetupError::Pipe(e)) => {
                             return Step::Close(End::DialFailed(e));

@@ -6,14 +6,15 @@ use std::io;
 
 use socket2::{Socket, Type};
 
+use crate::config::TcpLiveness;
 use crate::net::endpoint::Endpoint;
 
 /// Starts connecting to `ep`. Ok means connected or in progress; check with `finish`.
-pub fn start(ep: &Endpoint) -> io::Result<Socket> {
+pub fn start(ep: &Endpoint, tcp: &TcpLiveness) -> io::Result<Socket> {
     let (domain, addr) = ep.sockaddr();
     let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
     if matches!(ep, Endpoint::Tcp(_)) {
-        s.set_tcp_nodelay(true)?;
+        crate::net::tcp::tune(&s, tcp)?;
     }
     match s.connect(&addr) {
         Ok(()) => Ok(s),
