@@ -161,13 +161,17 @@ pub fn answer_bytes(b: &[u8]) -> Result<Option<usize>, u32> {
 pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
     let hex: Vec<u8> = text.bytes().filter(|&c| c != b'-').collect();
     let dashes = text.bytes().filter(|&c| c == b'-').count();
-    if hex.len() != 32 || !(dashes == 0 || (dashes == 4 && canonical_dashes(text))) {
+    // Digits only: `from_str_radix` alone would also take a sign ("+6" as 0x06).
+    if hex.len() != 32 || !hex.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
+    if !(dashes == 0 || (dashes == 4 && canonical_dashes(text))) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).expect("a hex digit") as u8;
     let mut out = [0u8; 16];
     for (i, pair) in hex.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
+        out[i] = digit(pair[0]) << 4 | digit(pair[1]);
     }
     Some(out)
 }
@@ -280,6 +284,15 @@ mod tests {
         assert_eq!(parse_uuid("12345678-9abc-def0-0123-456789abcdeg"), None);
         assert_eq!(parse_uuid("12-345678-9abc-def0-0123456789abcdef"), None);
         assert_eq!(parse_uuid(""), None);
+        assert_eq!(format_uuid(&UUID), "12345678-9abc-def0-0123-456789abcdef");
+    }
+
+    #[test]
+    fn a_uuid_with_signs_among_its_digits_is_refused() {
+        // from_str_radix takes a leading '+': "+6" read as a hex pair pinned byte 0x06.
+        assert_eq!(parse_uuid("66+66666666666666666666666666666"), None);
+        assert_eq!(parse_uuid("+2345678-9abc-def0-0123-456789abcdef"), None);
+        assert_eq!(parse_uuid("12345678-9abc-def0-0123-456789abcd+f"), None);
         assert_eq!(format_uuid(&UUID), "12345678-9abc-def0-0123-456789abcdef");
     }
 
