@@ -528,3 +528,59 @@ fn the_interval_log_has_a_tag_per_message_type_in_use_with_exact_counts() {
     let reads = counts["one-7.kvmi.READ_PHYSICAL"].1;
     assert!(reads >= 3 && reads <= intervals, "{counts:?}");
 }
+
+/// QEMU on the connect side (`--kvmi-hypervisor-side connect`): its handshake comes through the
+/// session. An introspector that writes its answer and a WRITE_PHYSICAL the moment it connects,
+/// before QEMU's handshake was checked against the pin, must not reach that QEMU: it may be
+/// another VM. QEMU here waits before it sends a handshake of the wrong name.
+#[test]
+fn nothing_reaches_a_connect_side_qemu_before_its_handshake_passed_the_pin() {
+    let dir = tmpdir();
+    let relay_path = path_in(dir.path(), "vmi-sock");
+    let qemu_path = path_in(dir.path(), "qemu.sock");
+    let qemu = UnixListener::bind(&qemu_path).unwrap();
+    let relay = Relay::start(&[
+        &format!("--listen=unix:{}", relay_path.display()),
+        &format!("--connect=unix:{}", qemu_path.display()),
+        "--kvmi",
+        "--kvmi-hypervisor-side=connect",
+        "--kvmi-vm-name=one-7",
+    ]);
+    let mut intro = UnixStream::connect(&relay_path).unwrap();
+    let mut early = vec![24, 0, 0, 0];
+    early.extend([0u8; 20]);
+    early.extend(raw_msg(18, 24, 1, &[0u8; 24]));
+    intro.write_all(&early).unwrap();
+
+    let (mut q, _) = qemu.accept().unwrap();
+    q.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut got = [0u8; 64];
+    let before = match q.read(&mut got) {
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => 0,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(before, 0, "{before} bytes of the introspector's reached QEMU before its handshake was checked");
+    q.write_all(&build_qemu(UUID, 1, b"other-vm", None)).unwrap();
+    q.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let after = match q.read(&mut got) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(after, 0, "the wrong VM received {after} bytes");
+    let mut relay = relay;
+    relay.wait_log("is not the pinned", Duration::from_secs(5));
+
+    // The pinned VM: what the introspector wrote early reaches it once its handshake passed,
+    // with nothing else happening on either socket.
+    let mut intro = UnixStream::connect(&relay_path).unwrap();
+    intro.write_all(&early).unwrap();
+    let (mut q, _) = qemu.accept().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    q.write_all(&build_qemu(UUID, 1, b"one-7", None)).unwrap();
+    q.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut held = vec![0u8; early.len()];
+    q.read_exact(&mut held).expect("the held bytes reach the pinned VM");
+    assert_eq!(held, early);
+}

@@ -360,6 +360,9 @@ impl Conn {
             k.borrow_mut().now = now;
         }
         let mut more = false;
+        // The direction toward the hypervisor may run before the handshake that releases it
+        // passes in the other direction, in the same turn: then it runs again on the next one.
+        let awaited_handshake = self.kvmi.as_ref().is_some_and(|(k, _)| k.borrow().awaits_handshake());
         for d in 0..2 {
             if d == 0 && !self.preface.is_empty() {
                 // The handshake goes first; l2c waits until it is out.
@@ -398,6 +401,7 @@ impl Conn {
         }
         if let Some((k, flows)) = &self.kvmi {
             let mut k = k.borrow_mut();
+            more |= awaited_handshake && !k.awaits_handshake();
             for d in 0..2 {
                 if let Err(e) = k.flush(flows[d], &self.socks[1 - d]) {
                     return Step::Close(End::Failed { side: 1 - d, error: e });

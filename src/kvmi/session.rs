@@ -14,6 +14,8 @@
 //! - leaves a partial message in the pump (it says it would block), so no destination ever
 //!   receives part of a message the relay holds the rest of; the connection then clears the
 //!   pump's "destination blocked" flag, since the destination was not what blocked.
+//! - holds everything toward the hypervisor while QEMU's handshake, when it comes through this
+//!   layer, has not passed the pin: the VM behind the socket may not be the pinned one;
 //! - refuses a malformed stream (size beyond the limit, a reply or event reply for nothing
 //!   waiting, an unknown id under `--kvmi-unknown refuse`, a denied command while command
 //!   replies are off) with an error before any byte of the offending message is written.
@@ -202,6 +204,12 @@ impl Session {
         self
     }
 
+    /// QEMU's handshake comes through this layer and has not passed yet: the flow toward the
+    /// hypervisor is held until it has.
+    pub fn awaits_handshake(&self) -> bool {
+        self.flows[TO_INTROSPECTOR].preamble == Preamble::Qemu
+    }
+
     /// The last offer in `flow` ended in part of a message (the destination did not block).
     pub fn is_stuck(&self, flow: Flow) -> bool {
         self.flows[index(flow)].stuck_partial
@@ -250,6 +258,12 @@ impl Session {
     pub fn send(&mut self, flow: Flow, sock: &impl Side, buf: &[u8]) -> io::Result<usize> {
         let f = index(flow);
         self.flows[f].stuck_partial = false;
+        if flow == Flow::ToHypervisor && self.awaits_handshake() {
+            // The VM behind the socket is not known to be the pinned one until its handshake
+            // passed: not a byte of the introspector's goes its way before (held in the pump).
+            self.flows[f].stuck_partial = true;
+            return done(0);
+        }
         let mut taken = 0usize;
         loop {
             if self.flows[f].raw_left > 0 {
@@ -547,6 +561,38 @@ mod tests {
         // Past the introspector's handshake answer.
         s.flows[TO_HYPERVISOR].preamble = Preamble::None;
         s
+    }
+
+    /// QEMU on the connect side: its handshake comes through this layer. An introspector that
+    /// writes its answer and a command before that handshake was checked must not reach the
+    /// hypervisor: the VM behind the socket may not be the pinned one.
+    #[test]
+    fn nothing_reaches_the_hypervisor_before_qemus_handshake_passed_the_pin() {
+        let policy = Policy::from_names(&V7, Mode::Full, &[], &[], Unknown::Refuse).unwrap();
+        let pin = Pin { uuid: None, name: Some(b"one-7".to_vec()) };
+        let mut s = Session::new(&V7, policy, Some(pin), true, Instant::now());
+        let (to_hypervisor, to_introspector) = (Sink::default(), Sink::default());
+        let mut early = vec![24, 0, 0, 0];
+        early.extend([0u8; 20]);
+        early.extend(msg(18, 1, &[0u8; 24]));
+        let r = s.send(Flow::ToHypervisor, &to_hypervisor, &early);
+        assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock), "took bytes before the handshake");
+        assert_eq!(to_hypervisor.bytes.get(), 0, "bytes reached the hypervisor before its handshake was checked");
+        assert!(s.is_stuck(Flow::ToHypervisor), "held, not blocked on the socket");
+        // The wrong VM's handshake: refused, and still nothing went its way.
+        let other = handshake::build_qemu([7; 16], 1, b"other-vm", None);
+        assert!(s.send(Flow::ToIntrospector, &to_introspector, &other).is_err());
+        assert_eq!((to_hypervisor.bytes.get(), to_introspector.bytes.get()), (0, 0));
+
+        // The pinned VM's handshake lets the held bytes through.
+        let policy = Policy::from_names(&V7, Mode::Full, &[], &[], Unknown::Refuse).unwrap();
+        let pin = Pin { uuid: None, name: Some(b"one-7".to_vec()) };
+        let mut s = Session::new(&V7, policy, Some(pin), true, Instant::now());
+        let (to_hypervisor, to_introspector) = (Sink::default(), Sink::default());
+        assert!(s.send(Flow::ToHypervisor, &to_hypervisor, &early).is_err());
+        let right = handshake::build_qemu([7; 16], 1, b"one-7", None);
+        assert_eq!(s.send(Flow::ToIntrospector, &to_introspector, &right).unwrap(), right.len());
+        assert_eq!(s.send(Flow::ToHypervisor, &to_hypervisor, &early).unwrap(), early.len());
     }
 
     /// What the KVMi layer costs per message, on top of the write it makes anyway: framing,
