@@ -10,7 +10,7 @@ BIN := target/dist/kvmi-relay
 TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo quick test deps fmt clippy unit man install uninstall deb lintian bench bench-pinned bench-loaded bench-fleet bench-quick bench-lint
+.PHONY: all build demo quick test deps fmt clippy unit fuzz man install uninstall deb lintian bench bench-pinned bench-loaded bench-fleet bench-quick bench-lint
 
 all: build
 
@@ -32,10 +32,11 @@ deps:
 demo: build
 	$(TOOLS) demo
 
-# Every package: the workspace's two and the bench harness (a package of its own).
+# Every package: the workspace's two, the bench harness and the fuzz targets (packages of their own).
 fmt:
 	$(CARGO) fmt --all --check
 	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
+	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 
 clippy:
 	$(CARGO) clippy --release --locked $(PACKAGES) --all-targets -- -D warnings
@@ -55,11 +56,20 @@ QUICK_STEPS := fmt clippy unit
 quick:
 	@MAKE="$(MAKE)" tests/make-test.sh "make quick" $(QUICK_STEPS)
 
-# Every check: installs what they need, then the quick steps, the benches' quick run and both
-# test guests.
-TEST_STEPS := deps $(QUICK_STEPS) bench-quick guest-test
+# Every check: installs what they need, then the quick steps, the fuzzers' bounded run, the
+# benches' quick run and both test guests.
+TEST_STEPS := deps $(QUICK_STEPS) fuzz bench-quick guest-test
 test:
 	@MAKE="$(MAKE)" tests/make-test.sh "make test" $(TEST_STEPS)
+
+# Every parser that takes outside input, fuzzed (fuzz/, its own package and lock file, so the
+# relay's dependency tree is unchanged): cargo-fuzz's libFuzzer without a sanitizer, which builds
+# on the stable toolchain; cargo-fuzz is installed from crates.io the first time. Each target
+# runs FUZZ_SECONDS (20) from its seeds in fuzz/corpus/ and fails on a crash or a failed
+# property, with the input saved under target/fuzz/artifacts/. About 4 minutes with the build.
+FUZZ_SECONDS ?= 20
+fuzz:
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) CARGO=$(CARGO) fuzz/run.sh $(FUZZ_TARGETS)
 
 # Benchmarks (docs/BENCHMARKS.md): direct, kvmi-relay, socat and systemd-socket-proxyd
 # interleaved in one run. The harness is its own package under benches/harness, so that its

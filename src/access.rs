@@ -78,6 +78,14 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// One `--allow-ip` rule: a CIDR, or a bare address meaning exactly that host. Host bits are
+/// cleared and a mapped rule becomes the IPv4 network it means ([`canonical_net`]), so the
+/// stored rule is the network peers are judged against. None when the text is neither.
+pub fn parse_rule(text: &str) -> Option<IpNet> {
+    let net = text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from)).ok()?;
+    Some(canonical_net(net.trunc()))
+}
+
 /// A rule written as an IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is turned into the
 /// IPv4 network it means, since peers are judged by their canonical address.
 pub fn canonical_net(net: IpNet) -> IpNet {

@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use nix::unistd::{Group, Uid, User};
 
-use crate::access::{Policy, canonical_net};
+use crate::access::{self, Policy};
 use crate::cli::{KvmiAbiArg, KvmiPolicyArg, KvmiUnknownArg, MoveArg, RelayArgs, SideArg};
 use crate::datapath::pump::Strategy;
 use crate::escape::Escaped;
@@ -304,11 +303,9 @@ impl TryFrom<RelayArgs> for Config {
             }
         }
         for n in items(&a.allow_ip) {
-            // A bare address means exactly that host.
-            let parsed = n.parse::<IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(IpNet::from));
-            match parsed {
-                Ok(net) => policy.nets.push(canonical_net(net.trunc())),
-                Err(_) => problem!(p, allow_ip, "'{n}' is not a CIDR like 192.0.2.0/24 or 2001:db8::/32"),
+            match access::parse_rule(n) {
+                Some(net) => policy.nets.push(net),
+                None => problem!(p, allow_ip, "'{n}' is not a CIDR like 192.0.2.0/24 or 2001:db8::/32"),
             }
         }
         for c in items(&a.allow_cid) {
@@ -632,6 +629,7 @@ pub(crate) fn log_filter_is_valid(filter: &str) -> bool {
 mod tests {
     use super::*;
     use clap::Parser;
+    use ipnet::IpNet;
 
     fn parse(args: &[&str]) -> Result<Config, ConfigErrors> {
         let mut argv = vec!["kvmi-relay"];

@@ -7,7 +7,8 @@
 # Each target's output goes to the terminal as it happens and to target/test-logs/<target>.log,
 # which is where the counts come from: cargo's "test result:" lines (the relay's tests and the
 # bench harness's), the test guests' "== guest <suite>: ..." summaries, and one check each for
-# the targets that report no count of their own (fmt, clippy, bench-quick). The first target
+# the targets that report no count of their own (fmt, clippy, bench-quick, fuzz: one check per
+# target). The first target
 # that fails stops the run, as make would; the last line then names it and its log.
 set -uo pipefail
 
@@ -38,6 +39,14 @@ count() {
     if [ -n "$b" ]; then
         passed=$((passed + 1))
         parts+=("quick bench ok ($b)")
+    fi
+    # fuzz's own line: each target's bounded run is one check
+    local z
+    z=$(sed -n 's/^fuzz: ok in [0-9]* s: \([0-9]*\) targets, \([0-9]*\) s each.*/\1 \2/p' "$log")
+    if [ -n "$z" ]; then
+        read -r zn zs <<<"$z"
+        passed=$((passed + zn))
+        parts+=("$zn fuzz targets, ${zs} s each, no crash")
     fi
     local suite gp gf gx gn gm
     while read -r suite gp gf gx gn gm; do

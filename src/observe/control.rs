@@ -61,6 +61,14 @@ impl Request {
             _ => None,
         }
     }
+
+    /// The request in what a client sent: its first line (whatever follows is ignored), or
+    /// all of it when no newline came before EOF or the length cap; bytes that are not UTF-8
+    /// make it no request.
+    pub fn from_bytes(sent: &[u8]) -> Option<Request> {
+        let line = String::from_utf8_lossy(&sent[..sent.iter().position(|&b| b == b'\n').unwrap_or(sent.len())]);
+        Request::parse(&line)
+    }
 }
 
 pub struct ControlServer {
@@ -165,8 +173,7 @@ impl ControlConn {
     }
 
     fn parsed(&self) -> Option<Request> {
-        let line = String::from_utf8_lossy(&self.request);
-        Request::parse(line.split('\n').next().unwrap_or(""))
+        Request::from_bytes(&self.request)
     }
 
     /// Queues the answer and starts writing it.
