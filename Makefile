@@ -126,7 +126,7 @@ HARNESS_CLIPPY = $(CARGO) clippy --release --locked --quiet --manifest-path benc
 bench-lint: build
 	$(CARGO) fmt --check --manifest-path benches/harness/Cargo.toml
 	$(HARNESS_CLIPPY)
-	KVMI_RELAY_BIN=$(abspath $(BIN)) $(CARGO) test --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness
+	BENCH_RELAY_BIN=$(abspath $(BIN)) $(CARGO) test --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness
 
 # Install layout (GNU-style; DESTDIR for staging). systemd looks for units under
 # /usr/local/lib/systemd/system too, so the default PREFIX works as it is.

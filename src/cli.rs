@@ -2,9 +2,19 @@
 //!
 //! Every relay flag can also come from a `KVMI_RELAY_*` environment variable so that one
 //! systemd `EnvironmentFile=` configures one instance. `config::Config::try_from(RelayArgs)`
-//! is the border: nothing past it knows about clap.
+//! is the border: nothing past it knows about clap. A switch given through its variable takes
+//! 1/0, true/false, yes/no or on/off (checked at the border).
 
+use clap::builder::StringValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// The value parser of the switches (`--kvmi`, `--allow-any-ip`, ...): the text as given,
+/// "true" for the bare flag, "false" when absent, or the variable's value. clap's own boolean
+/// parser takes only true/false and names the flag, not the variable, in a multi-line error;
+/// `config` reads the words systemd users write (1/0, yes/no, on/off) and names both.
+fn switch() -> StringValueParser {
+    StringValueParser::new()
+}
 
 /// Access-controlled, zero-copy relay for one VM's KVMi introspection socket.
 ///
@@ -49,12 +59,12 @@ pub struct RelayArgs {
     pub allow_cid: Vec<String>,
 
     /// TCP listener: admit any source address (an explicit opt-out of --allow-ip).
-    #[arg(long, env = "KVMI_RELAY_ALLOW_ANY_IP", action = ArgAction::SetTrue)]
-    pub allow_any_ip: bool,
+    #[arg(long, env = "KVMI_RELAY_ALLOW_ANY_IP", action = ArgAction::SetTrue, value_parser = switch())]
+    pub allow_any_ip: String,
 
     /// vsock listener: admit any CID (an explicit opt-out of --allow-cid).
-    #[arg(long, env = "KVMI_RELAY_ALLOW_ANY_CID", action = ArgAction::SetTrue)]
-    pub allow_any_cid: bool,
+    #[arg(long, env = "KVMI_RELAY_ALLOW_ANY_CID", action = ArgAction::SetTrue, value_parser = switch())]
+    pub allow_any_cid: String,
 
     /// Mode of the listening UNIX socket file (octal; world-writable modes are refused).
     #[arg(long, env = "KVMI_RELAY_SOCKET_MODE", value_name = "OCTAL", default_value = "0660")]
@@ -153,8 +163,8 @@ pub struct RelayArgs {
     /// Speak KVMi: read QEMU's handshake before dialling (VM pinning), frame messages, apply
     /// --kvmi-policy, deliver whole messages to the introspector, time each message type.
     /// Without it the relay moves bytes without looking at them.
-    #[arg(long, env = "KVMI_RELAY_KVMI", action = ArgAction::SetTrue)]
-    pub kvmi: bool,
+    #[arg(long, env = "KVMI_RELAY_KVMI", action = ArgAction::SetTrue, value_parser = switch())]
+    pub kvmi: String,
 
     /// With --kvmi: admit only the VM whose handshake carries this UUID (8-4-4-4-12 hex).
     #[arg(long, env = "KVMI_RELAY_KVMI_VM_UUID", value_name = "UUID")]

@@ -2,8 +2,12 @@
 //!
 //! Every value is checked here, before anything is bound or created, and every problem is
 //! reported (not only the first) as one line naming the flag and its environment variable.
-//! `--check` runs exactly this and nothing else.
+//! `unknown_variables` checks the environment itself: a `KVMI_RELAY_*` variable that no flag
+//! reads is a mistake (a typo in an `EnvironmentFile=`), reported with the known name closest
+//! to it. The known names are read from the clap definition, never kept by hand. `--check`
+//! runs exactly this and nothing else.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -165,14 +169,19 @@ impl Problems {
     }
 }
 
+/// The clap definition, built once: where flag and variable names come from.
+fn command() -> &'static clap::Command {
+    static COMMAND: OnceLock<clap::Command> = OnceLock::new();
+    COMMAND.get_or_init(<crate::cli::Cli as clap::CommandFactory>::command)
+}
+
 /// `("--flag", "KVMI_RELAY_VAR")` for a field of `RelayArgs`, read from the clap definition
 /// itself, so a message can never name a flag or variable the command line does not have.
 fn names(id: &str) -> (&'static str, &'static str) {
-    static COMMAND: OnceLock<clap::Command> = OnceLock::new();
     static NAMES: OnceLock<Vec<(String, String, &'static str)>> = OnceLock::new();
     let all = NAMES.get_or_init(|| {
-        let cmd: &'static clap::Command = COMMAND.get_or_init(<crate::cli::Cli as clap::CommandFactory>::command);
-        cmd.get_arguments()
+        command()
+            .get_arguments()
             .filter_map(|a| {
                 let long = a.get_long()?;
                 let env = a.get_env()?.to_str()?;
@@ -184,6 +193,93 @@ fn names(id: &str) -> (&'static str, &'static str) {
         .find(|(i, ..)| i == id)
         .map(|(_, flag, env)| (flag.as_str(), *env))
         .unwrap_or_else(|| panic!("probable bug: '{id}' is not a relay flag with an environment variable"))
+}
+
+/// What a variable's name starts with when it is meant for the relay. Matched ignoring case, so
+/// that a lower-case `kvmi_relay_max_conns` (which no flag reads either) is caught too.
+const VARIABLE_PREFIX: &str = "KVMI_RELAY_";
+
+/// Every variable some flag reads, the relay's and its subcommands', from the clap definition.
+pub fn known_variables() -> &'static [&'static str] {
+    static KNOWN: OnceLock<Vec<&'static str>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        fn walk(cmd: &'static clap::Command, out: &mut Vec<&'static str>) {
+            out.extend(cmd.get_arguments().filter_map(|a| a.get_env()?.to_str()));
+            for sub in cmd.get_subcommands() {
+                walk(sub, out);
+            }
+        }
+        let mut all = Vec::new();
+        walk(command(), &mut all);
+        all.sort_unstable();
+        all.dedup();
+        all
+    })
+}
+
+/// A `KVMI_RELAY_*` variable in the environment that no flag reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownVariable {
+    /// As found (lossily decoded; escaped when printed).
+    pub name: String,
+    /// The known variable with the fewest edits to it.
+    pub closest: &'static str,
+}
+
+impl fmt::Display for UnknownVariable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: no flag reads this variable; did you mean {}?", Escaped(&self.name), self.closest)
+    }
+}
+
+/// The variables among `names` (the environment's) that look meant for the relay and are not
+/// known, in the order given.
+pub fn unknown_variables(names: impl IntoIterator<Item = OsString>) -> Vec<UnknownVariable> {
+    let known = known_variables();
+    names
+        .into_iter()
+        .filter_map(|n| {
+            let name = n.to_string_lossy().into_owned();
+            let meant = name.get(..VARIABLE_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(VARIABLE_PREFIX));
+            if !meant || known.contains(&name.as_str()) {
+                return None;
+            }
+            let upper = name.to_ascii_uppercase();
+            let closest = known.iter().copied().min_by_key(|k| edit_distance(&upper, k))?;
+            Some(UnknownVariable { name, closest })
+        })
+        .collect()
+}
+
+/// Levenshtein distance in characters: insertions, deletions and substitutions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// A switch (`--kvmi`, `--allow-any-ip`, ...): "true" or "false" from the command line, or its
+/// variable's value, which takes the words systemd users write, in any case. Empty means off,
+/// as an empty `KVMI_RELAY_KVMI=` line in an environment file reads. None: not a switch value
+/// (reported), so that checks depending on it stay quiet rather than report a consequence.
+fn switch(p: &mut Problems, (flag, env): (&'static str, &'static str), text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" | "" => Some(false),
+        _ => {
+            p.add(flag, env, format!("'{text}' is not one of 1/0, true/false, yes/no, on/off"));
+            None
+        }
+    }
 }
 
 macro_rules! problem {
@@ -244,6 +340,9 @@ impl TryFrom<RelayArgs> for Config {
 
     fn try_from(a: RelayArgs) -> Result<Config, ConfigErrors> {
         let mut p = Problems(Vec::new());
+        let allow_any_ip = switch(&mut p, names("allow_any_ip"), &a.allow_any_ip);
+        let allow_any_cid = switch(&mut p, names("allow_any_cid"), &a.allow_any_cid);
+        let kvmi_on = switch(&mut p, names("kvmi"), &a.kvmi);
 
         let listen = match a.listen.as_deref() {
             None => {
@@ -314,8 +413,8 @@ impl TryFrom<RelayArgs> for Config {
                 Err(_) => problem!(p, allow_cid, "'{c}' is not a vsock CID"),
             }
         }
-        policy.any_ip = a.allow_any_ip;
-        policy.any_cid = a.allow_any_cid;
+        policy.any_ip = allow_any_ip == Some(true);
+        policy.any_cid = allow_any_cid == Some(true);
 
         // Allow-lists only mean something for the listener they guard; a rule for another kind
         // is a mistake the operator should hear about, not a silent no-op.
@@ -336,7 +435,7 @@ impl TryFrom<RelayArgs> for Config {
                 if !a.allow_ip.is_empty() {
                     problem!(p, allow_ip, "only applies to a tcp listener, not {kind}");
                 }
-                if a.allow_any_ip {
+                if policy.any_ip {
                     problem!(p, allow_any_ip, "only applies to a tcp listener, not {kind}");
                 }
             }
@@ -344,7 +443,7 @@ impl TryFrom<RelayArgs> for Config {
                 if !a.allow_cid.is_empty() {
                     problem!(p, allow_cid, "only applies to a vsock listener, not {kind}");
                 }
-                if a.allow_any_cid {
+                if policy.any_cid {
                     problem!(p, allow_any_cid, "only applies to a vsock listener, not {kind}");
                 }
             }
@@ -352,7 +451,7 @@ impl TryFrom<RelayArgs> for Config {
             let ip_given = items(&a.allow_ip).next().is_some();
             let cid_given = items(&a.allow_cid).next().is_some();
             match kind {
-                "tcp" if !ip_given && !policy.any_ip => problem!(
+                "tcp" if !ip_given && allow_any_ip == Some(false) => problem!(
                     p,
                     allow_ip,
                     "a tcp listener needs an allow-list (--allow-ip CIDR), or --allow-any-ip to admit every address"
@@ -360,7 +459,7 @@ impl TryFrom<RelayArgs> for Config {
                 "tcp" if ip_given && policy.any_ip => {
                     problem!(p, allow_any_ip, "contradicts --allow-ip; give one or the other")
                 }
-                "vsock" if !cid_given && !policy.any_cid => problem!(
+                "vsock" if !cid_given && allow_any_cid == Some(false) => problem!(
                     p,
                     allow_cid,
                     "a vsock listener needs an allow-list (--allow-cid CID), or --allow-any-cid to admit every CID"
@@ -477,7 +576,9 @@ impl TryFrom<RelayArgs> for Config {
             }
         };
 
-        let kvmi = kvmi_config(&mut p, &a);
+        // A malformed KVMI_RELAY_KVMI is taken as meant on: its refinements are then checked
+        // rather than each reported as needing --kvmi.
+        let kvmi = kvmi_config(&mut p, &a, kvmi_on.unwrap_or(true));
 
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
@@ -520,8 +621,8 @@ impl TryFrom<RelayArgs> for Config {
 }
 
 /// `--kvmi` and the flags that only mean something with it.
-fn kvmi_config(p: &mut Problems, a: &RelayArgs) -> Option<KvmiConfig> {
-    if !a.kvmi {
+fn kvmi_config(p: &mut Problems, a: &RelayArgs, on: bool) -> Option<KvmiConfig> {
+    if !on {
         let given = [
             ("kvmi_vm_uuid", a.kvmi_vm_uuid.is_some()),
             ("kvmi_vm_name", a.kvmi_vm_name.is_some()),
@@ -785,6 +886,55 @@ mod tests {
         let e =
             parse(&["--listen", "unix:/tmp/a", "--connect", "unix:/tmp/b", "--tcp-keepalive-s", "soon"]).unwrap_err();
         assert!(e.to_string().contains("--tcp-keepalive-s (KVMI_RELAY_TCP_KEEPALIVE_S)"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_variable_names_the_closest_known_one() {
+        let env = ["PATH", "KVMI_RELAY_LISTEN", "KVMI_RELAY_ALOW_UID", "kvmi_relay_cpu", "KVMI_RELAYS", "KVMI_RELAY_"];
+        let found = unknown_variables(env.map(OsString::from));
+        let pairs: Vec<(&str, &str)> = found.iter().map(|u| (u.name.as_str(), u.closest)).collect();
+        assert_eq!(pairs[..2], [("KVMI_RELAY_ALOW_UID", "KVMI_RELAY_ALLOW_UID"), ("kvmi_relay_cpu", "KVMI_RELAY_CPU")]);
+        assert_eq!(pairs.len(), 3, "KVMI_RELAY_ itself is meant for the relay, KVMI_RELAYS is not: {pairs:?}");
+        assert_eq!(
+            found[0].to_string(),
+            "KVMI_RELAY_ALOW_UID: no flag reads this variable; did you mean KVMI_RELAY_ALLOW_UID?"
+        );
+    }
+
+    #[test]
+    fn every_flag_variable_is_known() {
+        let known = known_variables();
+        for v in ["KVMI_RELAY_LISTEN", "KVMI_RELAY_KVMI_ABI", "KVMI_RELAY_ALLOW_ANY_CID"] {
+            assert!(known.contains(&v), "{v}");
+        }
+        assert!(unknown_variables(known.iter().map(OsString::from)).is_empty());
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("KVMI_RELAY_ALOW_UID", "KVMI_RELAY_ALLOW_UID"), 1);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn switches_take_what_systemd_users_write() {
+        let base = ["--listen", "tcp:127.0.0.1:7", "--connect", "unix:/tmp/b"];
+        assert!(parse(&[&base[..], &["--allow-any-ip"]].concat()).unwrap().policy.any_ip);
+        let mut p = Problems(Vec::new());
+        let n = names("allow_any_ip");
+        for (text, on) in
+            [("1", true), ("YES", true), ("On", true), ("true", true), ("0", false), ("off", false), ("", false)]
+        {
+            assert_eq!(switch(&mut p, n, text), Some(on), "{text}");
+        }
+        assert!(p.0.is_empty());
+        assert_eq!(switch(&mut p, n, "maybe"), None);
+        assert_eq!(
+            p.0[0].to_string(),
+            "--allow-any-ip (KVMI_RELAY_ALLOW_ANY_IP): 'maybe' is not one of 1/0, true/false, yes/no, on/off"
+        );
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! `kvmi-relay`: the daemon (and its `stats` client): parse, validate, serve. Start-up problems
-//! end here as one line each on stderr and exit code 2; a clean stop (SIGTERM/SIGINT) exits 0.
+//! (unknown `KVMI_RELAY_*` variables among them) end here as one line each on stderr and exit
+//! code 2; a clean stop (SIGTERM/SIGINT) exits 0.
 //! Test peers, the demo and the man page are the separate package `kvmi-relay-tools` (tools/).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use kvmi_relay::cli::{Cli, Command};
-use kvmi_relay::config::Config;
+use kvmi_relay::config::{self, Config};
 use kvmi_relay::escape::Escaped;
 
 /// Exit code for bad input and failed start-up (as clap uses for usage errors).
@@ -23,8 +24,14 @@ fn main() -> ExitCode {
 
 fn relay(cli: Cli) -> ExitCode {
     let check = cli.relay.check;
+    // A variable no flag reads is a typo the relay would otherwise silently run without.
+    let unknown = config::unknown_variables(std::env::vars_os().map(|(name, _)| name));
+    for u in &unknown {
+        eprintln!("kvmi-relay: {u}");
+    }
     let cfg = match Config::try_from(cli.relay) {
-        Ok(c) => c,
+        Ok(c) if unknown.is_empty() => c,
+        Ok(_) => return ExitCode::from(EXIT_BAD_START),
         Err(errors) => {
             for e in &errors.0 {
                 eprintln!("kvmi-relay: {e}");

@@ -333,3 +333,77 @@ fn test_peers_live_in_the_tools_binary_not_in_the_daemon() {
         "the man page documents the relay's flags"
     );
 }
+
+/// Runs `--check` (or a real start) with `vars` set; a start that is accepted serves forever and
+/// is killed after 3 s.
+fn run_with_env(args: &[&str], vars: &[(&str, &str)], check: bool) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    if check {
+        cmd.arg("--check");
+    }
+    run_bounded(&mut cmd, Duration::from_secs(3))
+}
+
+/// A misspelt variable in an EnvironmentFile used to be ignored: `--check` said ok and the
+/// allow-list fell back to the relay's own uid. It is refused, naming the variable and the
+/// known one it is closest to, with and without `--check`.
+#[test]
+fn a_misspelt_variable_is_refused_naming_the_closest_known_one() {
+    let d = tmpdir();
+    let sock = d.path().join("relay.sock");
+    let listen = format!("--listen=unix:{}", sock.display());
+    let args = [listen.as_str(), "--connect=unix:/x"];
+    for (var, closest) in [
+        ("KVMI_RELAY_ALOW_UID", "KVMI_RELAY_ALLOW_UID"),
+        ("KVMI_RELAY_SHUTDOWN_TIMEOUT", "KVMI_RELAY_SHUTDOWN_TIMEOUT_MS"),
+        ("kvmi_relay_max_conns", "KVMI_RELAY_MAX_CONNS"),
+    ] {
+        for check in [true, false] {
+            let (code, err) = run_with_env(&args, &[(var, "0")], check);
+            assert_eq!(code, Some(2), "{var} (check={check}): {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "one line for one problem: {err}");
+            assert!(err.starts_with(&format!("kvmi-relay: {var}: ")), "{err}");
+            assert!(err.contains(&format!("did you mean {closest}?")), "{var}: {err}");
+            assert!(!sock.exists(), "{var}: bound although start-up failed");
+        }
+    }
+    // A variable's name is an outside value too: it cannot start a line of its own.
+    let (code, err) = run_with_env(&args, &[("KVMI_RELAY_X\nkvmi-relay: configuration ok", "1")], true);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("KVMI_RELAY_X\\nkvmi-relay"), "{err}");
+}
+
+/// Boolean variables take what systemd users write (1/0, true/false, yes/no, on/off, any case);
+/// anything else is refused as one line naming the variable.
+#[test]
+fn boolean_variables_accept_what_systemd_users_write() {
+    let args = ["--listen=tcp:127.0.0.1:0", "--connect=unix:/x"];
+    for on in ["1", "true", "yes", "on", "TRUE", "Yes", "On"] {
+        let (code, err) = run_with_env(&args, &[("KVMI_RELAY_ALLOW_ANY_IP", on)], true);
+        assert_eq!(code, Some(0), "KVMI_RELAY_ALLOW_ANY_IP={on}: {err}");
+    }
+    for off in ["0", "false", "no", "off", "FALSE", "Off"] {
+        let (code, err) = run_with_env(&args, &[("KVMI_RELAY_ALLOW_ANY_IP", off)], true);
+        assert_eq!(code, Some(2), "KVMI_RELAY_ALLOW_ANY_IP={off}: {err}");
+        assert!(err.contains("a tcp listener needs an allow-list"), "KVMI_RELAY_ALLOW_ANY_IP={off} is off: {err}");
+    }
+    for check in [true, false] {
+        let (code, err) = run_with_env(&args, &[("KVMI_RELAY_ALLOW_ANY_IP", "maybe")], check);
+        assert_eq!(code, Some(2), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line for one problem: {err}");
+        assert!(
+            err.contains(
+                "--allow-any-ip (KVMI_RELAY_ALLOW_ANY_IP): 'maybe' is not one of 1/0, true/false, yes/no, on/off"
+            ),
+            "{err}"
+        );
+    }
+    let (code, err) =
+        run_with_env(&["--listen=unix:/tmp/kvmi-bool.sock", "--connect=unix:/x"], &[("KVMI_RELAY_KVMI", "yes")], true);
+    assert_eq!(code, Some(0), "KVMI_RELAY_KVMI=yes: {err}");
+}

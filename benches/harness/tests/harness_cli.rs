@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 const HARNESS: &str = env!("CARGO_BIN_EXE_kvmi-relay-bench");
 
-/// The relay the Makefile built (`KVMI_RELAY_BIN`, else target/dist/kvmi-relay).
+/// The relay the Makefile built (`BENCH_RELAY_BIN`, else target/dist/kvmi-relay).
 fn relay_bin() -> PathBuf {
-    let bin = std::env::var_os("KVMI_RELAY_BIN")
+    let bin = std::env::var_os("BENCH_RELAY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/dist/kvmi-relay"));
-    assert!(bin.is_file(), "{} not found: run `make build` first (or set KVMI_RELAY_BIN)", bin.display());
+    assert!(bin.is_file(), "{} not found: run `make build` first (or set BENCH_RELAY_BIN)", bin.display());
     bin
 }
 
