@@ -49,8 +49,11 @@ impl Drop for Hog {
 fn a_thread_hogging_the_relays_cpu_suspends_its_poll_window() {
     let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
     let cpus: Vec<usize> = (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)).collect();
-    if cpus.len() < 2 {
-        eprintln!("SKIP a_thread_hogging_the_relays_cpu_suspends_its_poll_window: needs 2 CPUs, has {cpus:?}");
+    if !precondition(
+        cpus.len() >= 2,
+        "a_thread_hogging_the_relays_cpu_suspends_its_poll_window",
+        &format!("2 CPUs (has {cpus:?})"),
+    ) {
         return;
     }
     let (relay_cpu, peers_cpu) = (cpus[0], cpus[1]);
