@@ -59,6 +59,7 @@ impl MoveMode {
             copy_bytes: cfg.pipe_size_bytes.min(MESSAGE_BUFFER_BYTES),
             pipe_bytes: cfg.pipe_size_bytes,
             pipe_max_bytes: cfg.pipe_size_max_bytes,
+            copy_max_bytes: cfg.copy_buffer_max_bytes,
         };
         match self {
             MoveMode::Auto if into_tcp => copy,

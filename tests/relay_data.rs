@@ -508,6 +508,32 @@ fn tcp_reset_ends_a_unix_peers_session_at_once() {
     relay.wait_log("end=\"failed\"", Duration::from_secs(5));
 }
 
+/// A TCP peer's urgent byte (MSG_OOB) is a byte of the stream like any other: it arrives, in
+/// its place (without SO_OOBINLINE the kernel would hold it out of band and the relay, reading
+/// the stream, would drop it).
+#[test]
+fn urgent_data_from_a_tcp_peer_arrives_in_order() {
+    let d = tmpdir();
+    let server_ep = unix(&d, "server.sock");
+    let server_listener = net::listen(&server_ep).unwrap();
+    let mut relay =
+        Relay::start(&["--listen=tcp:127.0.0.1:0", "--allow-ip=127.0.0.1", &format!("--connect={server_ep}")]);
+    let client = tcp_from("127.0.0.1", relay.bound_tcp()).unwrap();
+    let server = net::accept(&server_listener).unwrap();
+    client.send(b"ab").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    client.send_out_of_band(b"c").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    client.send(b"de").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    (&server).read_to_end(&mut got).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "abcde");
+    drop((server, client));
+    relay.wait_log("closed end=", Duration::from_secs(5));
+}
+
 #[test]
 fn a_stalled_reader_blocks_only_its_own_direction() {
     let d = tmpdir();

@@ -65,7 +65,8 @@ pub enum Strategy {
     /// `WouldBlock` (a short splice proves nothing). The first read that fills the buffer (bulk)
     /// moves the direction to splice, through a pipe that starts at `pipe_bytes` and may grow
     /// to `pipe_max_bytes`; `SHORT_SPLICES_TO_COPY` message-sized splices in a row move it back.
-    CopyThenSplice { copy_bytes: usize, pipe_bytes: usize, pipe_max_bytes: usize },
+    /// A direction left without a pipe copies for good, its buffer growing up to `copy_max_bytes`.
+    CopyThenSplice { copy_bytes: usize, pipe_bytes: usize, pipe_max_bytes: usize, copy_max_bytes: usize },
 }
 
 /// What a pump needs from a socket. Implemented by `socket2::Socket`, and by fakes in tests.
@@ -192,6 +193,8 @@ pub struct Pump {
 struct Adaptive {
     copy_bytes: usize,
     pipe_bytes: usize,
+    /// `--copy-buffer-max`: the ceiling once the direction copies for good.
+    copy_max_bytes: usize,
     /// Splice reads in a row shorter than `copy_bytes` and than the pipe's room.
     short_splices: u32,
 }
@@ -244,8 +247,8 @@ impl Pump {
             dst_shut: false,
             spliced_any: false,
             adaptive: match strategy {
-                Strategy::CopyThenSplice { copy_bytes, pipe_bytes, .. } => {
-                    Some(Adaptive { copy_bytes, pipe_bytes, short_splices: 0 })
+                Strategy::CopyThenSplice { copy_bytes, pipe_bytes, copy_max_bytes, .. } => {
+                    Some(Adaptive { copy_bytes, pipe_bytes, copy_max_bytes, short_splices: 0 })
                 }
                 _ => None,
             },
@@ -351,6 +354,14 @@ impl Pump {
             if self.fill > 0 && self.dst_writable {
                 let began = Instant::now();
                 match self.write_to(dst) {
+                    // Nothing taken of a non-empty offer is no progress, and not WouldBlock
+                    // either: counted as progress it would spin until the round cap, every turn.
+                    Ok(0) => {
+                        return Err(PumpError::dst(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            format!("the destination took 0 of {} bytes without blocking", self.fill),
+                        )));
+                    }
                     Ok(n) => {
                         self.fill -= n;
                         if self.fill == 0 {
@@ -469,7 +480,7 @@ impl Pump {
     /// Copy-then-splice, at the first drain after a read filled the copy buffer: a pipe replaces
     /// it (the buffer is empty, so no byte is in flight). A pipe the kernel will not give (out
     /// of file descriptors) leaves the direction copying for good, its buffer free to grow as a
-    /// copy strategy's would (up to the pipe's ceiling).
+    /// copy strategy's would (up to `--copy-buffer-max`).
     fn switch_to_splice(&mut self) {
         self.switch_when_drained = false;
         let Some(a) = self.adaptive.as_mut() else { return };
@@ -481,10 +492,15 @@ impl Pump {
                 self.capacity_bytes = cap;
             }
             // The buffer stays; the next read that fills it grows it.
-            Err(e) => {
-                warn!(direction = self.direction, error = %e, "no pipe for splicing; this direction copies from now on");
-                self.adaptive = None;
-            }
+            Err(e) => self.copy_for_good(&e),
+        }
+    }
+
+    /// No pipe to be had: this direction copies from now on, with the copy buffer's ceiling.
+    fn copy_for_good(&mut self, why: &io::Error) {
+        warn!(direction = self.direction, error = %why, "no pipe for splicing; this direction copies from now on");
+        if let Some(a) = self.adaptive.take() {
+            self.max_bytes = a.copy_max_bytes;
         }
     }
 
@@ -740,6 +756,32 @@ mod tests {
     }
 
     #[test]
+    fn a_write_that_takes_nothing_without_blocking_is_an_error_not_progress() {
+        let src = Fake::reading(vec![Step::Data(vec![7; 100]), Step::WouldBlock]);
+        let dst = Fake::writing(vec![Step::Take(0)]);
+        let mut p = pump(COPY);
+        let e = p.run(&src, &dst, true).expect_err("Ok(0) from a write must end the session");
+        assert!(!e.at_source);
+        assert_eq!(e.error.kind(), io::ErrorKind::WriteZero, "{}", e.error);
+    }
+
+    #[test]
+    fn without_a_pipe_copy_then_splice_grows_its_buffer_to_the_copy_ceiling() {
+        let mut p = Pump::new(COPY_THEN_SPLICE, "test").unwrap();
+        p.copy_for_good(&io::Error::from_raw_os_error(libc::EMFILE));
+        // Reads that fill the buffer now grow it, and stop at --copy-buffer-max (8 KiB), not at
+        // --pipe-size-max (64 KiB).
+        let big = counting(0, 1 << 20);
+        let src = Fake::reading(big.chunks(512).map(|c| Step::Data(c.to_vec())).collect());
+        let dst = Fake::writing(vec![Step::WouldBlock]);
+        for _ in 0..64 {
+            p.src_readable = true;
+            let _ = p.run(&src, &dst, true);
+        }
+        assert_eq!(p.capacity_bytes(), 8192, "the copy buffer's ceiling, not the pipe's");
+    }
+
+    #[test]
     fn copy_buffer_stays_small_for_messages() {
         // One message per readiness event.
         let src = Fake::reading((0..50).map(|i| Step::Data(counting(i * 552, 552))).collect());
@@ -785,7 +827,7 @@ mod tests {
     }
 
     const COPY_THEN_SPLICE: Strategy =
-        Strategy::CopyThenSplice { copy_bytes: 1024, pipe_bytes: 4096, pipe_max_bytes: 65536 };
+        Strategy::CopyThenSplice { copy_bytes: 1024, pipe_bytes: 4096, pipe_max_bytes: 65536, copy_max_bytes: 8192 };
 
     /// Runs `p` until it finishes, every socket ready on each turn.
     fn run_to_end(p: &mut Pump, src: &Fake, dst: &Fake) {
