@@ -41,6 +41,35 @@ pub enum Verdict {
     Deny(&'static str),
 }
 
+impl Policy {
+    /// Who is admitted on a listener of `family` ("unix", "tcp", "vsock"), in words: what
+    /// `--check` prints, so an operator sees the rule that will be enforced.
+    pub fn admits(&self, family: &str) -> String {
+        fn list<T: fmt::Display>(items: &[T]) -> String {
+            items.iter().map(T::to_string).collect::<Vec<_>>().join(", ")
+        }
+        match family {
+            "unix" => {
+                let mut rules = Vec::new();
+                if !self.uids.is_empty() {
+                    rules.push(format!("uid {}", list(&self.uids)));
+                }
+                if !self.gids.is_empty() {
+                    rules.push(format!("gid {}", list(&self.gids)));
+                }
+                if rules.is_empty() { "admits nobody".into() } else { format!("admits {}", rules.join(" or ")) }
+            }
+            "tcp" if self.any_ip => "admits any source address".into(),
+            "tcp" if self.nets.is_empty() => "admits nobody".into(),
+            "tcp" => format!("admits source {}", list(&self.nets)),
+            "vsock" if self.any_cid => "admits any CID".into(),
+            "vsock" if self.cids.is_empty() => "admits nobody".into(),
+            "vsock" => format!("admits CID {}", list(&self.cids)),
+            other => format!("admits nobody (unknown family {other})"),
+        }
+    }
+}
+
 /// The whole access decision.
 pub fn decide(policy: &Policy, peer: &Peer) -> Verdict {
     match *peer {

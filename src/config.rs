@@ -20,7 +20,7 @@ use crate::cli::{KvmiAbiArg, KvmiPolicyArg, KvmiUnknownArg, MoveArg, RelayArgs, 
 use crate::datapath::pump::Strategy;
 use crate::escape::Escaped;
 use crate::kvmi;
-use crate::net::endpoint::{Endpoint, VSOCK_CID_ANY};
+use crate::net::endpoint::{Endpoint, UNIX_PATH_MAX_BYTES, VSOCK_CID_ANY};
 
 /// Smallest and largest pipe size accepted for `--pipe-size`.
 const PIPE_SIZE_MIN_BYTES: usize = 4096;
@@ -550,6 +550,16 @@ impl TryFrom<RelayArgs> for Config {
         if let Some(c) = &control {
             match parent_of(c) {
                 _ if c.is_relative() => problem!(p, control, "'{}' is relative; give an absolute path", c.display()),
+                _ if c.as_os_str().len() > UNIX_PATH_MAX_BYTES => problem!(
+                    p,
+                    control,
+                    "'{}' is {} bytes, longer than the {UNIX_PATH_MAX_BYTES} a UNIX socket address holds",
+                    c.display(),
+                    c.as_os_str().len()
+                ),
+                _ if c.as_os_str().as_encoded_bytes().ends_with(b"/") => {
+                    problem!(p, control, "'{}' ends in '/': it names a directory, not a socket file", c.display())
+                }
                 d if !d.is_dir() => problem!(p, control, "parent directory {} does not exist", d.display()),
                 _ if c.exists() && !is_socket(c) => {
                     problem!(p, control, "{} exists and is not a socket; refusing to replace it", c.display())
@@ -567,6 +577,8 @@ impl TryFrom<RelayArgs> for Config {
                 problem!(p, hist_log, "'{}' is relative; give an absolute path", h.display());
             } else if !d.is_dir() {
                 problem!(p, hist_log, "parent directory {} does not exist", d.display());
+            } else if h.is_dir() || h.as_os_str().as_encoded_bytes().ends_with(b"/") {
+                problem!(p, hist_log, "{} is a directory; name the log file in it", h.display());
             }
         }
         let hist_interval = match a.hist_interval.trim().parse::<f64>() {

@@ -41,10 +41,11 @@ fn relay(cli: Cli) -> ExitCode {
     };
     if check {
         println!(
-            "kvmi-relay: configuration ok: listen {} → connect {} ({})",
+            "kvmi-relay: configuration ok: listen {} → connect {} ({}); {}",
             Escaped(&cfg.listen),
             Escaped(&cfg.connect),
-            Escaped(&cfg.name)
+            Escaped(&cfg.name),
+            cfg.policy.admits(cfg.listen.kind())
         );
         return ExitCode::SUCCESS;
     }

@@ -201,6 +201,41 @@ fn check_reports_every_problem_and_binds_nothing() {
     assert!(!sock.exists(), "--check must not bind");
 }
 
+/// `--check` refuses what start-up would refuse (checks that take nothing over), and says
+/// which peers the relay will admit.
+#[test]
+fn check_finds_what_start_up_refuses_and_prints_the_access_policy() {
+    let d = tmpdir();
+    let sock = d.path().join("relay.sock");
+    let listen = format!("--listen=unix:{}", sock.display());
+    let long_dir = d.path().join("y".repeat(100));
+    std::fs::create_dir(&long_dir).unwrap();
+    let long_control = format!("--control={}/c.ctl", long_dir.display());
+    let hist_dir = format!("--hist-log={}", d.path().display());
+    let no_file = format!("--listen=unix:{}/nodir/", d.path().display());
+    for (args, flag, says) in [
+        (vec![listen.as_str(), long_control.as_str()], "--control", "bytes, longer than"),
+        (vec![listen.as_str(), hist_dir.as_str()], "--hist-log", "is a directory"),
+        (vec![no_file.as_str()], "--listen", "ends in '/'"),
+    ] {
+        let mut all = vec!["--check", "--connect=unix:/run/vmi/vmi.sock"];
+        all.extend(args.iter().copied());
+        let err = refused(&all, Some(&sock));
+        assert!(err.contains(flag) && err.contains(says), "{all:?}: {err}");
+        // And start-up, without --check, refuses the same.
+        let err = refused(&all[1..], Some(&sock));
+        assert!(err.contains(flag), "{all:?}: {err}");
+    }
+    let (code, out, err) =
+        run(&["--check", &listen, "--allow-uid=0", "--allow-gid=0", "--connect=unix:/run/vmi/vmi.sock"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("admits uid 0 or gid 0"), "{out}");
+    let (code, out, err) =
+        run(&["--check", "--listen=tcp:127.0.0.1:0", "--allow-ip=10.0.0.0/8,::1", "--connect=unix:/x"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("admits source 10.0.0.0/8, ::1/128"), "{out}");
+}
+
 #[test]
 fn port_in_use_is_refused_with_the_flag_named() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -13,7 +13,7 @@ use socket2::{Domain, SockAddr};
 pub const VSOCK_CID_ANY: u32 = u32::MAX;
 
 /// Longest path a `sockaddr_un` holds (108 bytes including the terminating NUL).
-const UNIX_PATH_MAX_BYTES: usize = 107;
+pub const UNIX_PATH_MAX_BYTES: usize = 107;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -44,6 +44,9 @@ impl Endpoint {
                         "unix path '{rest}' is {} bytes, longer than the {UNIX_PATH_MAX_BYTES} a UNIX socket address holds",
                         rest.len()
                     ));
+                }
+                if rest.ends_with('/') {
+                    return Err(format!("unix path '{rest}' ends in '/': it names a directory, not a socket file"));
                 }
                 if rest.as_bytes().contains(&0) {
                     return Err("unix path contains a NUL byte".into());
