@@ -9,11 +9,13 @@
 //!   decided in `access.rs` (pure functions);
 //! - what is observed is `observe/` (histograms, export, interval log, control protocol);
 //! - the protocol layers between a connection and its pump: `kvmi/` (pure) and `tls/`;
-//! - `unsafe` lives in `sys.rs` only;
+//! - `unsafe` lives in `sys.rs` only (the crate denies `unsafe_code`; `sys` alone is allowed);
 //! - the command line stops at `cli.rs`; `config.rs` is the border to everything else.
 //!
 //! The fake KVMi peers, test peers, demo and man-page generator are the `kvmi-relay-tools`
 //! package (`tools/`), which depends on this library; nothing here depends on it.
+
+#![deny(unsafe_code)]
 
 pub mod access;
 pub mod cli;
@@ -26,6 +28,7 @@ pub mod kvmi;
 pub mod net;
 pub mod observe;
 pub mod relay;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
 

@@ -3,6 +3,8 @@
 //! code 2; a clean stop (SIGTERM/SIGINT) exits 0.
 //! Test peers, the demo and the man page are the separate package `kvmi-relay-tools` (tools/).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
