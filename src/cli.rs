@@ -5,6 +5,8 @@
 //! is the border: nothing past it knows about clap. A switch given through its variable takes
 //! 1/0, true/false, yes/no or on/off (checked at the border).
 
+use std::path::PathBuf;
+
 use clap::builder::StringValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -248,5 +250,21 @@ pub enum KvmiAbiArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Live connections and their latency percentiles from a relay's control socket.
-    Stats(crate::observe::control::StatsArgs),
+    Stats(StatsArgs),
+}
+
+/// `kvmi-relay stats PATH`: live connections and their percentiles from a relay's control socket.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// The relay's control socket (its --control PATH).
+    pub path: PathBuf,
+    /// JSON for scripts.
+    #[arg(long, conflicts_with_all = ["prometheus", "reset"])]
+    pub json: bool,
+    /// Prometheus text exposition format (for node_exporter's textfile collector or a scraper).
+    #[arg(long, conflicts_with = "reset")]
+    pub prometheus: bool,
+    /// Zero the counters and histograms instead.
+    #[arg(long)]
+    pub reset: bool,
 }

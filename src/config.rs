@@ -124,7 +124,7 @@ pub struct KvmiConfig {
     pub abi: kvmi::abi::Abi,
     pub vm_uuid: Option<[u8; 16]>,
     pub vm_name: Option<Vec<u8>>,
-    /// Which socket index carries QEMU (`conn::LISTEN_SIDE` or `conn::CONNECT_SIDE`).
+    /// Which socket index carries QEMU (`side::LISTEN_SIDE` or `side::CONNECT_SIDE`).
     pub hypervisor_side: usize,
     pub policy: kvmi::policy::Policy,
 }
@@ -700,8 +700,8 @@ fn kvmi_config(p: &mut Problems, a: &RelayArgs, on: bool) -> Option<KvmiConfig> 
         vm_uuid,
         vm_name,
         hypervisor_side: match a.kvmi_hypervisor_side {
-            SideArg::Listen => crate::datapath::conn::LISTEN_SIDE,
-            SideArg::Connect => crate::datapath::conn::CONNECT_SIDE,
+            SideArg::Listen => crate::datapath::side::LISTEN_SIDE,
+            SideArg::Connect => crate::datapath::side::CONNECT_SIDE,
         },
         policy,
     })

@@ -14,7 +14,7 @@ pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
     #[error("{0}")]
-    Activation(#[from] crate::relay::service::ActivationError),
+    Activation(#[from] ActivationError),
     #[error("{}: {} is a live socket (something still answers there); refusing to replace it", Escaped(endpoint), Escaped(path.display()))]
     LiveSocket { endpoint: String, path: PathBuf },
     #[error("{}: cannot tell whether {} is still in use: {source}", Escaped(endpoint), Escaped(path.display()))]
@@ -47,4 +47,29 @@ pub enum StartError {
     SigPipe(io::Error),
     #[error("event loop failed: {0}")]
     Loop(io::Error),
+}
+
+/// Socket activation failures: each names what the service manager passed and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error("socket activation: cannot read LISTEN_FDS/LISTEN_FDNAMES: {0}")]
+    Env(io::Error),
+    #[error(
+        "socket activation: the service manager passed {count} sockets ({}); one relay serves exactly one, \
+         so its socket unit must have one ListenStream=",
+        Escaped(names)
+    )]
+    TooMany { count: usize, names: String },
+    #[error("socket activation: cannot take over fd {fd} ({}): {source}", Escaped(name))]
+    Adopt { fd: i32, name: String, source: io::Error },
+    #[error("socket activation: fd {fd} ({}) is not a listening stream socket", Escaped(name))]
+    NotListening { fd: i32, name: String },
+    #[error(
+        "--listen {} (KVMI_RELAY_LISTEN): the service manager passed {} listening on {}; \
+         make KVMI_RELAY_LISTEN and the socket unit's ListenStream= name the same endpoint",
+        Escaped(listen),
+        Escaped(name),
+        Escaped(actual)
+    )]
+    Mismatch { listen: String, name: String, actual: String },
 }

@@ -11,6 +11,7 @@ use clap::Parser;
 use kvmi_relay::cli::{Cli, Command};
 use kvmi_relay::config::{self, Config};
 use kvmi_relay::escape::Escaped;
+use kvmi_relay::observe::control::StatsFormat;
 
 /// Exit code for bad input and failed start-up (as clap uses for usage errors).
 const EXIT_BAD_START: u8 = 2;
@@ -18,7 +19,15 @@ const EXIT_BAD_START: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Some(Command::Stats(a)) => kvmi_relay::observe::control::stats(a),
+        Some(Command::Stats(a)) => {
+            let format = match (a.json, a.prometheus, a.reset) {
+                (_, _, true) => StatsFormat::Reset,
+                (true, _, _) => StatsFormat::Json,
+                (_, true, _) => StatsFormat::Prometheus,
+                _ => StatsFormat::Text,
+            };
+            kvmi_relay::observe::control::stats(&a.path, format)
+        }
         None => return relay(cli),
     };
     ExitCode::from(code.clamp(0, 255) as u8)

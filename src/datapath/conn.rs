@@ -44,14 +44,7 @@ use crate::net::dial;
 use crate::net::endpoint::Endpoint;
 use crate::observe::metrics::DirMetrics;
 
-/// Socket index of the accepted peer (the listen side).
-pub const LISTEN_SIDE: usize = 0;
-/// Socket index of the dialled peer (the connect side).
-pub const CONNECT_SIDE: usize = 1;
-/// Direction names: pump `d` moves bytes from socket `d` to socket `1 - d`.
-/// In every KVMi deployment the listen side faces the hypervisor, so l2c is hypervisor →
-/// monitor and c2l is monitor → hypervisor.
-pub const DIRECTION_NAMES: [&str; 2] = ["l2c", "c2l"];
+pub use crate::datapath::side::{CONNECT_SIDE, DIRECTION_NAMES, LISTEN_SIDE};
 
 /// How long QEMU's handshake may take to arrive (QEMU's own handshake timeout).
 pub const KVMI_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;

@@ -15,7 +15,6 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Args;
 use mio::Interest;
 use nix::sys::socket::{getsockopt, sockopt};
 use socket2::Socket;
@@ -196,35 +195,29 @@ impl ControlConn {
     }
 }
 
-/// `kvmi-relay stats PATH`: live connections and their percentiles from a relay's control socket.
-#[derive(Debug, Clone, Args)]
-pub struct StatsArgs {
-    /// The relay's control socket (its --control PATH).
-    pub path: PathBuf,
-    /// JSON for scripts.
-    #[arg(long, conflicts_with_all = ["prometheus", "reset"])]
-    pub json: bool,
-    /// Prometheus text exposition format (for node_exporter's textfile collector or a scraper).
-    #[arg(long, conflicts_with = "reset")]
-    pub prometheus: bool,
+/// What `kvmi-relay stats` asks for (its flags, from `cli::StatsArgs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsFormat {
+    Text,
+    Json,
+    Prometheus,
     /// Zero the counters and histograms instead.
-    #[arg(long)]
-    pub reset: bool,
+    Reset,
 }
 
 /// Asks a relay and prints its answer; exit code 0 on an answer, 1 otherwise.
-pub fn stats(a: StatsArgs) -> i32 {
-    let line = match (a.json, a.prometheus, a.reset) {
-        (_, _, true) => "reset",
-        (true, _, _) => "stats json",
-        (_, true, _) => "stats prometheus",
-        _ => "stats text",
+pub fn stats(path: &Path, format: StatsFormat) -> i32 {
+    let line = match format {
+        StatsFormat::Reset => "reset",
+        StatsFormat::Json => "stats json",
+        StatsFormat::Prometheus => "stats prometheus",
+        StatsFormat::Text => "stats text",
     };
-    match ask(&a.path, line) {
+    match ask(path, line) {
         Ok(answer) if answer.is_empty() => {
             eprintln!(
                 "kvmi-relay stats: {} closed without an answer (only the relay's own uid and root may ask)",
-                Escaped(a.path.display())
+                Escaped(path.display())
             );
             1
         }
@@ -237,11 +230,11 @@ pub fn stats(a: StatsArgs) -> i32 {
             0
         }
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-            eprintln!("kvmi-relay stats: {}: this is not a kvmi-relay control socket ({e})", Escaped(a.path.display()));
+            eprintln!("kvmi-relay stats: {}: this is not a kvmi-relay control socket ({e})", Escaped(path.display()));
             1
         }
         Err(e) => {
-            eprintln!("kvmi-relay stats: {}: {e}", Escaped(a.path.display()));
+            eprintln!("kvmi-relay stats: {}: {e}", Escaped(path.display()));
             1
         }
     }

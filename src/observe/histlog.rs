@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 
-use crate::datapath::conn::DIRECTION_NAMES;
+use crate::datapath::side::DIRECTION_NAMES;
 use crate::kvmi::session::{FiguresByType, MessageType};
 use crate::observe::metrics::{self, DirMetrics, Figures};
 

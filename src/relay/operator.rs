@@ -14,8 +14,8 @@ use mio::unix::SourceFd;
 use tracing::{error, info, warn};
 
 use super::{CONTROL_CONN_BASE, ClosedDir, Relay, Totals};
-use crate::datapath::conn::DIRECTION_NAMES;
 use crate::datapath::pump::DirStats;
+use crate::datapath::side::DIRECTION_NAMES;
 use crate::observe::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
 use crate::observe::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
 

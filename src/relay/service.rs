@@ -26,7 +26,7 @@ use socket2::{Domain, Socket, Type};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::escape::Escaped;
+use crate::error::ActivationError;
 use crate::net::endpoint::{Endpoint, VSOCK_CID_ANY};
 use crate::net::listener::Listener;
 use crate::relay::Totals;
@@ -134,31 +134,6 @@ impl Notifier {
             Err(_) => {}
         }
     }
-}
-
-/// Socket activation failures: each names what the service manager passed and what was expected.
-#[derive(Debug, thiserror::Error)]
-pub enum ActivationError {
-    #[error("socket activation: cannot read LISTEN_FDS/LISTEN_FDNAMES: {0}")]
-    Env(io::Error),
-    #[error(
-        "socket activation: the service manager passed {count} sockets ({}); one relay serves exactly one, \
-         so its socket unit must have one ListenStream=",
-        Escaped(names)
-    )]
-    TooMany { count: usize, names: String },
-    #[error("socket activation: cannot take over fd {fd} ({}): {source}", Escaped(name))]
-    Adopt { fd: i32, name: String, source: io::Error },
-    #[error("socket activation: fd {fd} ({}) is not a listening stream socket", Escaped(name))]
-    NotListening { fd: i32, name: String },
-    #[error(
-        "--listen {} (KVMI_RELAY_LISTEN): the service manager passed {} listening on {}; \
-         make KVMI_RELAY_LISTEN and the socket unit's ListenStream= name the same endpoint",
-        Escaped(listen),
-        Escaped(name),
-        Escaped(actual)
-    )]
-    Mismatch { listen: String, name: String, actual: String },
 }
 
 /// The listening socket the service manager passed (LISTEN_FDS, for this process per
