@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use kvmi_relay::access::{Peer, Policy, Verdict, canonical_ip, canonical_net, decide, parse_rule};
 use libfuzzer_sys::fuzz_target;
 
-/// Input: 16 address bytes, 2 port bytes, then the rule's text.
+// Input: 16 address bytes, 2 port bytes, then the rule's text.
 fuzz_target!(|data: &[u8]| {
     let Some((head, text)) = data.split_at_checked(18) else { return };
     let Ok(text) = std::str::from_utf8(text) else { return };

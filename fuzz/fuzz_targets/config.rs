@@ -27,7 +27,7 @@ fn flags() -> &'static [(String, Option<String>)] {
     })
 }
 
-/// Input: one word per line; a line `KVMI_RELAY_NAME=value` sets that variable instead.
+// Input: one word per line; a line `KVMI_RELAY_NAME=value` sets that variable instead.
 fuzz_target!(|data: &[u8]| {
     let flags = flags();
     let text = String::from_utf8_lossy(data).replace('\0', "");
