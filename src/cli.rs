@@ -97,6 +97,35 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_TCP_USER_TIMEOUT_MS", value_name = "MS", default_value = "30000")]
     pub tcp_user_timeout_ms: String,
 
+    /// Mutual TLS 1.3 on the TCP endpoint (listen or connect, whichever is tcp:): this relay's
+    /// certificate chain (PEM). Needs --tls-key and --tls-ca.
+    #[arg(long, env = "KVMI_RELAY_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+
+    /// The private key of --tls-cert (PEM; readable by the owner and at most its group).
+    #[arg(long, env = "KVMI_RELAY_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+
+    /// The CA (PEM) that must have signed the peer's certificate; a TLS listener requires a
+    /// client certificate, a TLS dialler verifies the server's.
+    #[arg(long, env = "KVMI_RELAY_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<String>,
+
+    /// The TLS peer must carry one of these DNS or URI SANs (e.g. a SPIFFE id; comma-separated).
+    /// Checked after the CA's chain; replaces the dialler's check of the dialled address.
+    #[arg(long, env = "KVMI_RELAY_TLS_PEER_NAME", value_name = "NAME", value_delimiter = ',')]
+    pub tls_peer_name: Vec<String>,
+
+    /// The TLS peer's key must have one of these SubjectPublicKeyInfo SHA-256 hashes, written
+    /// sha256:BASE64 as in RFC 7469 (comma-separated).
+    #[arg(long, env = "KVMI_RELAY_TLS_PEER_SPKI", value_name = "PIN", value_delimiter = ',')]
+    pub tls_peer_spki: Vec<String>,
+
+    /// How long a TLS handshake may take before the peer is closed (so a silent peer never
+    /// holds a --max-conns slot); nothing is dialled or forwarded before it passed.
+    #[arg(long, env = "KVMI_RELAY_TLS_HANDSHAKE_TIMEOUT_MS", value_name = "MS", default_value = "5000")]
+    pub tls_handshake_timeout_ms: String,
+
     /// Kernel pipe size per direction in bytes, to start with (F_SETPIPE_SZ; the kernel's answer
     /// is used). Also where copy buffers into TCP start; --move auto's message buffer into UNIX
     /// and vsock is 16 KiB, or this if smaller.

@@ -21,6 +21,7 @@ use crate::datapath::pump::Strategy;
 use crate::escape::Escaped;
 use crate::kvmi;
 use crate::net::endpoint::{Endpoint, UNIX_PATH_MAX_BYTES, VSOCK_CID_ANY};
+use crate::tls;
 
 /// Smallest and largest pipe size accepted for `--pipe-size`.
 const PIPE_SIZE_MIN_BYTES: usize = 4096;
@@ -102,6 +103,17 @@ pub struct Config {
     pub hist_interval: Duration,
     /// `--kvmi`: the session speaks KVMi (None: bytes move uninspected).
     pub kvmi: Option<KvmiConfig>,
+    /// `--tls-*`: mutual TLS on the TCP endpoint(s) (None: plain TCP).
+    pub tls: Option<TlsConfig>,
+}
+
+/// What `--tls-*` say, loaded and checked (the files are read here, at the border, so that
+/// `--check` and start-up refuse the same things).
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub settings: tls::Settings,
+    pub loaded: tls::Loaded,
+    pub handshake_timeout: Duration,
 }
 
 /// How a TCP peer that vanished without FIN or reset is noticed. Both None: the kernel's
@@ -592,6 +604,7 @@ impl TryFrom<RelayArgs> for Config {
         // A malformed KVMI_RELAY_KVMI is taken as meant on: its refinements are then checked
         // rather than each reported as needing --kvmi.
         let kvmi = kvmi_config(&mut p, &a, kvmi_on.unwrap_or(true));
+        let tls = tls_config(&mut p, &a, listen.as_ref(), connect.as_ref());
 
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
@@ -629,7 +642,84 @@ impl TryFrom<RelayArgs> for Config {
             hist_log,
             hist_interval,
             kvmi,
+            tls,
         })
+    }
+}
+
+/// `--tls-*`: which TCP ends speak TLS, the pins, and the files loaded and checked as of now.
+/// Without an endpoint (already reported) the files are not looked at.
+fn tls_config(
+    p: &mut Problems,
+    a: &RelayArgs,
+    listen: Option<&Endpoint>,
+    connect: Option<&Endpoint>,
+) -> Option<TlsConfig> {
+    let text = |v: &Option<String>| v.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(PathBuf::from);
+    let (cert, key, ca) = (text(&a.tls_cert), text(&a.tls_key), text(&a.tls_ca));
+    let names_given: Vec<&str> = items(&a.tls_peer_name).collect();
+    let spki_given: Vec<&str> = items(&a.tls_peer_spki).collect();
+    let timeout_ms = number::<u64>(p, names("tls_handshake_timeout_ms"), &a.tls_handshake_timeout_ms).unwrap_or(1);
+    if timeout_ms == 0 {
+        problem!(p, tls_handshake_timeout_ms, "must be at least 1");
+    }
+    let any_file = cert.is_some() || key.is_some() || ca.is_some();
+    if !any_file {
+        for (id, set) in [("tls_peer_name", !names_given.is_empty()), ("tls_peer_spki", !spki_given.is_empty())] {
+            if set {
+                let (flag, env) = names(id);
+                p.add(flag, env, "means something only with --tls-cert, --tls-key and --tls-ca");
+            }
+        }
+        return None;
+    }
+    let mut pins = tls::Pins::default();
+    for n in names_given {
+        match tls::parse_name(n) {
+            Ok(n) => pins.names.push(n),
+            Err(e) => problem!(p, tls_peer_name, "{e}"),
+        }
+    }
+    for s in spki_given {
+        match tls::parse_spki(s) {
+            Ok(h) => pins.spki.push(h),
+            Err(e) => problem!(p, tls_peer_spki, "{e}"),
+        }
+    }
+    for (id, given) in [("tls_cert", &cert), ("tls_key", &key), ("tls_ca", &ca)] {
+        if given.is_none() {
+            let (flag, env) = names(id);
+            p.add(flag, env, "missing: TLS needs --tls-cert, --tls-key and --tls-ca together");
+        }
+    }
+    let (Some(listen), Some(connect)) = (listen, connect) else { return None };
+    let roles = tls::Roles { listen: matches!(listen, Endpoint::Tcp(_)), dial: matches!(connect, Endpoint::Tcp(_)) };
+    if !roles.listen && !roles.dial {
+        problem!(p, tls_cert, "TLS needs a tcp: endpoint (--listen or --connect); neither is one");
+        return None;
+    }
+    let (Some(cert), Some(key), Some(ca)) = (cert, key, ca) else { return None };
+    for (id, path) in [("tls_cert", &cert), ("tls_key", &key), ("tls_ca", &ca)] {
+        if path.is_relative() {
+            let (flag, env) = names(id);
+            p.add(flag, env, format!("'{}' is relative; give an absolute path", path.display()));
+        }
+    }
+    let settings = tls::Settings { files: tls::Files { cert, key, ca }, pins, roles };
+    match tls::load(&settings, std::time::SystemTime::now()) {
+        Ok(loaded) => Some(TlsConfig { settings, loaded, handshake_timeout: Duration::from_millis(timeout_ms) }),
+        Err(problems) => {
+            for fp in problems {
+                let id = match fp.flag {
+                    tls::TlsFlag::Cert => "tls_cert",
+                    tls::TlsFlag::Key => "tls_key",
+                    tls::TlsFlag::Ca => "tls_ca",
+                };
+                let (flag, env) = names(id);
+                p.add(flag, env, fp.to_string());
+            }
+            None
+        }
     }
 }
 

@@ -9,6 +9,11 @@
 //!                                                                    │ both peers' EOF ──▶ closed
 //! ```
 //!
+//! A TLS side (`--tls-*` on a tcp: endpoint) adds a `Handshaking` phase with its own deadline:
+//! on the listen side right after admission (nothing is dialled before the peer's certificate
+//! and pins passed), on the connect side once connected (nothing is read from the listen side
+//! before the server's passed). A failed or timed-out handshake is `TlsRefused`.
+//!
 //! A connection never touches the poller: it says which readiness it wants on each socket
 //! (`interest`), takes the readiness that happened (`on_ready`) and moves bytes (`advance`);
 //! the event loop registers, re-registers and removes. Close rules (checked in `advance`):
@@ -38,6 +43,7 @@ use socket2::Socket;
 use crate::access::Peer;
 use crate::config::{Config, TcpLiveness};
 use crate::datapath::pump::Pump;
+use crate::datapath::tls::{HandshakeError, Io, TlsStream};
 use crate::kvmi::session::{Gate, Session};
 use crate::kvmi::wire::Flow;
 use crate::net::dial;
@@ -57,6 +63,12 @@ enum Phase {
         got: Vec<u8>,
     },
     Dialling {
+        deadline: Instant,
+    },
+    /// TLS on `side`: the handshake runs; the other side is not read (and, on the listen side,
+    /// not dialled yet).
+    Handshaking {
+        side: usize,
         deadline: Instant,
     },
     Relaying,
@@ -85,6 +97,14 @@ pub enum End {
     Refused(String),
     /// `--kvmi`: a malformed stream (the reason names the message); nothing of it was forwarded.
     Protocol(String),
+    /// The TLS handshake on `side` failed or timed out; nothing was forwarded (and on the listen
+    /// side nothing dialled). `presented`: what the peer's certificate said, escaped.
+    TlsRefused {
+        side: usize,
+        reason: crate::tls::Reason,
+        detail: String,
+        presented: Option<String>,
+    },
     /// A socket failed mid-session (reset, broken pipe, ...).
     Failed {
         side: usize,
@@ -101,6 +121,8 @@ pub enum SetupError {
     Dial(io::Error),
     #[error("cannot create a pipe: {0}")]
     Pipe(io::Error),
+    #[error("cannot start a TLS session: {0}")]
+    Tls(String),
 }
 
 /// What `advance` concluded.
@@ -139,6 +161,16 @@ pub struct Conn {
     connect_timeout: Duration,
     tcp: TcpLiveness,
     busy_poll_us: u32,
+    /// Each side's TLS session, when that side speaks TLS (the connect side's from dialling on).
+    tls: [Option<TlsStream>; 2],
+    /// What the dialled side's TLS client needs: the configuration and the dialled address.
+    tls_dial: Option<(std::sync::Arc<rustls::ClientConfig>, std::net::IpAddr)>,
+    /// `--tls-handshake-timeout-ms`.
+    tls_timeout: Duration,
+    /// Whether the VM's handshake is read before dialling (`--kvmi`, QEMU on the listen side).
+    greet: bool,
+    /// What each TLS peer presented once its handshake passed (subject, SANs, SPKI), escaped.
+    pub tls_peer: [Option<String>; 2],
 }
 
 impl Conn {
@@ -152,8 +184,20 @@ impl Conn {
             let _ = accepted.set_busy_poll(cfg.busy_poll_us);
         }
         let greet = cfg.kvmi.as_ref().is_some_and(|k| k.hypervisor_side == LISTEN_SIDE);
+        let tls_cfg = cfg.tls.as_ref();
+        let listen_tls = match tls_cfg.and_then(|t| t.loaded.server.clone()).filter(|_| peer_is_tcp(&peer)) {
+            Some(server) => Some(TlsStream::server(server).map_err(|e| SetupError::Tls(e.to_string()))?),
+            None => None,
+        };
+        let tls_dial = match (&cfg.connect, tls_cfg.and_then(|t| t.loaded.client.clone())) {
+            (Endpoint::Tcp(addr), Some(client)) => Some((client, addr.ip())),
+            _ => None,
+        };
+        let tls_timeout = tls_cfg.map_or(Duration::ZERO, |t| t.handshake_timeout);
         let mut socks = vec![accepted];
-        let phase = if greet {
+        let phase = if listen_tls.is_some() {
+            Phase::Handshaking { side: LISTEN_SIDE, deadline: now + tls_timeout }
+        } else if greet {
             Phase::Greeting { deadline: now + Duration::from_millis(KVMI_HANDSHAKE_TIMEOUT_MS), got: Vec::new() }
         } else {
             socks.push(Self::dial(cfg)?);
@@ -161,8 +205,11 @@ impl Conn {
         };
         // Direction 0 writes to the dialled side, direction 1 back to the peer.
         let into_tcp = [matches!(cfg.connect, Endpoint::Tcp(_)), peer_is_tcp(&peer)];
+        // A direction with TLS at either end moves plaintext through rustls: copies only.
+        let tls_at = [listen_tls.is_some(), tls_dial.is_some()];
         let pump = |d: usize| {
-            let strategy = cfg.move_mode.strategy(into_tcp[d], cfg);
+            let mode = if tls_at[0] || tls_at[1] { crate::config::MoveMode::Copy } else { cfg.move_mode };
+            let strategy = mode.strategy(into_tcp[d], cfg);
             Pump::new(strategy, DIRECTION_NAMES[d]).map_err(SetupError::Pipe)
         };
         let pumps = [pump(0)?, pump(1)?];
@@ -193,6 +240,11 @@ impl Conn {
             connect_timeout: cfg.connect_timeout,
             tcp: cfg.tcp,
             busy_poll_us: cfg.busy_poll_us,
+            tls: [listen_tls, None],
+            tls_dial,
+            tls_timeout,
+            greet,
+            tls_peer: [None, None],
             phase,
             opened: now,
             metrics: [DirMetrics::new(cfg.hist_log.is_some()), DirMetrics::new(cfg.hist_log.is_some())],
@@ -227,6 +279,11 @@ impl Conn {
         }
     }
 
+    /// Whether the listen side's TLS handshake runs (nothing dialled yet).
+    pub fn is_tls_handshaking(&self) -> bool {
+        matches!(self.phase, Phase::Handshaking { side: LISTEN_SIDE, .. })
+    }
+
     /// Whether the connection is still reading the VM's handshake (nothing dialled yet).
     pub fn is_greeting(&self) -> bool {
         matches!(self.phase, Phase::Greeting { .. })
@@ -246,7 +303,9 @@ impl Conn {
 
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Greeting { deadline, .. } | Phase::Dialling { deadline } => Some(deadline),
+            Phase::Greeting { deadline, .. } | Phase::Dialling { deadline } | Phase::Handshaking { deadline, .. } => {
+                Some(deadline)
+            }
             Phase::Relaying | Phase::Closing { .. } => None,
         }
     }
@@ -260,7 +319,13 @@ impl Conn {
         match self.phase {
             Phase::Greeting { .. } => (side == LISTEN_SIDE).then_some(Interest::READABLE),
             Phase::Dialling { .. } => (side == CONNECT_SIDE).then_some(Interest::WRITABLE),
-            Phase::Closing { .. } => Some(Interest::READABLE),
+            Phase::Handshaking { side: hs, .. } if hs == side => Some(self.tls_interest(side, Interest::READABLE)),
+            Phase::Handshaking { .. } => None,
+            Phase::Closing { .. } => Some(self.tls_interest(side, Interest::READABLE)),
+            Phase::Relaying if self.tls[side].as_ref().is_some_and(TlsStream::wants_write) => {
+                // Records rustls holds for this socket (the pump's store may be empty).
+                Some(Interest::READABLE | Interest::WRITABLE)
+            }
             Phase::Relaying => {
                 // Direction 1 - side writes to `side`.
                 let outbox = self.kvmi.as_ref().is_some_and(|(k, flows)| k.borrow().outbox_waiting(flows[1 - side]));
@@ -272,6 +337,85 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// `base`, plus write interest while `side`'s TLS session holds records for the socket.
+    fn tls_interest(&self, side: usize, base: Interest) -> Interest {
+        if self.tls[side].as_ref().is_some_and(TlsStream::wants_write) { base | Interest::WRITABLE } else { base }
+    }
+
+    /// One end of direction `d` as the pump sees it (socket `side`, through TLS when it has it).
+    fn io(&self, side: usize) -> Io<'_> {
+        match &self.tls[side] {
+            Some(t) => Io::Tls(&self.socks[side], t),
+            None => Io::Plain(&self.socks[side]),
+        }
+    }
+
+    /// Sends what each TLS session holds for its socket, and completes pending half-closes.
+    fn flush_tls(&self) -> Result<(), End> {
+        for (side, t) in self.tls.iter().enumerate() {
+            if let (Some(t), Some(s)) = (t, self.socks.get(side)) {
+                t.flush(s).map_err(|error| End::Failed { side, error })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the handshake on `side`; Ok(true) once it passed (what the peer presented is kept).
+    fn handshake(&mut self, side: usize, now: Instant, deadline: Instant) -> Result<bool, End> {
+        let t = self.tls[side].as_ref().expect("a handshaking side has a TLS session");
+        let refused = |reason: crate::tls::Reason, detail: String, presented: Option<String>| End::TlsRefused {
+            side,
+            reason,
+            detail,
+            presented,
+        };
+        match t.handshake(&self.socks[side]) {
+            Ok(true) => {
+                self.tls_peer[side] = t
+                    .peer_certificate()
+                    .and_then(|der| crate::tls::Presented::from_der(&der).ok())
+                    .map(|p| p.to_string());
+                let who = if side == LISTEN_SIDE { "listen side" } else { "connect side" };
+                tracing::info!(
+                    side = who,
+                    presented = self.tls_peer[side].as_deref().unwrap_or("-"),
+                    "tls: peer verified"
+                );
+                Ok(true)
+            }
+            Ok(false) if now >= deadline => Err(refused(
+                crate::tls::Reason::HandshakeTimeout,
+                format!("no complete TLS handshake within {} ms", self.tls_timeout.as_millis()),
+                None,
+            )),
+            Ok(false) => Ok(false),
+            Err(HandshakeError::Tls(e)) => {
+                let presented = crate::tls::Rejected::of(&e).and_then(|r| r.presented.as_ref()).map(|p| p.to_string());
+                let detail = crate::tls::Rejected::of(&e).map_or_else(|| e.to_string(), |r| r.detail.clone());
+                Err(refused(crate::tls::Reason::of(&e), detail, presented))
+            }
+            Err(HandshakeError::Closed) => Err(refused(
+                crate::tls::Reason::RefusedByPeer,
+                "the peer closed the connection during the TLS handshake".into(),
+                None,
+            )),
+            Err(HandshakeError::Io(e)) => Err(End::Failed { side, error: e }),
+        }
+    }
+
+    /// Dials the far side (after the listen side's TLS handshake or the VM's handshake).
+    fn start_dial(&mut self, now: Instant) -> Result<(), End> {
+        match Self::dial_to(&self.connect, &self.tcp, self.busy_poll_us) {
+            Ok(s) => self.socks.push(s),
+            Err(SetupError::Dial(e)) | Err(SetupError::Socket(e)) | Err(SetupError::Pipe(e)) => {
+                return Err(End::DialFailed(e));
+            }
+            Err(SetupError::Tls(e)) => return Err(End::DialFailed(io::Error::other(e))),
+        }
+        self.phase = Phase::Dialling { deadline: now + self.connect_timeout };
+        Ok(())
     }
 
     /// Records readiness reported for `side`.
@@ -296,11 +440,43 @@ impl Conn {
         if let Phase::Closing { eof } = &mut self.phase {
             return read_to_end_dropping(&self.socks, eof);
         }
+        if let Phase::Handshaking { side, deadline } = self.phase {
+            if draining {
+                return Step::Close(End::Drained);
+            }
+            match self.handshake(side, now, deadline) {
+                Err(end) => return Step::Close(end),
+                Ok(false) => return Step::Continue { more: false },
+                Ok(true) if side == LISTEN_SIDE && self.greet => {
+                    self.phase = Phase::Greeting {
+                        deadline: now + Duration::from_millis(KVMI_HANDSHAKE_TIMEOUT_MS),
+                        got: Vec::new(),
+                    };
+                }
+                Ok(true) if side == LISTEN_SIDE => {
+                    if let Err(end) = self.start_dial(now) {
+                        return Step::Close(end);
+                    }
+                    return Step::Continue { more: false };
+                }
+                Ok(true) => {
+                    self.phase = Phase::Relaying;
+                    // rustls may hold plaintext that arrived with the handshake: no new edge
+                    // will say so.
+                    self.pumps[side].src_readable = true;
+                    self.pumps[1 - side].src_readable = true;
+                }
+            }
+        }
         if let Phase::Greeting { deadline, got } = &mut self.phase {
             if draining {
                 return Step::Close(End::Drained);
             }
-            match read_handshake(&self.socks[LISTEN_SIDE], got) {
+            let src = match &self.tls[LISTEN_SIDE] {
+                Some(t) => Io::Tls(&self.socks[LISTEN_SIDE], t),
+                None => Io::Plain(&self.socks[LISTEN_SIDE]),
+            };
+            match read_handshake(&src, got) {
                 Err(why) => return Step::Close(End::Refused(why)),
                 Ok(None) if now >= *deadline => {
                     return Step::Close(End::Refused(format!(
@@ -315,20 +491,35 @@ impl Conn {
                     }
                     self.preface = std::mem::take(got);
                     self.vm = Some(h);
-                    match Self::dial_to(&self.connect, &self.tcp, self.busy_poll_us) {
-                        Ok(s) => self.socks.push(s),
-                        Err(SetupError::Dial(e)) | Err(SetupError::Socket(e)) | Err(SetupError::Pipe(e)) => {
-                            return Step::Close(End::DialFailed(e));
-                        }
+                    if let Err(end) = self.start_dial(now) {
+                        return Step::Close(end);
                     }
-                    self.phase = Phase::Dialling { deadline: now + self.connect_timeout };
                     return Step::Continue { more: false };
                 }
             }
         }
         if let Phase::Dialling { deadline } = self.phase {
             match dial::finish(&self.socks[CONNECT_SIDE]) {
-                Ok(true) => self.phase = Phase::Relaying,
+                Ok(true) if self.tls_dial.is_some() => {
+                    let (client, addr) = self.tls_dial.clone().expect("checked");
+                    match TlsStream::client(client, addr) {
+                        Ok(t) => self.tls[CONNECT_SIDE] = Some(t),
+                        Err(e) => return Step::Close(End::DialFailed(io::Error::other(e.to_string()))),
+                    }
+                    let deadline = now + self.tls_timeout;
+                    self.phase = Phase::Handshaking { side: CONNECT_SIDE, deadline };
+                    if draining {
+                        return Step::Close(End::Drained);
+                    }
+                    return self.advance(now, draining);
+                }
+                Ok(true) => {
+                    self.phase = Phase::Relaying;
+                    if self.tls[LISTEN_SIDE].is_some() {
+                        // Plaintext rustls took with the handshake's last records.
+                        self.pumps[LISTEN_SIDE].src_readable = true;
+                    }
+                }
                 Ok(false) if now >= deadline => {
                     return Step::Close(End::DialTimeout(deadline.saturating_duration_since(self.opened)));
                 }
@@ -340,8 +531,11 @@ impl Conn {
             }
         }
 
+        if let Err(end) = self.flush_tls() {
+            return Step::Close(end);
+        }
         if !self.preface.is_empty() {
-            match send_some(&self.socks[CONNECT_SIDE], &self.preface) {
+            match send_some(&self.io(CONNECT_SIDE), &self.preface) {
                 Ok(n) => {
                     self.preface.drain(..n);
                 }
@@ -396,7 +590,11 @@ impl Conn {
             let mut k = k.borrow_mut();
             more |= awaited_handshake && !k.awaits_handshake();
             for d in 0..2 {
-                if let Err(e) = k.flush(flows[d], &self.socks[1 - d]) {
+                let dst = match &self.tls[1 - d] {
+                    Some(t) => Io::Tls(&self.socks[1 - d], t),
+                    None => Io::Plain(&self.socks[1 - d]),
+                };
+                if let Err(e) = k.flush(flows[d], &dst) {
                     return Step::Close(End::Failed { side: 1 - d, error: e });
                 }
                 if self.pumps[d].src_eof() && self.pumps[d].fill() > 0 && k.is_stuck(flows[d]) {
@@ -413,14 +611,25 @@ impl Conn {
             }
         }
 
+        if self.tls.iter().flatten().any(TlsStream::wants_write) {
+            // Records (data, close_notify) still on their way out: write interest brings us back.
+            return Step::Continue { more };
+        }
         if self.pumps[0].finished() && self.pumps[1].finished() {
             return Step::Close(End::Finished);
         }
         if draining && self.pumps[0].fill() == 0 && self.pumps[1].fill() == 0 {
-            for s in &self.socks {
+            for (side, s) in self.socks.iter().enumerate() {
                 // A side already half-closed (its source's EOF) or a peer already gone says so
                 // again here; reading below tells which.
-                let _ = s.shutdown(std::net::Shutdown::Write);
+                match &self.tls[side] {
+                    Some(t) => {
+                        let _ = t.close_notify(s);
+                    }
+                    None => {
+                        let _ = s.shutdown(std::net::Shutdown::Write);
+                    }
+                }
             }
             let mut eof = [false; 2];
             let step = read_to_end_dropping(&self.socks, &mut eof);
@@ -438,12 +647,16 @@ impl Conn {
         d: usize,
         draining: bool,
     ) -> Result<crate::datapath::pump::Run, crate::datapath::pump::PumpError> {
-        let (src, dst) = (&self.socks[d], &self.socks[1 - d]);
-        let Some((k, flows)) = &self.kvmi else {
-            return self.pumps[d].run(src, dst, !draining);
+        let io = |side: usize| match &self.tls[side] {
+            Some(t) => Io::Tls(&self.socks[side], t),
+            None => Io::Plain(&self.socks[side]),
         };
-        let gate = Gate { sock: dst, session: k, flow: flows[d] };
-        let mut total = self.pumps[d].run(src, &gate, !draining)?;
+        let (src, dst) = (io(d), io(1 - d));
+        let Some((k, flows)) = &self.kvmi else {
+            return self.pumps[d].run(&src, &dst, !draining);
+        };
+        let gate = Gate { sock: &dst, session: k, flow: flows[d] };
+        let mut total = self.pumps[d].run(&src, &gate, !draining)?;
         for _ in 0..4 {
             if !k.borrow().is_stuck(flows[d]) {
                 break;
@@ -452,7 +665,7 @@ impl Conn {
             if total.read_bytes == 0 && !self.pumps[d].src_eof() {
                 break;
             }
-            let again = self.pumps[d].run(src, &gate, !draining)?;
+            let again = self.pumps[d].run(&src, &gate, !draining)?;
             total.read_bytes = again.read_bytes;
             total.written_bytes += again.written_bytes;
             total.emptied = again.emptied || (total.emptied && again.written_bytes == 0);
@@ -509,7 +722,7 @@ fn read_to_end_dropping(socks: &[Socket], eof: &mut [bool; 2]) -> Step {
 
 /// Reads what is missing of QEMU's handshake, never a byte beyond it. Ok(None): not complete
 /// yet (the socket would block); Err: refused, with what was seen.
-fn read_handshake(sock: &Socket, got: &mut Vec<u8>) -> Result<Option<crate::kvmi::handshake::Handshake>, String> {
+fn read_handshake(sock: &Io<'_>, got: &mut Vec<u8>) -> Result<Option<crate::kvmi::handshake::Handshake>, String> {
     use crate::kvmi::handshake::{Parse, QEMU_HANDSHAKE_MAX_GPA_BYTES, parse_qemu};
     let mut buf = [0u8; QEMU_HANDSHAKE_MAX_GPA_BYTES];
     loop {
@@ -517,7 +730,7 @@ fn read_handshake(sock: &Socket, got: &mut Vec<u8>) -> Result<Option<crate::kvmi
             Parse::Complete(h) => return Ok(Some(h)),
             Parse::Partial { needed } => needed,
         };
-        match io::Read::read(&mut &*sock, &mut buf[..needed - got.len()]) {
+        match crate::datapath::pump::Side::recv(sock, &mut buf[..needed - got.len()]) {
             Ok(0) => {
                 return Err(format!("the hypervisor side closed after {} of {needed} handshake bytes", got.len()));
             }
@@ -530,10 +743,10 @@ fn read_handshake(sock: &Socket, got: &mut Vec<u8>) -> Result<Option<crate::kvmi
 }
 
 /// Writes what the socket takes now (0 when it would block).
-fn send_some(sock: &Socket, bytes: &[u8]) -> io::Result<usize> {
+fn send_some(sock: &Io<'_>, bytes: &[u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < bytes.len() {
-        match sock.send_with_flags(&bytes[n..], libc::MSG_NOSIGNAL) {
+        match crate::datapath::pump::Side::send(sock, &bytes[n..]) {
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -7,3 +7,4 @@
 pub mod conn;
 pub mod pump;
 pub mod side;
+pub mod tls;

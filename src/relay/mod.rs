@@ -84,6 +84,8 @@ pub struct Totals {
     pub bytes: [u64; 2],
     pub splice_bytes: [u64; 2],
     pub copy_bytes: [u64; 2],
+    /// TLS handshakes refused, by reason (indexed as `tls::Reason::ALL`).
+    pub tls_refusals: [u64; crate::tls::Reason::ALL.len()],
 }
 
 struct Slot {
@@ -409,7 +411,9 @@ impl Relay {
             self.totals.admitted += 1;
             let span = tracing::info_span!("conn", id, peer = %peer, to = %self.cfg.connect);
             span.in_scope(|| {
-                if conn.is_greeting() {
+                if conn.is_tls_handshaking() {
+                    info!("admitted; TLS handshake before dialling")
+                } else if conn.is_greeting() {
                     info!("admitted; reading the VM's handshake before dialling")
                 } else {
                     info!("admitted; dialling")
@@ -500,6 +504,19 @@ impl Relay {
                 self.totals.kvmi_malformed += 1;
                 warn!(reason = %why, "kvmi: malformed stream; closing both sides");
             }
+            End::TlsRefused { side, reason, detail, presented } => {
+                if let Some(i) = crate::tls::Reason::ALL.iter().position(|r| r == reason) {
+                    self.totals.tls_refusals[i] += 1;
+                }
+                let who = if *side == LISTEN_SIDE { "listen side" } else { "connect side" };
+                warn!(
+                    side = who,
+                    reason = reason.as_str(),
+                    detail = %crate::tls::escape(detail),
+                    presented = presented.as_deref().unwrap_or("-"),
+                    "tls: handshake refused; nothing forwarded, closing the pair"
+                );
+            }
             End::Refused(why) => {
                 self.totals.refused_handshake += 1;
                 warn!(reason = %why, "handshake refused; nothing dialled, closing the peer");
@@ -520,7 +537,7 @@ impl Relay {
                 conn.abort();
             }
         }
-        if matches!(end, End::DialFailed(_) | End::DialTimeout(_) | End::Refused(_)) {
+        if matches!(end, End::DialFailed(_) | End::DialTimeout(_) | End::Refused(_) | End::TlsRefused { .. }) {
             return;
         }
         self.totals.closed += 1;
@@ -672,6 +689,7 @@ fn end_name(end: &End) -> &'static str {
         End::DialFailed(_) => "dial-failed",
         End::DialTimeout(_) => "dial-timeout",
         End::Refused(_) => "refused-handshake",
+        End::TlsRefused { .. } => "tls-refused",
         End::Protocol(_) => "kvmi-malformed",
         End::Failed { .. } => "failed",
     }

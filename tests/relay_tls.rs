@@ -1,0 +1,313 @@
+//! Mutual TLS between two relays, against real sockets: the network flavor's chain (relay A:
+//! UNIX listen → TLS dial; relay B: TLS listen → UNIX dial) carries bulk both ways intact, and
+//! every wrong peer is refused before a byte reaches the other side, its reason in the log.
+
+mod util;
+
+#[path = "../src/tls/test_pki.rs"]
+#[allow(dead_code)]
+mod test_pki;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use test_pki::{Leaf, Pki};
+use util::{Relay, tmpdir};
+
+const BULK_BYTES: usize = 64 << 20;
+
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+fn files(dir: &Path, name: &str, pki: &Pki, leaf: &Leaf) -> Files {
+    let (cert, key) = leaf.write(dir, name);
+    let ca = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    Files { cert, key, ca }
+}
+
+fn tls_args(f: &Files) -> Vec<String> {
+    vec![
+        format!("--tls-cert={}", f.cert.display()),
+        format!("--tls-key={}", f.key.display()),
+        format!("--tls-ca={}", f.ca.display()),
+    ]
+}
+
+fn start(args: Vec<String>) -> Relay {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    Relay::start(&a)
+}
+
+/// Relay B: TLS on 127.0.0.1 → `sink` (a UNIX path), with `extra` flags.
+fn relay_b(f: &Files, sink: &Path, extra: &[String]) -> Relay {
+    let mut args = vec!["--listen=tcp:127.0.0.1:0".to_string(), "--allow-ip=127.0.0.1".into()];
+    args.push(format!("--connect=unix:{}", sink.display()));
+    args.extend(tls_args(f));
+    args.extend(extra.iter().cloned());
+    start(args)
+}
+
+/// Relay A: `entry` (a UNIX path) → TLS to `b`, with `extra` flags.
+fn relay_a(f: &Files, entry: &Path, b: std::net::SocketAddr, extra: &[String]) -> Relay {
+    let mut args = vec![format!("--listen=unix:{}", entry.display()), format!("--connect=tcp:{b}")];
+    args.extend(tls_args(f));
+    args.extend(extra.iter().cloned());
+    start(args)
+}
+
+/// A deterministic byte stream (xorshift), so each end checks what it got without a copy.
+fn stream(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sends `bytes` on `s` from a thread and half-closes; returns what `s` reads to EOF.
+fn exchange(s: UnixStream, bytes: Vec<u8>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            (&w).write_all(&bytes).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut back = Vec::new();
+        (&s).read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        back
+    })
+}
+
+#[test]
+fn tls_chain_carries_bulk_both_ways_intact_and_ends_with_close_notify() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let a_files = files(dir.path(), "a", &pki, &pki.leaf("relay-a", &["relay-a.example"]));
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1", "relay-b.example"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    let b = relay_b(&b_files, &sink_path, &["--tls-peer-name=relay-a.example".into()]);
+    let entry = dir.path().join("vmi-sock");
+    let mut a = relay_a(&a_files, &entry, b.bound_tcp(), &["--tls-peer-name=relay-b.example".into()]);
+
+    let client = UnixStream::connect(&entry).unwrap();
+    let (server, _) = sink.accept().unwrap();
+    let up = stream(1, BULK_BYTES);
+    let down = stream(2, BULK_BYTES);
+    let at_server = exchange(server, down.clone());
+    let at_client = exchange(client, up.clone());
+    let got_up = at_server.join().unwrap();
+    let got_down = at_client.join().unwrap();
+    assert!(
+        got_up.len() == up.len() && got_up == up,
+        "hypervisor → introspector: {} of {} bytes, or changed",
+        got_up.len(),
+        up.len()
+    );
+    assert!(
+        got_down.len() == down.len() && got_down == down,
+        "introspector → hypervisor: {} of {} bytes, or changed",
+        got_down.len(),
+        down.len()
+    );
+    let log_a = a.wait_log(" closed ", Duration::from_secs(10));
+    assert!(log_a.contains("tls: peer verified"), "{log_a}");
+    assert!(log_a.contains("relay-b.example"), "A logs whom it verified: {log_a}");
+    assert!(log_a.contains("end=\"finished\""), "{log_a}");
+    let mut b = b;
+    let log_b = b.wait_log(" closed ", Duration::from_secs(10));
+    assert!(log_b.contains("end=\"finished\""), "B ends cleanly (close_notify, not a truncation): {log_b}");
+}
+
+/// Runs the chain with a wrong party and checks that the introspector's side never saw a
+/// connection, and that `refuser`'s log names `reason`.
+fn refused(
+    a_leaf: (&Pki, Leaf),
+    b_leaf: (&Pki, Leaf),
+    a_extra: &[String],
+    b_extra: &[String],
+    reason: &str,
+    refuser: char,
+) {
+    let dir = tmpdir();
+    let a_files = files(dir.path(), "a", a_leaf.0, &a_leaf.1);
+    let b_files = files(dir.path(), "b", b_leaf.0, &b_leaf.1);
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let mut b = relay_b(&b_files, &sink_path, b_extra);
+    let entry = dir.path().join("vmi-sock");
+    let mut a = relay_a(&a_files, &entry, b.bound_tcp(), a_extra);
+    let client = UnixStream::connect(&entry).unwrap();
+    (&client).write_all(b"a KVMi handshake that must not arrive").unwrap();
+    let who = if refuser == 'a' { &mut a } else { &mut b };
+    let log = who.wait_log("tls: handshake refused", Duration::from_secs(10));
+    assert!(log.contains(&format!("reason=\"{reason}\"")), "{log}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(sink.accept().is_err(), "the introspector's side was dialled despite a refused peer");
+}
+
+#[test]
+fn a_client_certificate_from_another_ca_is_refused_before_dialling() {
+    let (pki, other) = (Pki::new(), Pki::named("other-ca"));
+    let a = other.leaf("relay-a", &["relay-a.example"]);
+    let b = pki.leaf("relay-b", &["127.0.0.1"]);
+    // A trusts B's CA (so A completes its side), B does not know A's.
+    let dir = tmpdir();
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let b_files = files(dir.path(), "b", &pki, &b);
+    let mut rb = relay_b(&b_files, &sink_path, &[]);
+    // A's CA file holds both CAs: its own certificate checks out at start-up, and it trusts B.
+    let (cert, key) = a.write(dir.path(), "a");
+    let ca = dir.path().join("a-ca.pem");
+    std::fs::write(&ca, format!("{}{}", other.ca_pem, pki.ca_pem)).unwrap();
+    let a_files = Files { cert, key, ca };
+    let entry = dir.path().join("vmi-sock");
+    let _ra = relay_a(&a_files, &entry, rb.bound_tcp(), &[]);
+    let client = UnixStream::connect(&entry).unwrap();
+    let _ = (&client).write_all(b"must not arrive");
+    let log = rb.wait_log("tls: handshake refused", Duration::from_secs(10));
+    assert!(log.contains("reason=\"unknown_ca\""), "{log}");
+    assert!(log.contains("relay-a"), "the log says what the peer presented: {log}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(sink.accept().is_err(), "the introspector's side was dialled");
+}
+
+#[test]
+fn a_server_with_the_wrong_name_is_refused_by_the_dialler() {
+    let pki = Pki::new();
+    let (a, b) = (pki.leaf("relay-a", &["relay-a.example"]), pki.leaf("relay-b", &["127.0.0.1", "impostor.example"]));
+    refused((&pki, a), (&pki, b), &["--tls-peer-name=relay-b.example".into()], &[], "wrong_name", 'a');
+}
+
+#[test]
+fn a_client_with_the_wrong_spki_pin_is_refused_by_the_listener() {
+    let pki = Pki::new();
+    let (a, b) = (pki.leaf("relay-a", &["relay-a.example"]), pki.leaf("relay-b", &["127.0.0.1"]));
+    let pin = format!("--tls-peer-spki=sha256:{}", "A".repeat(43) + "=");
+    refused((&pki, a), (&pki, b), &[], &[pin], "wrong_pin", 'b');
+}
+
+#[test]
+fn a_plaintext_client_at_a_tls_listener_is_refused_before_dialling() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let mut b = relay_b(&b_files, &sink_path, &[]);
+    let mut c = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
+    let _ = c.write_all(&[0u8; 96]);
+    let log = b.wait_log("tls: handshake refused", Duration::from_secs(10));
+    assert!(log.contains("reason=\"not_tls\""), "{log}");
+    assert!(sink.accept().is_err(), "the introspector's side was dialled");
+}
+
+#[test]
+fn a_silent_peer_at_a_tls_listener_is_closed_at_the_handshake_timeout() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let mut b = relay_b(&b_files, &sink_path, &["--tls-handshake-timeout-ms=300".into()]);
+    let c = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
+    let log = b.wait_log("tls: handshake refused", Duration::from_secs(5));
+    assert!(log.contains("reason=\"handshake_timeout\""), "{log}");
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!((&c).read(&mut buf).unwrap(), 0, "the silent peer was closed");
+    assert!(sink.accept().is_err(), "the introspector's side was dialled");
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused_before_dialling() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let mut b = relay_b(&b_files, &sink_path, &[]);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&pki.ca_pem) {
+        roots.add(c).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = rustls::Stream::new(&mut conn, &mut tcp);
+    let _ = s.write_all(b"must not arrive");
+    let mut buf = [0u8; 16];
+    let _ = s.read(&mut buf);
+    let log = b.wait_log("tls: handshake refused", Duration::from_secs(10));
+    assert!(log.contains("reason=\"no_certificate\""), "{log}");
+    assert!(sink.accept().is_err(), "the introspector's side was dialled");
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(Result::unwrap).collect()
+}
+
+#[test]
+fn tls_flags_without_a_tcp_endpoint_are_refused_naming_the_flag() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let f = files(dir.path(), "a", &pki, &pki.leaf("relay-a", &["relay-a.example"]));
+    let sock = dir.path().join("in.sock");
+    let mut args =
+        vec![format!("--listen=unix:{}", sock.display()), format!("--connect=unix:{}", dir.path().join("o").display())];
+    args.extend(tls_args(&f));
+    args.push("--check".into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = util::run(&a);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--tls-cert") && err.contains("tcp:"), "{err}");
+    assert!(!sock.exists());
+}
+
+#[test]
+fn a_key_that_does_not_belong_to_the_certificate_is_refused_naming_flag_and_file() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let f = files(dir.path(), "a", &pki, &pki.leaf("relay-a", &["relay-a.example"]));
+    let (_, other_key) = pki.leaf("x", &["x.example"]).write(dir.path(), "x");
+    let args = [
+        "--listen=tcp:127.0.0.1:0".to_string(),
+        "--allow-ip=127.0.0.1".into(),
+        format!("--connect=unix:{}", dir.path().join("o").display()),
+        format!("--tls-cert={}", f.cert.display()),
+        format!("--tls-key={}", other_key.display()),
+        format!("--tls-ca={}", f.ca.display()),
+    ];
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = util::run(&a);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--tls-key") && err.contains("x.key"), "{err}");
+}
