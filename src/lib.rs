@@ -88,6 +88,20 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         max_conns = cfg.max_conns,
         "listening"
     );
+    if let Some(t) = &cfg.tls {
+        for w in &t.loaded.warnings {
+            tracing::warn!(file = %w, "tls: accepted with a warning");
+        }
+        let own = &t.loaded.own;
+        tracing::info!(own = %own, not_after = %tls::utc_text(own.not_after), "tls: mutual TLS 1.3 on the tcp: endpoint");
+        if let Some(left) = tls::expiry_warning(own, std::time::SystemTime::now()) {
+            tracing::warn!(
+                days_left = left.as_secs() / 86_400,
+                not_after = %tls::utc_text(own.not_after),
+                "tls: the relay's own certificate expires soon; renew it"
+            );
+        }
+    }
     let mut relay = relay::Relay::new(cfg, listener)?;
     relay.run()
 }
