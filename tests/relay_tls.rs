@@ -210,12 +210,23 @@ fn a_plaintext_client_at_a_tls_listener_is_refused_before_dialling() {
     let sink_path = dir.path().join("introspector.sock");
     let sink = UnixListener::bind(&sink_path).unwrap();
     sink.set_nonblocking(true).unwrap();
-    let mut b = relay_b(&b_files, &sink_path, &[]);
+    let control = dir.path().join("control.sock");
+    let mut b = relay_b(&b_files, &sink_path, &[format!("--control={}", control.display())]);
     let mut c = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
     let _ = c.write_all(&[0u8; 96]);
     let log = b.wait_log("tls: handshake refused", Duration::from_secs(10));
     assert!(log.contains("reason=\"not_tls\""), "{log}");
     assert!(sink.accept().is_err(), "the introspector's side was dialled");
+    // Counted by reason, with the own certificate's expiry beside it.
+    let stats = |format: &[&str]| {
+        let out = std::process::Command::new(util::BIN).arg("stats").args(format).arg(&control).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = stats(&[]);
+    assert!(text.contains("refused handshakes: 1 not_tls") && text.contains("valid until 2099-01-01"), "{text}");
+    let prom = stats(&["--prometheus"]);
+    assert!(prom.contains("kvmi_relay_tls_refused_total{vm=\"tcp:127.0.0.1:0\",reason=\"not_tls\"} 1"), "{prom}");
+    assert!(prom.contains("kvmi_relay_tls_cert_not_after_seconds{vm=\"tcp:127.0.0.1:0\"} 4070908800"), "{prom}");
 }
 
 #[test]
@@ -310,4 +321,92 @@ fn a_key_that_does_not_belong_to_the_certificate_is_refused_naming_flag_and_file
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--tls-key") && err.contains("x.key"), "{err}");
+}
+
+/// Interop: a standard TLS client (`openssl s_client`) with a certificate from the same CA gets
+/// through a kvmi-relay listener; kvmi-relay dialling a standard server (`openssl s_server`) gets
+/// through too. So an operator can run kvmi-relay on one side only.
+#[test]
+fn openssl_at_either_end_interoperates() {
+    if !util::precondition(which("openssl"), "openssl_at_either_end_interoperates", "the openssl CLI") {
+        return;
+    }
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let c_files = files(dir.path(), "c", &pki, &pki.leaf("client", &["client.example"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    let mut b = relay_b(&b_files, &sink_path, &["--tls-peer-name=client.example".into()]);
+    let port = b.bound_tcp().port();
+    let mut client = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-tls1_3", "-verify_return_error", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&c_files.cert)
+        .arg("-key")
+        .arg(&c_files.key)
+        .arg("-CAfile")
+        .arg(&c_files.ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (server, _) = sink.accept().unwrap();
+    client.stdin.as_mut().unwrap().write_all(b"from s_client\n").unwrap();
+    let mut got = [0u8; 14];
+    (&server).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"from s_client\n");
+    (&server).write_all(b"to s_client\n").unwrap();
+    let mut back = [0u8; 12];
+    client.stdout.as_mut().unwrap().read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"to s_client\n");
+    let log = b.wait_log("tls: peer verified", Duration::from_secs(5));
+    assert!(log.contains("client.example"), "{log}");
+    let _ = client.kill();
+    let _ = client.wait();
+
+    // kvmi-relay dials openssl s_server, which requires a client certificate.
+    let (_, addr) = util::tcp_listener("127.0.0.1");
+    let port = addr.port(); // free again once the listener above is dropped
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-tls1_3", "-Verify", "1", "-verify_return_error", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&b_files.cert)
+        .arg("-key")
+        .arg(&b_files.key)
+        .arg("-CAfile")
+        .arg(&b_files.ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let entry = dir.path().join("vmi-sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "openssl s_server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // s_server serves one connection at a time and goes on accepting after that probe.
+    let mut a = relay_a(&c_files, &entry, format!("127.0.0.1:{port}").parse().unwrap(), &[]);
+    let hv = UnixStream::connect(&entry).unwrap();
+    (&hv).write_all(b"to s_server\n").unwrap();
+    let mut got = [0u8; 12];
+    server.stdout.as_mut().unwrap().read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"to s_server\n");
+    server.stdin.as_mut().unwrap().write_all(b"from s_server\n").unwrap();
+    let mut back = [0u8; 14];
+    (&hv).read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"from s_server\n");
+    let log = a.wait_log("tls: peer verified", Duration::from_secs(5));
+    assert!(log.contains("CN=relay-b"), "{log}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+fn which(tool: &str) -> bool {
+    std::process::Command::new(tool).arg("version").output().is_ok_and(|o| o.status.success())
 }

@@ -35,6 +35,19 @@ pub struct Snapshot {
     /// `--kvmi`: the VM and the figures per message type (every session since start or reset).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kvmi: Option<KvmiSnap>,
+    /// `--tls-*`: the own certificate's expiry and the refused handshakes by reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSnap>,
+}
+
+/// `--tls-*`: what an operator watches.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsSnap {
+    /// The own certificate's notAfter, seconds since the epoch, and as UTC text.
+    pub cert_not_after_unix: u64,
+    pub cert_not_after: String,
+    /// Every reason, refused handshakes since start (or the last reset).
+    pub refused: Vec<(String, u64)>,
 }
 
 /// `--kvmi`: which VM the sessions carried and what each message type cost.
@@ -148,6 +161,12 @@ pub fn text(s: &Snapshot) -> String {
         "peers: {} admitted, {} refused by policy, {} refused (--max-conns), {} dial failures, {} failed, {} closed",
         t.admitted, t.refused_access, t.refused_busy, t.dial_failed, t.failed, t.closed
     );
+    if let Some(tls) = &s.tls {
+        let refused: Vec<String> =
+            tls.refused.iter().filter(|(_, n)| *n > 0).map(|(r, n)| format!("{n} {r}")).collect();
+        let refused = if refused.is_empty() { "none".to_string() } else { refused.join(", ") };
+        let _ = writeln!(o, "tls: own certificate valid until {}; refused handshakes: {refused}", tls.cert_not_after);
+    }
     let _ = writeln!(o, "latency in µs as p50/p90/p99/p99.9/max (count)");
     let _ = writeln!(
         o,
@@ -289,6 +308,19 @@ pub fn prometheus(s: &Snapshot) -> String {
             let _ = writeln!(o, "kvmi_relay_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
             let _ = writeln!(o, "kvmi_relay_latency_seconds_sum{{{labels}}} {:e}", h.mean * h.count as f64 / 1e9);
             let _ = writeln!(o, "kvmi_relay_latency_seconds_count{{{labels}}} {}", h.count);
+        }
+    }
+    if let Some(tls) = &s.tls {
+        let _ = writeln!(
+            o,
+            "# HELP kvmi_relay_tls_cert_not_after_seconds The relay's own certificate's notAfter (Unix time)."
+        );
+        let _ = writeln!(o, "# TYPE kvmi_relay_tls_cert_not_after_seconds gauge");
+        let _ = writeln!(o, "kvmi_relay_tls_cert_not_after_seconds{{vm=\"{vm}\"}} {}", tls.cert_not_after_unix);
+        let _ = writeln!(o, "# HELP kvmi_relay_tls_refused_total TLS handshakes refused, by reason.");
+        let _ = writeln!(o, "# TYPE kvmi_relay_tls_refused_total counter");
+        for (reason, n) in &tls.refused {
+            let _ = writeln!(o, "kvmi_relay_tls_refused_total{{vm=\"{vm}\",reason=\"{reason}\"}} {n}");
         }
     }
     if let Some(k) = &s.kvmi {
@@ -481,6 +513,7 @@ mod tests {
             }],
             all_sessions: [dir("l2c", &[5_000, 7_000, 2_000_000]), dir("c2l", &[])],
             kvmi: None,
+            tls: None,
         }
     }
 

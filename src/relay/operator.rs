@@ -171,6 +171,15 @@ impl Relay {
             connections,
             all_sessions,
             kvmi: self.cfg.kvmi.is_some().then(|| self.kvmi_snapshot()),
+            tls: self.cfg.tls.as_ref().map(|t| crate::observe::export::TlsSnap {
+                cert_not_after_unix: crate::tls::unix_secs(t.loaded.own.not_after),
+                cert_not_after: crate::tls::utc_text(t.loaded.own.not_after),
+                refused: crate::tls::Reason::ALL
+                    .iter()
+                    .zip(self.totals.tls_refusals)
+                    .map(|(r, n)| (r.as_str().to_string(), n))
+                    .collect(),
+            }),
         }
     }
 
