@@ -79,7 +79,7 @@ case_transient_vsock() {
 
 UNIT_CASES="unit-install unit-start-active unit-session unit-stop-no-socket-file unit-socket-restart-no-refused
 unit-stop-socket-removes-file unit-broken-config-status unit-pipe-budget-spent unit-stats-control-socket
-unit-hist-log-written unit-reload-reopens-hist-log"
+unit-hist-log-written unit-reload-reopens-hist-log unit-container-tenant-dir-0750"
 
 case_units() {
     if [ ! -f "$STAGE/usr/lib/systemd/system/kvmi-relay@.service" ]; then
@@ -392,6 +392,39 @@ case_deb() {
     reap
 }
 
+# The container flavor as docs/deployment.md sets it up: the tenant's per-VM directory is
+# root:kvmi-relay 0750 (nothing else on the host reaches the introspector's socket in it), the
+# introspector's socket in it is world-writable (libkvmi chmods it 0777), and the unit's relay,
+# user kvmi-relay, gets in through the group.
+case_container() {
+    want unit-container-tenant-dir-0750 || return
+    begin unit-container-tenant-dir-0750
+    if ! id -u kvmi-relay >/dev/null 2>&1; then
+        bad "no user kvmi-relay (unit-install did not run systemd-sysusers)"; end; return
+    fi
+    mkdir -p /srv/vmi/vm3
+    chown root:kvmi-relay /srv/vmi/vm3 && chmod 0750 /srv/vmi/vm3
+    bg /tmp/c-echo.out $T peer echo --listen unix:/srv/vmi/vm3/vmi-sock --count 0
+    wait_sock /srv/vmi/vm3/vmi-sock || bad "the introspector's socket did not appear"
+    chmod 0777 /srv/vmi/vm3/vmi-sock
+    printf '%s\n' KVMI_RELAY_LISTEN=unix:/run/kvmi/vm3/vmi-sock KVMI_RELAY_CONNECT=unix:/srv/vmi/vm3/vmi-sock \
+        KVMI_RELAY_ALLOW_UID=0 >/etc/kvmi-relay/vm3.conf
+    timeout 60 systemctl start kvmi-relay@vm3.service || bad "systemctl start failed"
+    timeout 60 $T peer pingpong --connect unix:/run/kvmi/vm3/vmi-sock --count 100 >/tmp/c-pp.out 2>&1
+    expect_ok /tmp/c-pp.out pingpong
+    sleep 0.5
+    journalctl -q -u kvmi-relay@vm3.service | grep -q 'closed end="finished"' \
+        || bad "no finished session in the journal: $(journalctl -q -u kvmi-relay@vm3.service | tail -3 | tr '\n' ' ')"
+    # The gate holds for everyone else: a user outside group kvmi-relay cannot reach the socket.
+    if setpriv --reuid=65534 --regid=65534 --clear-groups $T peer pingpong --connect unix:/srv/vmi/vm3/vmi-sock --count 1 >/tmp/c-nobody.out 2>&1; then
+        bad "nobody reached the introspector's socket past the 0750 directory"
+    fi
+    pid=$(systemctl show -p MainPID --value kvmi-relay@vm3.service)
+    DETAIL="dir $(stat -c '%U:%G %a' /srv/vmi/vm3); relay user $(stat -c %U "/proc/$pid"); $(cat /tmp/c-pp.out); nobody: $(head -1 /tmp/c-nobody.out)"
+    systemctl stop kvmi-relay@vm3.service
+    end kvmi-relay@vm3.service
+}
+
 # --- driver ----------------------------------------------------------------------------------
 
 ALL="sd-pid1-is-systemd sd-transient-relay-vsock deb-install deb-session deb-remove-purge-leaves-nothing $UNIT_CASES"
@@ -403,6 +436,7 @@ want sd-pid1-is-systemd && case_pid1
 want sd-transient-relay-vsock && case_transient_vsock
 case_deb
 case_units
+case_container
 reap
 log "cases failed: $FAILED"
 [ $FAILED = 0 ]
