@@ -80,13 +80,12 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         Some(l) => l,
         None => net::listener::Listener::bind(&cfg)?,
     };
-    tracing::info!(
-        name = %cfg.name,
-        listen = %cfg.listen,
-        bound = %listener.bound(),
-        connect = %cfg.connect,
-        max_conns = cfg.max_conns,
-        "listening"
+    let (name, listen, bound, connect, max_conns) = (
+        cfg.name.clone(),
+        cfg.listen.to_string(),
+        listener.bound().to_string(),
+        cfg.connect.to_string(),
+        cfg.max_conns,
     );
     if let Some(t) = &cfg.tls {
         for w in &t.loaded.warnings {
@@ -102,6 +101,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             );
         }
     }
+    // Signal handlers exist once `new` returns: "listening" comes after, so whoever waits for it
+    // (a test, an operator) may stop the relay with SIGTERM and have it clean up.
     let mut relay = relay::Relay::new(cfg, listener)?;
+    tracing::info!(%name, %listen, %bound, %connect, max_conns, "listening");
     relay.run()
 }

@@ -333,6 +333,26 @@ fn sigterm_and_sigint_exit_0_and_remove_the_socket() {
     }
 }
 
+/// "listening" means SIGTERM is handled: a relay stopped the moment it says it listens exits 0
+/// and removes its socket (it once logged before its signal handlers existed, and died of the
+/// signal with the file left behind).
+#[test]
+fn sigterm_the_moment_listening_is_logged_is_a_clean_stop() {
+    for round in 0..30 {
+        let d = tmpdir();
+        let p = d.path().join("relay.sock");
+        let mut relay = Relay::spawn(
+            std::process::Command::new(BIN)
+                .args([&format!("--listen=unix:{}", p.display()), "--connect=unix:/nonexistent"]),
+        );
+        relay.wait_log("listening", Duration::from_secs(10));
+        relay.signal(nix::sys::signal::Signal::SIGTERM);
+        let (st, log) = relay.wait_exit(Duration::from_secs(5));
+        assert!(st.success(), "round {round}: {st}\n{log}");
+        assert!(!p.exists(), "round {round}: socket left behind");
+    }
+}
+
 #[test]
 fn under_the_journal_lines_carry_no_timestamp_of_their_own() {
     let d = tmpdir();
