@@ -178,7 +178,7 @@ fn stats_in_every_format_and_reset() {
 
     let out = Command::new(BIN).args(["stats", "--prometheus", control.to_str().unwrap()]).output().unwrap();
     let prom = String::from_utf8_lossy(&out.stdout);
-    kvmi_relay::observe::export::lint_prometheus(&prom).unwrap_or_else(|e| panic!("{e}\n{prom}"));
+    promtool_check(&prom);
     assert!(prom.contains("kvmi_relay_bytes_total{vm=\"one-7\",direction=\"l2c\",strategy=\"copy\"} 6400"), "{prom}");
     assert!(prom.contains("kvmi_relay_latency_seconds_count{vm=\"one-7\",direction=\"c2l\",figure=\"transit\"} 100"));
 

@@ -299,3 +299,21 @@ pub fn precondition(met: bool, test: &str, needs: &str) -> bool {
     }
     panic!("{test} needs {needs}; set KVMI_RELAY_TEST_ALLOW_SKIP=1 to skip it on this machine");
 }
+
+/// `promtool check metrics` (Debian's prometheus package, `make deps`) on `text`.
+pub fn promtool_check(text: &str) {
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("promtool: {e} (install Debian's prometheus package: make deps)"),
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\n{text}");
+}
