@@ -410,3 +410,46 @@ fn openssl_at_either_end_interoperates() {
 fn which(tool: &str) -> bool {
     std::process::Command::new(tool).arg("version").output().is_ok_and(|o| o.status.success())
 }
+
+/// SIGHUP re-reads the files: a live session carries on, the next one meets the new
+/// certificate; a broken file keeps what is in force and says why.
+#[test]
+fn sighup_reloads_the_certificate_for_new_sessions_and_keeps_live_ones() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let a_files = files(dir.path(), "a", &pki, &pki.leaf("relay-a", &["relay-a.example"]));
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b-old", &["127.0.0.1"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    let mut b = relay_b(&b_files, &sink_path, &["--max-conns=2".into()]);
+    let entry = dir.path().join("vmi-sock");
+    let mut a = relay_a(&a_files, &entry, b.bound_tcp(), &["--max-conns=2".into()]);
+    let first = UnixStream::connect(&entry).unwrap();
+    let (first_far, _) = sink.accept().unwrap();
+    a.wait_log("CN=relay-b-old", Duration::from_secs(5));
+
+    // A new certificate and key for B, from the same CA, written over the old files.
+    let new = pki.leaf("relay-b-new", &["127.0.0.1"]);
+    std::fs::write(&b_files.cert, &new.cert_pem).unwrap();
+    std::fs::write(&b_files.key, &new.key_pem).unwrap();
+    b.signal(nix::sys::signal::Signal::SIGHUP);
+    b.wait_log("SIGHUP: tls: reloaded", Duration::from_secs(5));
+
+    let second = UnixStream::connect(&entry).unwrap();
+    let (second_far, _) = sink.accept().unwrap();
+    a.wait_log("CN=relay-b-new", Duration::from_secs(5));
+    for (near, far) in [(&first, &first_far), (&second, &second_far)] {
+        (&*near).write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        (&*far).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping", "both sessions carry bytes after the reload");
+    }
+
+    // A key that does not match: refused, the new pair stays in force.
+    let (_, stray) = pki.leaf("x", &["x.example"]).write(dir.path(), "x");
+    std::fs::copy(&stray, &b_files.key).unwrap();
+    b.signal(nix::sys::signal::Signal::SIGHUP);
+    let log = b.wait_log("SIGHUP: tls: not reloaded", Duration::from_secs(5));
+    assert!(log.contains("b.key"), "the log names the file: {log}");
+    drop((first, first_far, second, second_far));
+}

@@ -632,16 +632,45 @@ impl Relay {
             match sig {
                 SIGTERM | SIGINT => self.begin_shutdown(now, sig),
                 SIGUSR1 => self.log_live(),
-                SIGHUP => match &mut self.hist_log {
-                    Some(h) => match h.reopen() {
-                        Ok(()) => info!(path = %h.path().display(), "SIGHUP: reopened the histogram log"),
-                        Err(e) => {
-                            error!(path = %h.path().display(), error = %e, "SIGHUP: cannot reopen the histogram log")
-                        }
-                    },
-                    None => info!("SIGHUP: nothing to reopen"),
-                },
+                SIGHUP => {
+                    match &mut self.hist_log {
+                        Some(h) => match h.reopen() {
+                            Ok(()) => info!(path = %h.path().display(), "SIGHUP: reopened the histogram log"),
+                            Err(e) => {
+                                error!(path = %h.path().display(), error = %e, "SIGHUP: cannot reopen the histogram log")
+                            }
+                        },
+                        None if self.cfg.tls.is_none() => info!("SIGHUP: nothing to reopen"),
+                        None => {}
+                    }
+                    self.reload_tls();
+                }
                 _ => {}
+            }
+        }
+    }
+
+    /// SIGHUP: re-reads `--tls-cert`, `--tls-key` and `--tls-ca` with the checks of start-up.
+    /// New sessions use what was read; live ones keep the session they have. A file that no
+    /// longer passes keeps the configuration in force, and the log says why.
+    fn reload_tls(&mut self) {
+        let Some(t) = &mut self.cfg.tls else { return };
+        match crate::tls::load(&t.settings, std::time::SystemTime::now()) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    warn!(file = %w, "SIGHUP: tls: accepted with a warning");
+                }
+                info!(
+                    own = %loaded.own,
+                    not_after = %crate::tls::utc_text(loaded.own.not_after),
+                    "SIGHUP: tls: reloaded; new sessions use it"
+                );
+                t.loaded = loaded;
+            }
+            Err(problems) => {
+                for p in &problems {
+                    error!(file = %p, "SIGHUP: tls: not reloaded, the configuration in force stays");
+                }
             }
         }
     }
