@@ -188,6 +188,11 @@ pub struct RelayArgs {
     pub hist_log: Option<String>,
 
     /// Seconds per interval in the --hist-log file.
+    /// Write this instance's Prometheus text to DIR/kvmi-relay-<name>.prom every 10 s (for
+    /// node_exporter's textfile collector: one scrape for every relay on the host); removed on stop.
+    #[arg(long, env = "KVMI_RELAY_METRICS_TEXTFILE", value_name = "DIR")]
+    pub metrics_textfile: Option<String>,
+
     #[arg(long, env = "KVMI_RELAY_HIST_INTERVAL", value_name = "SECONDS", default_value = "10")]
     pub hist_interval: String,
 

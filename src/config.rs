@@ -101,6 +101,8 @@ pub struct Config {
     /// HdrHistogram interval log (`--hist-log`) and its interval.
     pub hist_log: Option<PathBuf>,
     pub hist_interval: Duration,
+    /// `--metrics-textfile`: the directory node_exporter's textfile collector reads.
+    pub metrics_textfile: Option<PathBuf>,
     /// `--kvmi`: the session speaks KVMi (None: bytes move uninspected).
     pub kvmi: Option<KvmiConfig>,
     /// `--tls-*`: mutual TLS on the TCP endpoint(s) (None: plain TCP).
@@ -593,6 +595,15 @@ impl TryFrom<RelayArgs> for Config {
                 problem!(p, hist_log, "{} is a directory; name the log file in it", h.display());
             }
         }
+        let metrics_textfile =
+            a.metrics_textfile.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
+        if let Some(d) = &metrics_textfile {
+            if d.is_relative() {
+                problem!(p, metrics_textfile, "'{}' is relative; give an absolute path", d.display());
+            } else if !d.is_dir() {
+                problem!(p, metrics_textfile, "{} is not a directory", d.display());
+            }
+        }
         let hist_interval = match a.hist_interval.trim().parse::<f64>() {
             Ok(s) if (0.01..=86_400.0).contains(&s) => Duration::from_secs_f64(s),
             _ => {
@@ -641,6 +652,7 @@ impl TryFrom<RelayArgs> for Config {
             control,
             hist_log,
             hist_interval,
+            metrics_textfile,
             kvmi,
             tls,
         })
@@ -950,6 +962,7 @@ mod tests {
             "control",
             "hist_log",
             "hist_interval",
+            "metrics_textfile",
             "kvmi",
             "kvmi_vm_uuid",
             "kvmi_vm_name",

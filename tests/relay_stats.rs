@@ -330,3 +330,51 @@ fn stats_aimed_at_a_data_socket_sends_nothing_and_says_so() {
     assert!(took < Duration::from_secs(4), "stats took {took:?}");
     drop(relay);
 }
+
+/// `--metrics-textfile DIR`: every instance writes its Prometheus text there for node_exporter's
+/// textfile collector; the files of two instances carry the same HELP and TYPE lines (the
+/// collector merges them), pass `promtool check metrics`, count a session, and go on stop.
+#[test]
+fn metrics_textfiles_of_two_instances_merge_and_go_on_stop() {
+    let d = tmpdir();
+    let dir = d.path().join("textfile");
+    std::fs::create_dir(&dir).unwrap();
+    let echo = echo_server(d.path());
+    let start = |name: &str| {
+        Relay::start(&[
+            &format!("--listen=unix:{}", d.path().join(format!("{name}.sock")).display()),
+            &format!("--connect={echo}"),
+            &format!("--name={name}"),
+            &format!("--metrics-textfile={}", dir.display()),
+        ])
+    };
+    let (a, b) = (start("one-7"), start("one-8"));
+    let mut c = std::os::unix::net::UnixStream::connect(d.path().join("one-7.sock")).unwrap();
+    std::io::Write::write_all(&mut c, b"ping").unwrap();
+    let mut got = [0u8; 4];
+    std::io::Read::read_exact(&mut c, &mut got).unwrap();
+    drop(c);
+    let file = |name: &str| dir.join(format!("kvmi-relay-{name}.prom"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Written at start, then every 10 s: wait for the one that counts the session.
+    let text_a = loop {
+        let t = std::fs::read_to_string(file("one-7")).unwrap_or_default();
+        if t.contains("kvmi_relay_bytes_total{vm=\"one-7\",direction=\"l2c\"") && t.contains("strategy=\"copy\"} 4") {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "no counted session in the text file:\n{t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text_b = std::fs::read_to_string(file("one-8")).unwrap();
+    promtool_check(&text_a);
+    promtool_check(&text_b);
+    let meta = |t: &str| t.lines().filter(|l| l.starts_with("# ")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(meta(&text_a), meta(&text_b), "HELP/TYPE differ between instances");
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "only the two files, no temporaries: {names:?}");
+    let (st, _) = a.stop();
+    assert!(st.success());
+    assert!(!file("one-7").exists(), "removed on stop");
+    assert!(file("one-8").exists(), "the other instance's file stays");
+    drop(b);
+}

@@ -39,6 +39,7 @@ use crate::net::listener::Listener;
 use crate::observe::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
 use crate::observe::histlog::HistLog;
 use crate::observe::metrics::{self, DirMetrics, Figures, percentiles_us};
+use crate::observe::textfile::MetricsFile;
 use crate::relay::service::{Notifier, Status};
 use crate::sys;
 use window::{PollWindow, RUN_DELAY_SAMPLE, SchedStat};
@@ -123,6 +124,8 @@ pub struct Relay {
     control: Option<ControlServer>,
     control_conns: Vec<Option<(ControlConn, Interest)>>,
     hist_log: Option<HistLog>,
+    /// `--metrics-textfile`: the Prometheus text rewritten every interval, removed on drop.
+    metrics_file: Option<MetricsFile>,
     /// Figures of the sessions that have closed (since start or the last reset), per direction.
     /// Allocated when the first session closes: a relay whose VM keeps one session open for its
     /// whole life never holds these six histograms (~175 KiB).
@@ -193,6 +196,7 @@ impl Relay {
             }
             None => None,
         };
+        let cfg_metrics_file = cfg.metrics_textfile.as_deref().map(|d| MetricsFile::new(d, &cfg.name, now));
         let window = PollWindow::new(cfg.poll_window);
         Ok(Relay {
             cfg,
@@ -215,6 +219,7 @@ impl Relay {
             control,
             control_conns: (0..CONTROL_CONNS_MAX).map(|_| None).collect(),
             hist_log,
+            metrics_file: cfg_metrics_file,
             closed: None,
             kvmi_closed: FiguresByType::new(),
             kvmi_last_vm: None,
@@ -337,6 +342,7 @@ impl Relay {
         let soonest = dial
             .chain(control)
             .chain(self.hist_log.as_ref().map(HistLog::next_tick))
+            .chain(self.metrics_file.as_ref().map(MetricsFile::next_tick))
             .chain(self.accept_paused_until)
             .chain(self.shutdown_deadline)
             .chain(self.service.next_deadline())
@@ -599,6 +605,9 @@ impl Relay {
         }
         if self.hist_log.as_ref().is_some_and(|h| now >= h.next_tick()) {
             self.write_intervals(now);
+        }
+        if self.metrics_file.as_ref().is_some_and(|m| now >= m.next_tick()) {
+            self.write_metrics_file(now);
         }
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_all(now);

@@ -119,6 +119,15 @@ impl Relay {
         }
     }
 
+    /// `--metrics-textfile`: the snapshot's Prometheus text, replacing the file.
+    pub(super) fn write_metrics_file(&mut self, now: Instant) {
+        let text = crate::observe::export::prometheus(&self.snapshot(now));
+        let Some(m) = &mut self.metrics_file else { return };
+        if let Err(e) = m.write(&text, now) {
+            error!(path = %crate::escape::Escaped(m.path().display()), error = %e, "cannot write the metrics text file");
+        }
+    }
+
     pub(super) fn write_intervals(&mut self, now: Instant) {
         let Some(h) = &mut self.hist_log else { return };
         for s in self.slots.iter().flatten() {
