@@ -132,7 +132,7 @@ fn second_session_over_max_conns_is_refused_and_the_first_is_undisturbed() {
     let mut b = [0u8; 3];
     (&first).read_exact(&mut b).unwrap();
 
-    kvmi_relay_tools::peers::cli::expect_refused(&relay_ep).expect("a second session must be refused");
+    kvmi_relay_tools::peers::cli::expect_refused(&relay_ep).expect("one session more than --max-conns must be refused");
     let log = relay.wait_log("--max-conns", Duration::from_secs(5));
     assert!(log.contains("refused"), "{log}");
 

@@ -127,7 +127,7 @@ pub struct Relay {
     /// `--metrics-textfile`: the Prometheus text rewritten every interval, removed on drop.
     metrics_file: Option<MetricsFile>,
     /// Figures of the sessions that have closed (since start or the last reset), per direction.
-    /// Allocated when the first session closes: a relay whose VM keeps one session open for its
+    /// Allocated when a session closes for the first time: a relay whose VM keeps one session open for its
     /// whole life never holds these six histograms (~175 KiB).
     closed: Option<Box<[ClosedDir; 2]>>,
     /// `--kvmi`: figures per message type of the sessions that have closed (since start or the
