@@ -136,7 +136,7 @@ fn second_session_over_max_conns_is_refused_and_the_first_is_undisturbed() {
     let log = relay.wait_log("--max-conns", Duration::from_secs(5));
     assert!(log.contains("refused"), "{log}");
 
-    // The first session still works...
+    // The session already running still works...
     (&first).write_all(b"two").unwrap();
     (&first).read_exact(&mut b).unwrap();
     assert_eq!(&b, b"two");
