@@ -280,6 +280,48 @@ fn a_client_without_a_certificate_is_refused_before_dialling() {
     assert!(sink.accept().is_err(), "the introspector's side was dialled");
 }
 
+#[test]
+fn an_expired_client_certificate_is_refused_before_dialling() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let mut b = relay_b(&b_files, &sink_path, &[]);
+    // A relay would refuse to start with it: the client here is rustls in the test.
+    let expired = pki.leaf_with("old-client", &["old.example"], |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&pki.ca_pem) {
+        roots.add(c).unwrap();
+    }
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(expired.key_pem.as_bytes()).unwrap();
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![expired.cert_der.clone()], key)
+        .unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = rustls::Stream::new(&mut conn, &mut tcp);
+    let _ = s.write_all(b"must not arrive");
+    let mut buf = [0u8; 16];
+    let _ = s.read(&mut buf);
+    let log = b.wait_log("tls: handshake refused", Duration::from_secs(10));
+    assert!(log.contains("reason=\"expired\""), "{log}");
+    assert!(log.contains("CN=old-client"), "the log says what the peer presented: {log}");
+    assert!(sink.accept().is_err(), "the introspector's side was dialled");
+}
+
 fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(Result::unwrap).collect()

@@ -538,6 +538,11 @@ impl Relay {
                     Some(libc::ETIMEDOUT) | Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => {
                         warn!(side = who, error = %error, "tearing the pair down")
                     }
+                    // A TLS peer that ended TCP without close_notify: gone, or a truncation
+                    // attempt; the peer's doing, not the relay's.
+                    None if error.kind() == io::ErrorKind::UnexpectedEof => {
+                        warn!(side = who, error = %error, "tearing the pair down")
+                    }
                     _ => error!(side = who, error = %error, "tearing the pair down"),
                 }
                 conn.abort();
