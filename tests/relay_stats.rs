@@ -302,6 +302,72 @@ fn sigusr1_logs_every_live_connections_percentiles() {
     assert!(!line.contains("l2c_transit_us=-"), "percentiles, not a dash: {line}");
 }
 
+/// The counters an operator reads while a session is live (SIGUSR1, `stats --json`) count its
+/// bytes; both lines are `key=value` (no Rust struct), and the JSON names each direction.
+#[test]
+fn totals_count_the_live_session_in_key_value_lines_and_labelled_json() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let (mut relay, listen, control) = start(d.path(), &server, &[]);
+    let client = net::connect(&listen).unwrap();
+    pingpong::round_trips(&client, 64, 64, 50).unwrap();
+    let v = json(&control);
+    assert_eq!(v["totals"]["bytes"]["l2c"], 64 * 50, "{}", v["totals"]);
+    assert_eq!(v["totals"]["bytes"]["c2l"], 64 * 50, "{}", v["totals"]);
+    assert_eq!(
+        v["totals"]["copy_bytes"]["l2c"].as_u64().unwrap() + v["totals"]["splice_bytes"]["l2c"].as_u64().unwrap(),
+        64 * 50
+    );
+    relay.signal(nix::sys::signal::Signal::SIGUSR1);
+    let log = relay.wait_log("SIGUSR1: totals", Duration::from_secs(5));
+    let line = log.lines().find(|l| l.contains("SIGUSR1: totals")).unwrap();
+    assert!(!line.contains('{') && !line.contains("Totals"), "key=value, not a struct: {line}");
+    assert_eq!(field_u64(line, "live"), 1, "{line}");
+    assert_eq!(field_u64(line, "admitted"), 1, "{line}");
+    assert_eq!(field_u64(line, "l2c_bytes"), 64 * 50, "the live session's bytes: {line}");
+    assert_eq!(field_u64(line, "c2l_bytes"), 64 * 50, "the live session's bytes: {line}");
+    drop(client);
+    relay.wait_log("closed end=", Duration::from_secs(5));
+    let (status, log) = relay.stop();
+    assert!(status.success(), "{log}");
+    let line = log.lines().find(|l| l.contains(" stopped ")).unwrap_or_else(|| panic!("no stopped line:\n{log}"));
+    assert!(!line.contains('{') && !line.contains("Totals"), "key=value, not a struct: {line}");
+    assert_eq!(field_u64(line, "closed"), 1, "{line}");
+    assert_eq!(field_u64(line, "l2c_bytes"), 64 * 50, "{line}");
+}
+
+/// A peer the policy admits is counted admitted even when the far side cannot be reached, and
+/// the dial failure reads the same whether the dial failed at once or later; refusals carry the
+/// instance's name.
+#[test]
+fn a_failed_dial_counts_the_peer_admitted_and_refusals_carry_the_name() {
+    let d = tmpdir();
+    let nowhere = Endpoint::Unix(d.path().join("nobody-listens.sock"));
+    let (mut relay, listen, control) = start(d.path(), &nowhere, &["--name=one-7", "--allow-uid=4242"]);
+    // Root is refused by the allow-list (uid 4242 only) unless the test runs as 4242.
+    let refused = net::connect(&listen).unwrap();
+    refused.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = (&refused).read(&mut [0u8; 1]);
+    let log = relay.wait_log("refused", Duration::from_secs(5));
+    let line = log.lines().find(|l| l.contains(" refused ")).unwrap();
+    assert_eq!(field(line, "name"), Some("one-7"), "{line}");
+    let v = json(&control);
+    assert_eq!(v["totals"]["refused_access"], 1, "{}", v["totals"]);
+    drop(relay);
+
+    let (mut relay, listen, control) = start(d.path(), &nowhere, &["--name=one-7"]);
+    let client = net::connect(&listen).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!((&client).read(&mut [0u8; 1]).unwrap_or(0), 0, "the peer is closed");
+    let log = relay.wait_log("cannot reach the far side", Duration::from_secs(5));
+    let line = log.lines().find(|l| l.contains("cannot reach the far side")).unwrap();
+    assert!(line.contains("conn{id=1"), "the session's span, as for a later dial failure: {line}");
+    assert!(field(line, "error").is_some(), "{line}");
+    let v = json(&control);
+    assert_eq!(v["totals"]["admitted"], 1, "{}", v["totals"]);
+    assert_eq!(v["totals"]["dial_failed"], 1, "{}", v["totals"]);
+}
+
 /// `stats` aimed at a relay's data socket (not its control socket) puts no byte into the VM's
 /// session: the relay admits it and dials the far side, the far side reads EOF and nothing else,
 /// and `stats` says the path is not a control socket, exits 1, within a few seconds.

@@ -33,6 +33,7 @@ use crate::access::{self, Verdict};
 use crate::config::Config;
 use crate::datapath::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
 use crate::datapath::pump::Pump;
+use crate::datapath::side::DIRECTION_NAMES;
 use crate::error::StartError;
 use crate::kvmi::session::FiguresByType;
 use crate::net::listener::Listener;
@@ -82,11 +83,27 @@ pub struct Totals {
     /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
     /// scheduler slice (a busy CPU; `window`).
     pub poll_window_suspensions: u64,
+    /// Bytes delivered per direction (`DIRECTION_NAMES`; JSON labels them so).
+    #[serde(serialize_with = "by_direction")]
     pub bytes: [u64; 2],
+    #[serde(serialize_with = "by_direction")]
     pub splice_bytes: [u64; 2],
+    #[serde(serialize_with = "by_direction")]
     pub copy_bytes: [u64; 2],
-    /// TLS handshakes refused, by reason (indexed as `tls::Reason::ALL`).
+    /// TLS handshakes refused, by reason (indexed as `tls::Reason::ALL`); the snapshot names
+    /// them in its `tls` part.
+    #[serde(skip)]
     pub tls_refusals: [u64; crate::tls::Reason::ALL.len()],
+}
+
+/// `[l2c, c2l]` as `{"l2c": .., "c2l": ..}`.
+fn by_direction<S: serde::Serializer>(v: &[u64; 2], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(2))?;
+    for (name, n) in DIRECTION_NAMES.iter().zip(v) {
+        m.serialize_entry(name, n)?;
+    }
+    m.end()
 }
 
 struct Slot {
@@ -310,7 +327,7 @@ impl Relay {
             if self.shutdown_deadline.is_some() && self.live == 0 {
                 // The last, partial interval too: a run shorter than one interval still logs.
                 self.write_intervals(Instant::now());
-                info!(totals = ?self.totals, "stopped");
+                self.log_totals("stopped");
                 return Ok(());
             }
         }
@@ -392,30 +409,42 @@ impl Relay {
             self.totals.accepted += 1;
             if let Verdict::Deny(why) = access::decide(&self.cfg.policy, &peer) {
                 self.totals.refused_access += 1;
-                warn!(%peer, reason = why, "refused");
+                warn!(name = %self.cfg.name, %peer, reason = why, "refused");
                 continue;
             }
             if self.live >= self.cfg.max_conns {
                 self.totals.refused_busy += 1;
-                warn!(%peer, max_conns = self.cfg.max_conns, "refused: --max-conns sessions already running");
+                warn!(
+                    name = %self.cfg.name,
+                    %peer,
+                    max_conns = self.cfg.max_conns,
+                    "refused: --max-conns sessions already running"
+                );
                 continue;
             }
             let id = self.next_id;
             self.next_id += 1;
+            // Past the policy and the limit the peer is admitted, whatever the dial does next.
+            self.totals.admitted += 1;
+            let span = tracing::info_span!("conn", id, peer = %peer, to = %self.cfg.connect);
             let conn = match Conn::new(id, peer, sock, &self.cfg, now) {
                 Ok(c) => c,
                 Err(e) => {
-                    if matches!(e, SetupError::Dial(_)) {
-                        self.totals.dial_failed += 1;
-                    } else {
-                        self.totals.failed += 1;
+                    let _e = span.enter();
+                    match e {
+                        // The same line as a dial that fails later (`close`).
+                        SetupError::Dial(e) => {
+                            self.totals.dial_failed += 1;
+                            warn!(target = %self.cfg.connect, error = %e, "cannot reach the far side; closing the peer");
+                        }
+                        e => {
+                            self.totals.failed += 1;
+                            warn!(error = %e, "cannot set the session up; closing the peer");
+                        }
                     }
-                    warn!(id, %peer, target = %self.cfg.connect, "{e}; closing the peer");
                     continue;
                 }
             };
-            self.totals.admitted += 1;
-            let span = tracing::info_span!("conn", id, peer = %peer, to = %self.cfg.connect);
             span.in_scope(|| {
                 if conn.is_tls_handshaking() {
                     info!("admitted; TLS handshake before dialling")
@@ -706,8 +735,50 @@ impl Relay {
         }
     }
 
+    /// The life counters, live sessions' bytes included: what `stats` shows as totals.
+    fn totals_now(&self) -> Totals {
+        let mut t = self.totals;
+        for s in self.slots.iter().flatten() {
+            for d in 0..2 {
+                let p = &s.conn.pump(d).stats;
+                t.bytes[d] += p.bytes;
+                t.splice_bytes[d] += p.splice_bytes;
+                t.copy_bytes[d] += p.copy_bytes;
+            }
+        }
+        t
+    }
+
+    /// One line of `key=value` counters (`stopped`, SIGUSR1).
+    fn log_totals(&self, message: &str) {
+        let t = self.totals_now();
+        info!(
+            live = self.live,
+            accepted = t.accepted,
+            admitted = t.admitted,
+            refused_access = t.refused_access,
+            refused_busy = t.refused_busy,
+            refused_handshake = t.refused_handshake,
+            dial_failed = t.dial_failed,
+            failed = t.failed,
+            aborted = t.aborted,
+            kvmi_malformed = t.kvmi_malformed,
+            closed = t.closed,
+            accept_pauses = t.accept_pauses,
+            poll_window_suspensions = t.poll_window_suspensions,
+            tls_refused = t.tls_refusals.iter().sum::<u64>(),
+            l2c_bytes = t.bytes[0],
+            l2c_splice_bytes = t.splice_bytes[0],
+            l2c_copy_bytes = t.copy_bytes[0],
+            c2l_bytes = t.bytes[1],
+            c2l_splice_bytes = t.splice_bytes[1],
+            c2l_copy_bytes = t.copy_bytes[1],
+            "{message}"
+        );
+    }
+
     fn log_live(&self) {
-        info!(live = self.live, totals = ?self.totals, "SIGUSR1: live connections follow");
+        self.log_totals("SIGUSR1: totals, then the live connections");
         for s in self.slots.iter().flatten() {
             let c = &s.conn;
             let _e = s.span.enter();

@@ -176,7 +176,7 @@ impl Relay {
             connect: self.cfg.connect.to_string(),
             live: self.live,
             max_conns: self.cfg.max_conns,
-            totals: self.totals,
+            totals: self.totals_now(),
             connections,
             all_sessions,
             kvmi: self.cfg.kvmi.is_some().then(|| self.kvmi_snapshot()),
