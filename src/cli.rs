@@ -18,11 +18,13 @@ fn switch() -> StringValueParser {
     StringValueParser::new()
 }
 
-/// Access-controlled, zero-copy relay for one VM's KVMi introspection socket.
+/// Access-controlled relay for one VM's KVMi introspection socket.
 ///
 /// Listens on one endpoint, admits a peer only after checking who it is, dials the other
-/// endpoint and moves bytes both ways with splice(2). Endpoints: unix:PATH, tcp:IP:PORT,
-/// tcp:[IPv6]:PORT, vsock:CID:PORT (connect), vsock:PORT (listen on any local CID).
+/// endpoint and moves bytes both ways. KVMi's small messages are copied (one read and one write
+/// each); a bulk stream into a UNIX or vsock socket moves through a kernel pipe with splice(2)
+/// (see --move). Endpoints: unix:PATH, tcp:IP:PORT, tcp:[IPv6]:PORT, vsock:CID:PORT (connect),
+/// vsock:PORT (listen on any local CID).
 #[derive(Debug, Parser)]
 #[command(name = "kvmi-relay", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
@@ -188,13 +190,13 @@ pub struct RelayArgs {
     pub hist_log: Option<String>,
 
     /// Seconds per interval in the --hist-log file.
+    #[arg(long, env = "KVMI_RELAY_HIST_INTERVAL", value_name = "SECONDS", default_value = "10")]
+    pub hist_interval: String,
+
     /// Write this instance's Prometheus text to DIR/kvmi-relay-<name>.prom every 10 s (for
     /// node_exporter's textfile collector: one scrape for every relay on the host); removed on stop.
     #[arg(long, env = "KVMI_RELAY_METRICS_TEXTFILE", value_name = "DIR")]
     pub metrics_textfile: Option<String>,
-
-    #[arg(long, env = "KVMI_RELAY_HIST_INTERVAL", value_name = "SECONDS", default_value = "10")]
-    pub hist_interval: String,
 
     /// Speak KVMi: read QEMU's handshake before dialling (VM pinning), frame messages, apply
     /// --kvmi-policy, deliver whole messages to the introspector, time each message type.

@@ -1,4 +1,4 @@
-//! kvmi-relay: an access-controlled, zero-copy relay for one VM's KVMi introspection socket.
+//! kvmi-relay: an access-controlled relay for one VM's KVMi introspection socket.
 //!
 //! Where things are:
 //! - bytes move in `datapath/` (`pump.rs`: splice or copy, one pump per direction, driven by
