@@ -127,10 +127,16 @@ fn identify(sock: &Socket, addr: &SockAddr) -> io::Result<Peer> {
         return Ok(Peer::Vsock { cid, port });
     }
     if addr.domain() == Domain::UNIX {
-        let cred = getsockopt(&sock.as_fd(), sockopt::PeerCredentials).map_err(io::Error::from)?;
-        return Ok(Peer::Unix { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() });
+        return unix_peer(sock);
     }
     Err(io::Error::other(format!("peer of unknown address family {:?}", addr.domain())))
+}
+
+/// A UNIX peer's identity as the kernel recorded it at connect (SO_PEERCRED): the data and the
+/// control listeners both judge it.
+pub fn unix_peer(sock: &Socket) -> io::Result<Peer> {
+    let cred = getsockopt(&sock.as_fd(), sockopt::PeerCredentials).map_err(io::Error::from)?;
+    Ok(Peer::Unix { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
 }
 
 /// Creates a UNIX socket file at `path` with exactly `mode` (and group `gid`): replaces a stale

@@ -11,18 +11,17 @@
 //! dropped at its deadline and can never stall the data path.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mio::Interest;
-use nix::sys::socket::{getsockopt, sockopt};
 use socket2::Socket;
 
 use crate::access::{self, Peer, Policy, Verdict};
 use crate::error::StartError;
 use crate::escape::Escaped;
-use crate::net::listener::{SocketFile, bind_unix};
+use crate::net::listener::{SocketFile, bind_unix, unix_peer};
 
 /// Control clients served at once; more are closed at accept.
 pub const CONTROL_CONNS_MAX: usize = 4;
@@ -99,8 +98,7 @@ impl ControlServer {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) => return Err(e),
         };
-        let cred = getsockopt(&sock.as_fd(), sockopt::PeerCredentials).map_err(io::Error::from)?;
-        let peer = Peer::Unix { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() };
+        let peer = unix_peer(&sock)?;
         if let Verdict::Deny(_) = access::decide(&self.policy, &peer) {
             return Ok(Some(Err(peer)));
         }

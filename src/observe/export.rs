@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::escape::Escaped;
-use crate::relay::Totals;
+use crate::observe::totals::Totals;
 
 /// Prometheus histogram bucket bounds, seconds: 1 µs to 10 s.
 pub const PROMETHEUS_BUCKETS_S: [f64; 22] = [

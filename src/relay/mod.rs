@@ -33,7 +33,6 @@ use crate::access::{self, Verdict};
 use crate::config::Config;
 use crate::datapath::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
 use crate::datapath::pump::Pump;
-use crate::datapath::side::DIRECTION_NAMES;
 use crate::error::StartError;
 use crate::kvmi::session::FiguresByType;
 use crate::net::listener::Listener;
@@ -41,6 +40,7 @@ use crate::observe::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
 use crate::observe::histlog::HistLog;
 use crate::observe::metrics::{self, DirMetrics, Figures, percentiles_us};
 use crate::observe::textfile::MetricsFile;
+use crate::observe::totals::Totals;
 use crate::relay::service::{Notifier, Status};
 use crate::sys;
 use window::{PollWindow, RUN_DELAY_SAMPLE, SchedStat};
@@ -59,52 +59,13 @@ const CONN_TOKEN_BASE: usize = 16;
 /// How long accepting pauses after EMFILE/ENFILE.
 const ACCEPT_PAUSE_MS: u64 = 100;
 const EVENTS_CAPACITY: usize = 256;
-
-/// Counters over the relay's whole life (since start or the last `stats --reset`).
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct Totals {
-    pub accepted: u64,
-    pub admitted: u64,
-    /// Refused by the access policy.
-    pub refused_access: u64,
-    /// Refused because `--max-conns` sessions were already running.
-    pub refused_busy: u64,
-    pub dial_failed: u64,
-    /// `--kvmi`: handshakes refused (wrong VM, bad size, none in time); nothing was dialled.
-    pub refused_handshake: u64,
-    /// `--kvmi`: sessions closed for a malformed stream.
-    pub kvmi_malformed: u64,
-    pub failed: u64,
-    /// Sessions the shutdown timeout cut (bytes still held, or a peer that did not end its side).
-    pub aborted: u64,
-    pub closed: u64,
-    /// Times accept hit EMFILE/ENFILE and paused.
-    pub accept_pauses: u64,
-    /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
-    /// scheduler slice (a busy CPU; `window`).
-    pub poll_window_suspensions: u64,
-    /// Bytes delivered per direction (`DIRECTION_NAMES`; JSON labels them so).
-    #[serde(serialize_with = "by_direction")]
-    pub bytes: [u64; 2],
-    #[serde(serialize_with = "by_direction")]
-    pub splice_bytes: [u64; 2],
-    #[serde(serialize_with = "by_direction")]
-    pub copy_bytes: [u64; 2],
-    /// TLS handshakes refused, by reason (indexed as `tls::Reason::ALL`); the snapshot names
-    /// them in its `tls` part.
-    #[serde(skip)]
-    pub tls_refusals: [u64; crate::tls::Reason::ALL.len()],
-}
-
-/// `[l2c, c2l]` as `{"l2c": .., "c2l": ..}`.
-fn by_direction<S: serde::Serializer>(v: &[u64; 2], s: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut m = s.serialize_map(Some(2))?;
-    for (name, n) in DIRECTION_NAMES.iter().zip(v) {
-        m.serialize_entry(name, n)?;
-    }
-    m.end()
-}
+// The token ranges never overlap: the fixed tokens, the control clients, then the sessions.
+const _: () = assert!(
+    LISTENER.0 < CONTROL_CONN_BASE
+        && SIGNALS.0 < CONTROL_CONN_BASE
+        && CONTROL.0 < CONTROL_CONN_BASE
+        && CONTROL_CONN_BASE + CONTROL_CONNS_MAX <= CONN_TOKEN_BASE
+);
 
 struct Slot {
     conn: Conn,
@@ -327,7 +288,7 @@ impl Relay {
             if self.shutdown_deadline.is_some() && self.live == 0 {
                 // The last, partial interval too: a run shorter than one interval still logs.
                 self.write_intervals(Instant::now());
-                self.log_totals("stopped");
+                self.totals_now().log(self.live, "stopped");
                 return Ok(());
             }
         }
@@ -749,36 +710,8 @@ impl Relay {
         t
     }
 
-    /// One line of `key=value` counters (`stopped`, SIGUSR1).
-    fn log_totals(&self, message: &str) {
-        let t = self.totals_now();
-        info!(
-            live = self.live,
-            accepted = t.accepted,
-            admitted = t.admitted,
-            refused_access = t.refused_access,
-            refused_busy = t.refused_busy,
-            refused_handshake = t.refused_handshake,
-            dial_failed = t.dial_failed,
-            failed = t.failed,
-            aborted = t.aborted,
-            kvmi_malformed = t.kvmi_malformed,
-            closed = t.closed,
-            accept_pauses = t.accept_pauses,
-            poll_window_suspensions = t.poll_window_suspensions,
-            tls_refused = t.tls_refusals.iter().sum::<u64>(),
-            l2c_bytes = t.bytes[0],
-            l2c_splice_bytes = t.splice_bytes[0],
-            l2c_copy_bytes = t.copy_bytes[0],
-            c2l_bytes = t.bytes[1],
-            c2l_splice_bytes = t.splice_bytes[1],
-            c2l_copy_bytes = t.copy_bytes[1],
-            "{message}"
-        );
-    }
-
     fn log_live(&self) {
-        self.log_totals("SIGUSR1: totals, then the live connections");
+        self.totals_now().log(self.live, "SIGUSR1: totals, then the live connections");
         for s in self.slots.iter().flatten() {
             let c = &s.conn;
             let _e = s.span.enter();

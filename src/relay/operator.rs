@@ -13,11 +13,12 @@ use mio::Token;
 use mio::unix::SourceFd;
 use tracing::{error, info, warn};
 
-use super::{CONTROL_CONN_BASE, ClosedDir, Relay, Totals};
+use super::{CONTROL_CONN_BASE, ClosedDir, Relay};
 use crate::datapath::pump::DirStats;
 use crate::datapath::side::DIRECTION_NAMES;
 use crate::observe::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
 use crate::observe::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
+use crate::observe::totals::Totals;
 
 impl Relay {
     pub(super) fn accept_control(&mut self, now: Instant) {

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::error::ActivationError;
 use crate::net::endpoint::{Endpoint, VSOCK_CID_ANY};
 use crate::net::listener::Listener;
-use crate::relay::Totals;
+use crate::observe::totals::Totals;
 
 /// What `STATUS=` reports; sent again only when one of these changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,84 @@
+//! The relay's life counters (since start or the last `stats --reset`): what became of each
+//! peer, how sessions ended, the bytes they moved. The event loop adds to them; `stats`, the
+//! service status, SIGUSR1 and the `stopped` line read them.
+//!
+//! Invariant: a closed session's bytes are added here when it closes; whoever reports totals
+//! while sessions are live adds theirs to a copy (`Relay::totals_now`), never to these.
+
+use crate::datapath::side::DIRECTION_NAMES;
+
+/// Counters over the relay's whole life (since start or the last `stats --reset`).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Totals {
+    pub accepted: u64,
+    pub admitted: u64,
+    /// Refused by the access policy.
+    pub refused_access: u64,
+    /// Refused because `--max-conns` sessions were already running.
+    pub refused_busy: u64,
+    pub dial_failed: u64,
+    /// `--kvmi`: handshakes refused (wrong VM, bad size, none in time); nothing was dialled.
+    pub refused_handshake: u64,
+    /// `--kvmi`: sessions closed for a malformed stream.
+    pub kvmi_malformed: u64,
+    pub failed: u64,
+    /// Sessions the shutdown timeout cut (bytes still held, or a peer that did not end its side).
+    pub aborted: u64,
+    pub closed: u64,
+    /// Times accept hit EMFILE/ENFILE and paused.
+    pub accept_pauses: u64,
+    /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
+    /// scheduler slice (a busy CPU; `window`).
+    pub poll_window_suspensions: u64,
+    /// Bytes delivered per direction (`DIRECTION_NAMES`; JSON labels them so).
+    #[serde(serialize_with = "by_direction")]
+    pub bytes: [u64; 2],
+    #[serde(serialize_with = "by_direction")]
+    pub splice_bytes: [u64; 2],
+    #[serde(serialize_with = "by_direction")]
+    pub copy_bytes: [u64; 2],
+    /// TLS handshakes refused, by reason (indexed as `tls::Reason::ALL`); the snapshot names
+    /// them in its `tls` part.
+    #[serde(skip)]
+    pub tls_refusals: [u64; crate::tls::Reason::ALL.len()],
+}
+
+/// `[l2c, c2l]` as `{"l2c": .., "c2l": ..}`.
+fn by_direction<S: serde::Serializer>(v: &[u64; 2], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(2))?;
+    for (name, n) in DIRECTION_NAMES.iter().zip(v) {
+        m.serialize_entry(name, n)?;
+    }
+    m.end()
+}
+
+impl Totals {
+    /// One line of `key=value` counters with `live` sessions running (`stopped`, SIGUSR1).
+    pub fn log(&self, live: usize, message: &str) {
+        let t = self;
+        tracing::info!(
+            live,
+            accepted = t.accepted,
+            admitted = t.admitted,
+            refused_access = t.refused_access,
+            refused_busy = t.refused_busy,
+            refused_handshake = t.refused_handshake,
+            dial_failed = t.dial_failed,
+            failed = t.failed,
+            aborted = t.aborted,
+            kvmi_malformed = t.kvmi_malformed,
+            closed = t.closed,
+            accept_pauses = t.accept_pauses,
+            poll_window_suspensions = t.poll_window_suspensions,
+            tls_refused = t.tls_refusals.iter().sum::<u64>(),
+            l2c_bytes = t.bytes[0],
+            l2c_splice_bytes = t.splice_bytes[0],
+            l2c_copy_bytes = t.copy_bytes[0],
+            c2l_bytes = t.bytes[1],
+            c2l_splice_bytes = t.splice_bytes[1],
+            c2l_copy_bytes = t.copy_bytes[1],
+            "{message}"
+        );
+    }
+}
