@@ -8,6 +8,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use kvmi_relay::cli::{Cli, Command};
 use kvmi_relay::config::{self, Config};
 use kvmi_relay::escape::Escaped;
@@ -17,7 +18,17 @@ use kvmi_relay::observe::control::StatsFormat;
 const EXIT_BAD_START: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("kvmi-relay: {}", usage_line(&e));
+            return ExitCode::from(EXIT_BAD_START);
+        }
+    };
     let code = match cli.command {
         Some(Command::Stats(a)) => {
             let format = match (a.json, a.prometheus, a.reset) {
@@ -66,6 +77,48 @@ fn relay(cli: Cli) -> ExitCode {
         Err(e) => {
             eprintln!("kvmi-relay: {e}");
             ExitCode::from(EXIT_BAD_START)
+        }
+    }
+}
+
+/// A usage error as one line with every outside character escaped: clap quotes what was typed
+/// verbatim (a newline in a value would start a line of its own) and spreads one problem over
+/// several lines with a usage reminder.
+fn usage_line(e: &clap::Error) -> String {
+    let get = |kind| {
+        e.get(kind).map(|v| match v {
+            ContextValue::String(s) => s.clone(),
+            ContextValue::Strings(v) => v.join(", "),
+            other => other.to_string(),
+        })
+    };
+    let arg = get(ContextKind::InvalidArg).unwrap_or_default();
+    match (e.kind(), get(ContextKind::InvalidValue)) {
+        (ErrorKind::InvalidValue, Some(value)) if value.is_empty() => format!("{}: needs a value", Escaped(&arg)),
+        (ErrorKind::InvalidValue, Some(value)) => {
+            let valid = get(ContextKind::ValidValue).filter(|v| !v.is_empty());
+            let valid = valid.map(|v| format!(" (one of {v})")).unwrap_or_default();
+            format!("{}: invalid value '{}'{valid}", Escaped(&arg), Escaped(&value))
+        }
+        (ErrorKind::UnknownArgument, _) => {
+            let hint = get(ContextKind::SuggestedArg).map(|s| format!("; did you mean {s}?")).unwrap_or_default();
+            format!("unknown argument '{}'{}", Escaped(&arg), Escaped(&hint))
+        }
+        (ErrorKind::InvalidSubcommand, _) => {
+            let what = get(ContextKind::InvalidSubcommand).unwrap_or_default();
+            format!("unknown subcommand '{}' (the one subcommand is stats)", Escaped(&what))
+        }
+        _ => {
+            // clap's text without its usage reminder, its lines joined.
+            let text = e.render().to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let joined = lines.join("; ");
+            Escaped(joined.strip_prefix("error: ").unwrap_or(&joined)).to_string()
         }
     }
 }

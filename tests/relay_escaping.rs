@@ -105,3 +105,35 @@ fn a_name_with_a_newline_never_splits_a_log_line() {
     assert!(log.contains("name=vm\\nfake\\r\\u{1b}[2J"), "{log}");
     assert!(log.contains("unix:/nonexistent\\nfar\\r\\u{1b}[0m"), "{log}");
 }
+
+/// clap's own usage errors quote what was typed verbatim and over several lines; the relay
+/// prints each as one escaped line, exit 2, so a value or a flag name cannot forge a line there
+/// either. --help and --version still print clap's text.
+#[test]
+fn usage_errors_are_one_escaped_line() {
+    let d = tmpdir();
+    let sock = d.path().join("relay.sock");
+    let listen = format!("--listen=unix:{}", sock.display());
+    for (args, needle) in [
+        (vec![listen.as_str(), "--connect=unix:/x", &format!("--move=x\n{FORGED}")], "--move"),
+        (vec![listen.as_str(), "--connect=unix:/x", &format!("--bogus\n{FORGED}")], "--bogus\\n"),
+        (vec![listen.as_str(), "--connect=unix:/x", "--check", "--check"], "--check"),
+        (vec!["stats", &format!("/x\n{FORGED}"), "--json", "--reset"], "--json"),
+        (vec![&format!("stat\x1b[2J\n{FORGED}")], "stat\\u{1b}"),
+    ] {
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}: nothing on stdout: {out:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one problem, one line: {err:?}");
+        assert!(err.starts_with("kvmi-relay: "), "{args:?}: {err:?}");
+        assert!(err.contains(needle), "{args:?}: {needle:?} in {err:?}");
+        assert_no_control_chars(&err);
+        assert!(!sock.exists());
+    }
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().count() > 20 && out.contains("--listen"), "{out}");
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("kvmi-relay "), "{out}");
+}
