@@ -447,6 +447,18 @@ fn stats_show_per_message_figures_in_every_format_with_a_bounded_message_label()
         "{text}"
     );
 
+    // The live session's own figures, beside every session's.
+    let v: serde_json::Value =
+        serde_json::from_str(&kvmi_relay::observe::control::ask(&control, "stats json").unwrap()).unwrap();
+    let conn = &v["connections"][0]["kvmi"];
+    assert_eq!(conn["vm_uuid"], uuid.as_str(), "{v}");
+    assert_eq!(conn["vm_name"], "one-7", "{v}");
+    let of = |name: &str| conn["messages"].as_array().unwrap().iter().find(|m| m["message"] == name).cloned();
+    let read = of("READ_PHYSICAL").unwrap_or_else(|| panic!("the live session's reads: {v}"));
+    assert_eq!((read["count"].as_u64(), read["latency_ns"]["count"].as_u64()), (Some(3), Some(3)), "{v}");
+    assert_eq!(of("WRITE_PHYSICAL").unwrap()["denied"], 2, "{v}");
+    assert!(text.contains(&format!("KVMi: vm one-7 ({uuid}); session {}", v["connections"][0]["id"])), "{text}");
+
     // After the session closed, the figures stay (every session since start or reset).
     let Live { mut relay, tool, hv, _dir } = l;
     drop(tool);

@@ -84,6 +84,9 @@ pub struct ConnSnap {
     pub peer: String,
     pub age_s: f64,
     pub directions: [DirSnap; 2],
+    /// `--kvmi`: this session's VM and its figures per message type so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kvmi: Option<KvmiSnap>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,18 +204,19 @@ pub fn text(s: &Snapshot) -> String {
     }
     row(&mut o, "all", "every session since start or reset", "", &s.all_sessions[0]);
     row(&mut o, "", "", "", &s.all_sessions[1]);
+    for c in &s.connections {
+        if let Some(k) = &c.kvmi {
+            kvmi_text(&mut o, &format!("session {}", c.id), k);
+        }
+    }
     if let Some(k) = &s.kvmi {
-        kvmi_text(&mut o, k);
+        kvmi_text(&mut o, "every session since start or reset", k);
     }
     o
 }
 
-fn kvmi_text(o: &mut String, k: &KvmiSnap) {
-    let _ = writeln!(
-        o,
-        "\nKVMi: vm {} ({}); every session since start or reset; latency: command -> reply, event -> reply",
-        k.vm_name, k.vm_uuid
-    );
+fn kvmi_text(o: &mut String, whose: &str, k: &KvmiSnap) {
+    let _ = writeln!(o, "\nKVMi: vm {} ({}); {whose}; latency: command -> reply, event -> reply", k.vm_name, k.vm_uuid);
     let _ = writeln!(
         o,
         "{:<7} {:<26} {:>10} {:>8} {:>12} {:<36}",
@@ -511,6 +515,7 @@ mod tests {
                 peer: "unix pid=1 uid=0 gid=0".into(),
                 age_s: 1.5,
                 directions: [dir("l2c", &[5_000, 7_000, 2_000_000]), dir("c2l", &[])],
+                kvmi: None,
             }],
             all_sessions: [dir("l2c", &[5_000, 7_000, 2_000_000]), dir("c2l", &[])],
             kvmi: None,

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use super::{CONTROL_CONN_BASE, ClosedDir, Relay};
 use crate::datapath::pump::DirStats;
 use crate::datapath::side::DIRECTION_NAMES;
+use crate::kvmi::session::FiguresByType;
 use crate::observe::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
 use crate::observe::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
 use crate::observe::totals::Totals;
@@ -158,11 +159,16 @@ impl Relay {
                 stats.add(&p.stats);
                 dir_snap(d, &p.stats, &c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns, &p.chunk_bytes)
             });
+            let kvmi = c.kvmi.as_ref().map(|(k, _)| {
+                let (vm_name, vm_uuid) = c.vm_identity();
+                KvmiSnap { vm_name, vm_uuid, messages: message_snaps(&k.borrow().figures) }
+            });
             connections.push(ConnSnap {
                 id: c.id,
                 peer: c.peer.to_string(),
                 age_s: now.saturating_duration_since(c.opened).as_secs_f64(),
                 directions: dirs,
+                kvmi,
             });
         }
         let all_sessions = [0, 1].map(|d| {
@@ -209,18 +215,7 @@ impl Relay {
             }
         }
         let (vm_name, vm_uuid) = vm.unwrap_or_else(|| ("-".into(), "-".into()));
-        let messages = all
-            .iter()
-            .map(|(t, f)| MessageSnap {
-                kind: t.kind.as_str(),
-                message: t.name,
-                count: f.count,
-                bytes: f.bytes,
-                denied: f.denied,
-                latency_ns: HistSnap::of_time(&f.latency_ns),
-            })
-            .collect();
-        KvmiSnap { vm_name, vm_uuid, messages }
+        KvmiSnap { vm_name, vm_uuid, messages: message_snaps(&all) }
     }
 
     fn closed_stats(&self, d: usize) -> DirStats {
@@ -232,6 +227,21 @@ impl Relay {
             high_water_bytes: self.closed.as_ref().map_or(0, |c| c[d].high_water_bytes),
         }
     }
+}
+
+/// One entry per message type seen, in the figures' order (commands first).
+fn message_snaps(figures: &FiguresByType) -> Vec<MessageSnap> {
+    figures
+        .iter()
+        .map(|(t, f)| MessageSnap {
+            kind: t.kind.as_str(),
+            message: t.name,
+            count: f.count,
+            bytes: f.bytes,
+            denied: f.denied,
+            latency_ns: HistSnap::of_time(&f.latency_ns),
+        })
+        .collect()
 }
 
 fn dir_snap(
