@@ -181,7 +181,8 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_NAME", value_name = "NAME")]
     pub name: Option<String>,
 
-    /// Control socket (UNIX, mode 0600, only the relay's own uid and root): `kvmi-relay stats PATH`.
+    /// Control socket (UNIX, mode 0600, only the relay's own uid and root): `kvmi-relay stats PATH`,
+    /// or HTTP `GET /metrics` (`curl --unix-socket PATH http://localhost/metrics`).
     #[arg(long, env = "KVMI_RELAY_CONTROL", value_name = "PATH")]
     pub control: Option<String>,
 

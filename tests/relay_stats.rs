@@ -444,3 +444,80 @@ fn metrics_textfiles_of_two_instances_merge_and_go_on_stop() {
     assert!(file("one-8").exists(), "the other instance's file stays");
     drop(b);
 }
+
+/// Writes `request` at once (as an HTTP client does, before any greeting) and reads until EOF.
+fn raw_exchange(control: &std::path::Path, request: &[u8]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The names of the samples in a Prometheus text, labels and values left out.
+fn sample_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_control_socket_answers_get_metrics_over_http_and_the_line_protocol_beside_it() {
+    let d = tmpdir();
+    let server = slow_echo(d.path(), Duration::ZERO);
+    let (relay, listen, control) = start(d.path(), &server, &["--name=one-7"]);
+    let client = net::connect(&listen).unwrap();
+    pingpong::round_trips(&client, 64, 64, 100).unwrap();
+
+    // curl over the UNIX socket: a 200 with the same text `stats --prometheus` prints.
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--fail", "--max-time", "5", "--include", "--unix-socket"])
+        .arg(&control)
+        .arg("http://localhost/metrics")
+        .output()
+        .unwrap_or_else(|e| panic!("curl: {e} (install Debian's curl package: make deps)"));
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let response = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP head");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
+    assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{head}");
+    assert!(!body.contains("kvmi-relay control"), "the greeting must not reach an HTTP client: {body}");
+    promtool_check(body);
+    assert!(body.contains("kvmi_relay_bytes_total{vm=\"one-7\",direction=\"l2c\",strategy=\"copy\"} 6400"), "{body}");
+    let line = Command::new(BIN).args(["stats", "--prometheus", control.to_str().unwrap()]).output().unwrap();
+    assert!(line.status.success());
+    assert_eq!(sample_names(body), sample_names(&String::from_utf8_lossy(&line.stdout)));
+
+    // HEAD: the same head, no body.
+    let head_only = raw_exchange(&control, b"HEAD /metrics HTTP/1.0\r\n\r\n");
+    assert!(head_only.starts_with("HTTP/1.1 200 OK\r\n") && head_only.ends_with("\r\n\r\n"), "{head_only}");
+
+    // Other paths, methods and request lines: a status, never the metrics nor the greeting.
+    for (request, status) in [
+        (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], "404 Not Found"),
+        (b"GET /metricsx HTTP/1.1\r\n\r\n", "404 Not Found"),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "405 Method Not Allowed"),
+        (b"GET /metrics extra HTTP/1.1\r\n\r\n", "400 Bad Request"),
+    ] {
+        let got = raw_exchange(&control, request);
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{:?}: {got}", String::from_utf8_lossy(request));
+        assert!(!got.contains("kvmi_relay_") && !got.contains("kvmi-relay control"), "{got}");
+    }
+    // A head that never ends within the limit.
+    let mut long = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 9000));
+    assert!(raw_exchange(&control, &long).starts_with("HTTP/1.1 431 "));
+
+    // A line client that does not wait for the greeting is greeted, then answered.
+    let got = raw_exchange(&control, b"stats json\n");
+    let json_text = got.strip_prefix("kvmi-relay control 1\n").unwrap_or_else(|| panic!("no greeting first: {got}"));
+    let v: serde_json::Value = serde_json::from_str(json_text).unwrap();
+    assert_eq!(v["connections"][0]["directions"][0]["bytes"], 6400);
+    // The session went on untouched by all of it.
+    pingpong::round_trips(&client, 64, 64, 10).unwrap();
+    assert_eq!(json(&control)["connections"][0]["directions"][0]["bytes"], 7040);
+    drop(relay);
+}

@@ -1,14 +1,23 @@
 //! The control socket (`--control PATH`) and its client (`kvmi-relay stats PATH`).
 //!
-//! Protocol: the relay speaks first, one greeting line (`GREETING`); the client sends nothing
-//! until it has read it, so a client aimed at a data socket by mistake puts no byte into a VM's
-//! session: it hears no greeting, gives up after `GREETING_WAIT_MS` and says the path is not a
-//! control socket. After the greeting the client sends one line — `stats text`, `stats json`,
-//! `stats prometheus` or `reset` — and reads the answer until EOF. The socket file is created 0600 and every client is
-//! checked with the same peer-credential decision as a UNIX listener (`access::decide`): only
-//! the relay's own uid and root. Control connections are tiny state machines like the relayed
-//! ones: they never touch the poller, the event loop registers them; a slow or silent client is
-//! dropped at its deadline and can never stall the data path.
+//! Two dialects on one socket, told apart by who speaks first:
+//! - The relay's own line protocol. The relay speaks first, one greeting line (`GREETING`),
+//!   `GREETING_DELAY_MS` after the accept; the client sends nothing until it has read it, so a
+//!   client aimed at a data socket by mistake puts no byte into a VM's session: it hears no
+//!   greeting, gives up after `GREETING_WAIT_MS` and says the path is not a control socket.
+//!   After the greeting the client sends one line — `stats text`, `stats json`,
+//!   `stats prometheus` or `reset` — and reads the answer until EOF. A line sent before the
+//!   greeting is served the same way (greeting, then answer).
+//! - HTTP/1.x, for `curl --unix-socket` and Prometheus's UNIX-socket scraping: an HTTP client
+//!   speaks first, so a first line that ends in ` HTTP/1.x` within the delay (or at any time
+//!   before the greeting) is a request head; `GET /metrics` (or `HEAD`) is answered with the
+//!   Prometheus text and `Connection: close`, anything else with a 4xx status, never the greeting.
+//!
+//! The socket file is created 0600 and every client is checked with the same peer-credential
+//! decision as a UNIX listener (`access::decide`): only the relay's own uid and root. Control
+//! connections are tiny state machines like the relayed ones: they never touch the poller, the
+//! event loop registers them and calls `on_timer` at `next_deadline`; a slow or silent client
+//! is dropped at its deadline and can never stall the data path.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -27,8 +36,13 @@ use crate::net::listener::{SocketFile, bind_unix, unix_peer};
 pub const CONTROL_CONNS_MAX: usize = 4;
 /// A control client has this long to send its request and take the answer.
 const CONTROL_DEADLINE_MS: u64 = 2000;
-/// Longest request line.
+/// Longest request line of the line protocol.
 const REQUEST_MAX_BYTES: usize = 256;
+/// Longest HTTP request head (request line and headers); a longer one is answered 431.
+const HTTP_HEAD_MAX_BYTES: usize = 8192;
+/// The relay keeps quiet this long after an accept: an HTTP client speaks in that time (it
+/// sends its request at once), `kvmi-relay stats` waits for the greeting.
+const GREETING_DELAY_MS: u64 = 50;
 /// The first line the relay writes to every admitted control client.
 pub const GREETING: &[u8] = b"kvmi-relay control 1\n";
 /// How long a client waits for the greeting before it says the path is not a control socket.
@@ -103,39 +117,53 @@ impl ControlServer {
             return Ok(Some(Err(peer)));
         }
         sock.set_nonblocking(true)?;
-        // A fresh socket's send buffer always takes the short greeting whole.
-        let sent = sock.send_with_flags(GREETING, libc::MSG_NOSIGNAL)?;
-        if sent != GREETING.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "control client: greeting cut short"));
-        }
         Ok(Some(Ok(ControlConn {
             sock,
             request: Vec::new(),
-            answer: Vec::new(),
-            written: 0,
-            answered: false,
+            phase: Phase::Quiet { greet_at: now + Duration::from_millis(GREETING_DELAY_MS) },
             deadline: now + Duration::from_millis(CONTROL_DEADLINE_MS),
         })))
     }
 }
 
+/// Where a control connection is.
+enum Phase {
+    /// Accepted, nothing said yet: bytes arriving now may be an HTTP request head; at
+    /// `greet_at` the relay greets.
+    Quiet { greet_at: Instant },
+    /// Greeted: reading one request line of the line protocol.
+    Greeted,
+    /// Reading the rest of an HTTP request head (its first line said HTTP/1.x).
+    HttpHead,
+    /// Writing `answer`; the connection closes when all of it is written.
+    Answering { answer: Vec<u8>, written: usize },
+}
+
 /// One control client.
 pub struct ControlConn {
     sock: Socket,
+    /// What the client sent so far (the request line, or the HTTP head).
     request: Vec<u8>,
-    answer: Vec<u8>,
-    written: usize,
-    answered: bool,
+    phase: Phase,
     pub deadline: Instant,
 }
 
 /// What a control connection needs next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ControlStep {
-    /// A complete request: the loop answers it with `answer`.
+    /// A complete request (None: not one the relay knows): the loop renders it and hands the
+    /// text to `answer`.
     Request(Option<Request>),
     Waiting,
     Done,
+}
+
+/// What the first line of a client that spoke first says it is.
+enum FirstLine {
+    /// Not complete yet.
+    Partial,
+    Http,
+    Line,
 }
 
 impl ControlConn {
@@ -144,22 +172,55 @@ impl ControlConn {
     }
 
     pub fn interest(&self) -> Interest {
-        if self.answered { Interest::WRITABLE } else { Interest::READABLE }
+        match self.phase {
+            Phase::Answering { .. } => Interest::WRITABLE,
+            _ => Interest::READABLE,
+        }
+    }
+
+    /// The next instant `on_timer` has something to do: the greeting, or the deadline.
+    pub fn next_deadline(&self) -> Instant {
+        match self.phase {
+            Phase::Quiet { greet_at } => greet_at.min(self.deadline),
+            _ => self.deadline,
+        }
+    }
+
+    /// Timers: Ok(false) once the deadline has passed (the loop closes the connection);
+    /// greets a client that has been quiet for `GREETING_DELAY_MS`.
+    pub fn on_timer(&mut self, now: Instant) -> io::Result<bool> {
+        if now >= self.deadline {
+            return Ok(false);
+        }
+        if matches!(self.phase, Phase::Quiet { greet_at } if now >= greet_at) {
+            self.greet()?;
+        }
+        Ok(true)
+    }
+
+    fn greet(&mut self) -> io::Result<()> {
+        // A fresh socket's send buffer always takes the short greeting whole.
+        let sent = self.sock.send_with_flags(GREETING, libc::MSG_NOSIGNAL)?;
+        if sent != GREETING.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "control client: greeting cut short"));
+        }
+        self.phase = Phase::Greeted;
+        Ok(())
     }
 
     /// Reads the request (edge-triggered: until WouldBlock) or writes the answer.
     pub fn advance(&mut self) -> io::Result<ControlStep> {
-        if self.answered {
+        if matches!(self.phase, Phase::Answering { .. }) {
             return self.flush();
         }
-        let mut buf = [0u8; 128];
+        let mut buf = [0u8; 512];
         loop {
             match (&self.sock).read(&mut buf) {
-                Ok(0) => return Ok(ControlStep::Request(self.parsed())),
+                Ok(0) => return self.at_eof(),
                 Ok(n) => {
                     self.request.extend_from_slice(&buf[..n]);
-                    if self.request.contains(&b'\n') || self.request.len() > REQUEST_MAX_BYTES {
-                        return Ok(ControlStep::Request(self.parsed()));
+                    if let Some(step) = self.took_bytes()? {
+                        return Ok(step);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ControlStep::Waiting),
@@ -169,27 +230,208 @@ impl ControlConn {
         }
     }
 
-    fn parsed(&self) -> Option<Request> {
-        Request::from_bytes(&self.request)
+    /// After more bytes of the request: Some(step) once there is something to answer.
+    fn took_bytes(&mut self) -> io::Result<Option<ControlStep>> {
+        if let Phase::Quiet { .. } = self.phase {
+            match first_line(&self.request) {
+                FirstLine::Partial => return Ok(None),
+                FirstLine::Http => self.phase = Phase::HttpHead,
+                // A line client that did not wait: greeted first, then answered as usual.
+                FirstLine::Line => self.greet()?,
+            }
+        }
+        match self.phase {
+            Phase::Greeted => {
+                if self.request.contains(&b'\n') || self.request.len() > REQUEST_MAX_BYTES {
+                    return Ok(Some(ControlStep::Request(Request::from_bytes(&self.request))));
+                }
+                Ok(None)
+            }
+            Phase::HttpHead => match http::head_end(&self.request) {
+                Some(_) => {
+                    let verdict = http::parse(&self.request);
+                    Ok(Some(self.http_verdict(verdict)?))
+                }
+                None if self.request.len() > HTTP_HEAD_MAX_BYTES => {
+                    self.discard_pending();
+                    Ok(Some(self.respond(http::status_page(431, "request head too long"))?))
+                }
+                None => Ok(None),
+            },
+            Phase::Quiet { .. } | Phase::Answering { .. } => Ok(None),
+        }
     }
 
-    /// Queues the answer and starts writing it.
+    /// Reads and drops what the client has already sent past a refused head (at most
+    /// `HTTP_HEAD_MAX_BYTES` more), so that closing does not reset the connection and throw
+    /// away the response before the client reads it.
+    fn discard_pending(&mut self) {
+        let mut buf = [0u8; 512];
+        let mut dropped = 0;
+        while dropped < HTTP_HEAD_MAX_BYTES {
+            match (&self.sock).read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => dropped += n,
+            }
+        }
+    }
+
+    /// The client closed its side.
+    fn at_eof(&mut self) -> io::Result<ControlStep> {
+        match self.phase {
+            // Said something and shut down before the delay ran out: a line client.
+            Phase::Quiet { .. } if !self.request.is_empty() => {
+                self.greet()?;
+                Ok(ControlStep::Request(Request::from_bytes(&self.request)))
+            }
+            Phase::Greeted => Ok(ControlStep::Request(Request::from_bytes(&self.request))),
+            Phase::HttpHead => self.respond(http::status_page(400, "request head cut short")),
+            Phase::Quiet { .. } | Phase::Answering { .. } => Ok(ControlStep::Done),
+        }
+    }
+
+    fn http_verdict(&mut self, verdict: Result<http::Wanted, http::Refusal>) -> io::Result<ControlStep> {
+        match verdict {
+            Ok(_) => Ok(ControlStep::Request(Some(Request::Stats(Format::Prometheus)))),
+            Err(r) => self.respond(http::refusal_page(r)),
+        }
+    }
+
+    /// Queues the answer the loop rendered for the request and starts writing it; over HTTP
+    /// it goes out as a response (`GET /metrics`: the Prometheus text; `HEAD`: its headers).
     pub fn answer(&mut self, text: String) -> io::Result<ControlStep> {
-        self.answer = text.into_bytes();
-        self.answered = true;
+        let bytes = match self.phase {
+            Phase::HttpHead => {
+                let head_only = matches!(http::parse(&self.request), Ok(http::Wanted::Head));
+                http::metrics_response(text.as_bytes(), head_only)
+            }
+            _ => text.into_bytes(),
+        };
+        self.respond(bytes)
+    }
+
+    fn respond(&mut self, answer: Vec<u8>) -> io::Result<ControlStep> {
+        self.phase = Phase::Answering { answer, written: 0 };
         self.flush()
     }
 
     fn flush(&mut self) -> io::Result<ControlStep> {
-        while self.written < self.answer.len() {
-            match self.sock.send_with_flags(&self.answer[self.written..], libc::MSG_NOSIGNAL) {
-                Ok(n) => self.written += n,
+        let Phase::Answering { answer, written } = &mut self.phase else {
+            return Ok(ControlStep::Waiting);
+        };
+        while *written < answer.len() {
+            match self.sock.send_with_flags(&answer[*written..], libc::MSG_NOSIGNAL) {
+                Ok(n) => *written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ControlStep::Waiting),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(ControlStep::Done)
+    }
+}
+
+/// What a client that spoke before the greeting sent first: an HTTP request line ends in
+/// ` HTTP/1.x`; anything else that fills a line (or the line cap) is the line protocol.
+fn first_line(sent: &[u8]) -> FirstLine {
+    let Some(end) = sent.iter().position(|&b| b == b'\n') else {
+        return if sent.len() > REQUEST_MAX_BYTES { FirstLine::Line } else { FirstLine::Partial };
+    };
+    let line = sent[..end].strip_suffix(b"\r").unwrap_or(&sent[..end]);
+    match line.rsplit(|&b| b == b' ').next() {
+        Some(version) if line.contains(&b' ') && version.starts_with(b"HTTP/1.") => FirstLine::Http,
+        _ => FirstLine::Line,
+    }
+}
+
+/// The few pieces of HTTP/1.x the control socket speaks: one request head in, one response
+/// out, then close.
+mod http {
+    /// What a well-formed request asks for.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Wanted {
+        Get,
+        Head,
+    }
+
+    /// Why a request head is not answered with the metrics.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Refusal {
+        Malformed,
+        Method,
+        NotFound,
+    }
+
+    /// Where the head ends (after its empty line), if it has.
+    pub fn head_end(sent: &[u8]) -> Option<usize> {
+        let crlf = sent.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        let lf = sent.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+        match (crlf, lf) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The request line of a complete head.
+    pub fn parse(head: &[u8]) -> Result<Wanted, Refusal> {
+        let end = head.iter().position(|&b| b == b'\n').ok_or(Refusal::Malformed)?;
+        let line = std::str::from_utf8(&head[..end]).map_err(|_| Refusal::Malformed)?.trim_end_matches('\r');
+        let mut parts = line.split(' ');
+        let (Some(method), Some(target), Some(version), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Refusal::Malformed);
+        };
+        if !version.starts_with("HTTP/1.") {
+            return Err(Refusal::Malformed);
+        }
+        let wanted = match method {
+            "GET" => Wanted::Get,
+            "HEAD" => Wanted::Head,
+            _ => return Err(Refusal::Method),
+        };
+        let path = target.split('?').next().unwrap_or_default();
+        if path != "/metrics" {
+            return Err(Refusal::NotFound);
+        }
+        Ok(wanted)
+    }
+
+    fn response(status: u16, reason: &str, content_type: &str, body: &[u8], head_only: bool, extra: &str) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        if !head_only {
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    /// 200 with the Prometheus text exposition format.
+    pub fn metrics_response(body: &[u8], head_only: bool) -> Vec<u8> {
+        response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", body, head_only, "")
+    }
+
+    pub fn status_page(status: u16, why: &str) -> Vec<u8> {
+        let reason = match status {
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            _ => "Request Header Fields Too Large",
+        };
+        let extra = if status == 405 { "Allow: GET, HEAD\r\n" } else { "" };
+        let body = format!("{why}; this control socket serves GET /metrics\n");
+        response(status, reason, "text/plain; charset=utf-8", body.as_bytes(), false, extra)
+    }
+
+    pub fn refusal_page(r: Refusal) -> Vec<u8> {
+        match r {
+            Refusal::Malformed => status_page(400, "not an HTTP/1.x request line"),
+            Refusal::Method => status_page(405, "only GET and HEAD"),
+            Refusal::NotFound => status_page(404, "no such path"),
+        }
     }
 }
 
@@ -302,5 +544,35 @@ mod tests {
         assert_eq!(Request::parse("stats prometheus"), Some(Request::Stats(Format::Prometheus)));
         assert_eq!(Request::parse("reset"), Some(Request::Reset));
         assert_eq!(Request::parse("rm -rf /"), None);
+    }
+
+    #[test]
+    fn a_first_line_ending_in_http_1_is_a_request_head_and_anything_else_the_line_protocol() {
+        assert!(matches!(first_line(b"GET /metrics HTTP/1.1\r\nHost"), FirstLine::Http));
+        assert!(matches!(first_line(b"HEAD /metrics HTTP/1.0\n"), FirstLine::Http));
+        assert!(matches!(first_line(b"stats json\n"), FirstLine::Line));
+        assert!(matches!(first_line(b"HTTP/1.1\n"), FirstLine::Line));
+        assert!(matches!(first_line(b"GET /metrics HTTP/2\r\n"), FirstLine::Line));
+        assert!(matches!(first_line(b"GET /metrics HTTP/1.1"), FirstLine::Partial));
+        assert!(matches!(first_line(&[b'a'; REQUEST_MAX_BYTES + 1]), FirstLine::Line));
+    }
+
+    #[test]
+    fn http_heads_parse() {
+        use http::{Refusal, Wanted, head_end, parse};
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nrest"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\n"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(parse(b"GET /metrics HTTP/1.1\r\n\r\n"), Ok(Wanted::Get));
+        assert_eq!(parse(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"), Ok(Wanted::Get));
+        assert_eq!(parse(b"HEAD /metrics HTTP/1.0\r\n\r\n"), Ok(Wanted::Head));
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n\r\n"), Err(Refusal::NotFound));
+        assert_eq!(parse(b"DELETE /metrics HTTP/1.1\r\n\r\n"), Err(Refusal::Method));
+        assert_eq!(parse(b"GET  /metrics HTTP/1.1\r\n\r\n"), Err(Refusal::Malformed));
+        assert_eq!(parse(b"GET /metrics HTTP/1.1 x\r\n\r\n"), Err(Refusal::Malformed));
+        assert_eq!(parse(b"GET /m\xff HTTP/1.1\r\n\r\n"), Err(Refusal::Malformed));
+        let page = http::metrics_response(b"a 1\n", false);
+        assert_eq!(page.len(), page.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4 + 4);
+        assert!(http::metrics_response(b"a 1\n", true).ends_with(b"Content-Length: 4\r\nConnection: close\r\n\r\n"));
     }
 }

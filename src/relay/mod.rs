@@ -316,7 +316,7 @@ impl Relay {
             return Some(Duration::ZERO);
         }
         let dial = self.slots.iter().flatten().filter_map(|s| s.conn.deadline());
-        let control = self.control_conns.iter().flatten().map(|(c, _)| c.deadline);
+        let control = self.control_conns.iter().flatten().map(|(c, _)| c.next_deadline());
         let soonest = dial
             .chain(control)
             .chain(self.hist_log.as_ref().map(HistLog::next_tick))
@@ -593,9 +593,17 @@ impl Relay {
 
     fn sweep_timeouts(&mut self, now: Instant) {
         for i in 0..self.control_conns.len() {
-            if self.control_conns[i].as_ref().is_some_and(|(c, _)| now >= c.deadline) {
-                debug!("control client timed out");
-                self.close_control(i);
+            let Some((c, _)) = &mut self.control_conns[i] else { continue };
+            match c.on_timer(now) {
+                Ok(true) => {}
+                Ok(false) => {
+                    debug!("control client timed out");
+                    self.close_control(i);
+                }
+                Err(e) => {
+                    debug!(error = %e, "control client: cannot greet");
+                    self.close_control(i);
+                }
             }
         }
         if self.hist_log.as_ref().is_some_and(|h| now >= h.next_tick()) {
