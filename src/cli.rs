@@ -82,6 +82,13 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMI_RELAY_MAX_CONNS", value_name = "N", default_value = "1")]
     pub max_conns: String,
 
+    /// Hand over instead of refusing: with --max-conns sessions live, admit one more peer anyway
+    /// and close the oldest session MS ms later unless it ends first (0: at once). For the
+    /// monitor host's relay across a migration: the destination hypervisor is served while the
+    /// source's session is still closing. Unset: the peer is refused.
+    #[arg(long, env = "KVMI_RELAY_REPLACE_AFTER_MS", value_name = "MS")]
+    pub replace_after_ms: Option<String>,
+
     /// How long dialling the far side may take before the admitted peer is closed.
     #[arg(long, env = "KVMI_RELAY_CONNECT_TIMEOUT_MS", value_name = "MS", default_value = "5000")]
     pub connect_timeout_ms: String,

@@ -80,6 +80,9 @@ pub struct Config {
     pub socket_mode: u32,
     pub socket_gid: Option<u32>,
     pub max_conns: usize,
+    /// `--replace-after-ms`: with `max_conns` sessions live a newly admitted peer is served and
+    /// the oldest session closed this long after (unless it ends first); None: refused.
+    pub replace_after: Option<Duration>,
     pub connect_timeout: Duration,
     /// Keepalive and user timeout of every TCP socket (`--tcp-keepalive-s`, `--tcp-user-timeout-ms`).
     pub tcp: TcpLiveness,
@@ -516,6 +519,13 @@ impl TryFrom<RelayArgs> for Config {
         if max_conns == 0 {
             problem!(p, max_conns, "must be at least 1");
         }
+        let replace_after = a.replace_after_ms.as_deref().and_then(|ms| {
+            let ms = number::<u64>(&mut p, names("replace_after_ms"), ms)?;
+            if ms > 3_600_000 {
+                problem!(p, replace_after_ms, "{ms} ms is more than an hour; a migration's source closes within 60 s");
+            }
+            Some(Duration::from_millis(ms))
+        });
         let connect_timeout_ms = number::<u64>(&mut p, names("connect_timeout_ms"), &a.connect_timeout_ms).unwrap_or(1);
         if connect_timeout_ms == 0 {
             problem!(p, connect_timeout_ms, "must be at least 1");
@@ -631,6 +641,7 @@ impl TryFrom<RelayArgs> for Config {
             socket_mode,
             socket_gid,
             max_conns,
+            replace_after,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             tcp,
             pipe_size_bytes,
@@ -859,6 +870,25 @@ mod tests {
     }
 
     #[test]
+    fn replace_after_is_off_unless_set_and_names_its_flag_when_bad() {
+        let base = ["--listen", "tcp:127.0.0.1:7", "--allow-any-ip", "--connect", "unix:/tmp/b"];
+        assert_eq!(parse(&base).unwrap().replace_after, None);
+        let with = |v: &str| {
+            [&base[..], &["--replace-after-ms", v]].concat().iter().map(|s| s.to_string()).collect::<Vec<_>>()
+        };
+        let args = with("5000");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(parse(&args).unwrap().replace_after, Some(Duration::from_millis(5000)));
+        for (bad, says) in [("soon", "is not a valid number"), ("3600001", "more than an hour")] {
+            let args = with(bad);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let p = problems(&args);
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(p[0].contains("--replace-after-ms (KVMI_RELAY_REPLACE_AFTER_MS)") && p[0].contains(says), "{p:?}");
+        }
+    }
+
+    #[test]
     fn network_flavor_both_hosts() {
         let c =
             parse(&["--listen", "unix:/tmp/one-7.sock", "--allow-uid", "0", "--connect", "tcp:203.0.113.9:7"]).unwrap();
@@ -948,6 +978,7 @@ mod tests {
             "socket_mode",
             "socket_group",
             "max_conns",
+            "replace_after_ms",
             "connect_timeout_ms",
             "tcp_keepalive_s",
             "tcp_user_timeout_ms",

@@ -89,6 +89,11 @@ pub enum End {
     /// Shutdown: the deadline came first (bytes still held, or a peer that did not end its
     /// side); closed with a reset where the family has one.
     Aborted,
+    /// `--replace-after-ms`: a newer session (`by`) took this one's place and the grace ran
+    /// out; both sides are closed (EOF where nothing is left unread).
+    Replaced {
+        by: u64,
+    },
     /// The far side could not be dialled.
     DialFailed(io::Error),
     DialTimeout(Duration),

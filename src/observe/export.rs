@@ -161,8 +161,8 @@ pub fn text(s: &Snapshot) -> String {
     let t = &s.totals;
     let _ = writeln!(
         o,
-        "peers: {} admitted, {} refused by policy, {} refused (--max-conns), {} dial failures, {} failed, {} closed",
-        t.admitted, t.refused_access, t.refused_busy, t.dial_failed, t.failed, t.closed
+        "peers: {} admitted, {} refused by policy, {} refused (--max-conns), {} dial failures, {} failed, {} replaced, {} closed",
+        t.admitted, t.refused_access, t.refused_busy, t.dial_failed, t.failed, t.replaced, t.closed
     );
     if let Some(tls) = &s.tls {
         let refused: Vec<String> =
@@ -277,6 +277,12 @@ pub fn prometheus(s: &Snapshot) -> String {
     ] {
         let _ = writeln!(o, "kvmi_relay_peers_total{{vm=\"{vm}\",outcome=\"{outcome}\"}} {n}");
     }
+    let _ = writeln!(
+        o,
+        "# HELP kvmi_relay_sessions_replaced_total Sessions closed for a newer one admitted over --max-conns (--replace-after-ms)."
+    );
+    let _ = writeln!(o, "# TYPE kvmi_relay_sessions_replaced_total counter");
+    let _ = writeln!(o, "kvmi_relay_sessions_replaced_total{{vm=\"{vm}\"}} {}", t.replaced);
     let _ = writeln!(o, "# HELP kvmi_relay_sessions_failed_total Sessions torn down by an error (reset, broken pipe).");
     let _ = writeln!(o, "# TYPE kvmi_relay_sessions_failed_total counter");
     let _ = writeln!(o, "kvmi_relay_sessions_failed_total{{vm=\"{vm}\"}} {}", t.failed);

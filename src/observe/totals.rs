@@ -24,6 +24,9 @@ pub struct Totals {
     pub failed: u64,
     /// Sessions the shutdown timeout cut (bytes still held, or a peer that did not end its side).
     pub aborted: u64,
+    /// `--replace-after-ms`: handovers, a session admitted over `--max-conns` to take the
+    /// oldest one's place.
+    pub replaced: u64,
     pub closed: u64,
     /// Times accept hit EMFILE/ENFILE and paused.
     pub accept_pauses: u64,
@@ -67,6 +70,7 @@ impl Totals {
             dial_failed = t.dial_failed,
             failed = t.failed,
             aborted = t.aborted,
+            replaced = t.replaced,
             kvmi_malformed = t.kvmi_malformed,
             closed = t.closed,
             accept_pauses = t.accept_pauses,

@@ -73,6 +73,16 @@ struct Slot {
     span: tracing::Span,
     /// What is registered with the poller for each side.
     registered: [Option<Interest>; 2],
+    /// `--replace-after-ms`: a newer session was admitted over the limit; this one closes at
+    /// `at` unless it ends first (or the newer one does, which cancels it).
+    replaced: Option<Replacement>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Replacement {
+    /// The session that takes this one's place.
+    by: u64,
+    at: Instant,
 }
 
 pub struct Relay {
@@ -316,8 +326,10 @@ impl Relay {
             return Some(Duration::ZERO);
         }
         let dial = self.slots.iter().flatten().filter_map(|s| s.conn.deadline());
+        let replaced = self.slots.iter().flatten().filter_map(|s| s.replaced.map(|r| r.at));
         let control = self.control_conns.iter().flatten().map(|(c, _)| c.next_deadline());
         let soonest = dial
+            .chain(replaced)
             .chain(control)
             .chain(self.hist_log.as_ref().map(HistLog::next_tick))
             .chain(self.metrics_file.as_ref().map(MetricsFile::next_tick))
@@ -373,7 +385,11 @@ impl Relay {
                 warn!(name = %self.cfg.name, %peer, reason = why, "refused");
                 continue;
             }
-            if self.live >= self.cfg.max_conns {
+            let replaces = match self.cfg.replace_after {
+                Some(grace) if self.live >= self.cfg.max_conns => self.oldest_unreplaced().map(|slot| (slot, grace)),
+                _ => None,
+            };
+            if self.live >= self.cfg.max_conns && replaces.is_none() {
                 self.totals.refused_busy += 1;
                 warn!(
                     name = %self.cfg.name,
@@ -385,12 +401,26 @@ impl Relay {
             }
             let id = self.next_id;
             self.next_id += 1;
+            if let Some((old, grace)) = replaces {
+                if let Some(Some(s)) = self.slots.get_mut(old) {
+                    s.replaced = Some(Replacement { by: id, at: now + grace });
+                    self.totals.replaced += 1;
+                    let _e = s.span.enter();
+                    info!(
+                        by = id,
+                        %peer,
+                        grace_ms = grace.as_millis() as u64,
+                        "a newer session is admitted over --max-conns; this one closes after the grace unless it ends first"
+                    );
+                }
+            }
             // Past the policy and the limit the peer is admitted, whatever the dial does next.
             self.totals.admitted += 1;
             let span = tracing::info_span!("conn", id, peer = %peer, to = %self.cfg.connect);
             let conn = match Conn::new(id, peer, sock, &self.cfg, now) {
                 Ok(c) => c,
                 Err(e) => {
+                    self.cancel_replacement(id);
                     let _e = span.enter();
                     match e {
                         // The same line as a dial that fails later (`close`).
@@ -422,9 +452,31 @@ impl Relay {
                     self.slots.len() - 1
                 }
             };
-            self.slots[slot] = Some(Slot { conn, span, registered: [None, None] });
+            self.slots[slot] = Some(Slot { conn, span, registered: [None, None], replaced: None });
             self.live += 1;
             self.advance(slot, now);
+        }
+    }
+
+    /// The oldest live session that no newer one is replacing yet (at most one handover at a
+    /// time: a second newcomer while one is pending is refused).
+    fn oldest_unreplaced(&self) -> Option<usize> {
+        if self.slots.iter().flatten().any(|s| s.replaced.is_some()) {
+            return None;
+        }
+        (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_some())
+            .min_by_key(|&i| self.slots[i].as_ref().map(|s| s.conn.id))
+    }
+
+    /// The newer session `by` has ended before the grace ran out: the one it was replacing stays.
+    fn cancel_replacement(&mut self, by: u64) {
+        for other in self.slots.iter_mut().flatten() {
+            if other.replaced.is_some_and(|r| r.by == by) {
+                other.replaced = None;
+                let _e = other.span.enter();
+                info!(by, "the session replacing this one has ended; this one stays");
+            }
         }
     }
 
@@ -474,6 +526,7 @@ impl Relay {
     fn close(&mut self, slot: usize, end: End) {
         let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else { return };
         self.live -= 1;
+        self.cancel_replacement(s.conn.id);
         self.rerun.retain(|&x| x != slot);
         for side in [LISTEN_SIDE, CONNECT_SIDE] {
             if s.registered[side].is_some() {
@@ -487,6 +540,9 @@ impl Relay {
             End::Aborted => {
                 self.totals.aborted += 1;
                 conn.abort();
+            }
+            End::Replaced { by } => {
+                info!(by, "replaced by a newer session (--replace-after-ms); closing both sides");
             }
             End::DialFailed(e) => {
                 self.totals.dial_failed += 1;
@@ -624,6 +680,12 @@ impl Relay {
         for slot in expired {
             self.advance(slot, now);
         }
+        let replaced: Vec<(usize, u64)> = (0..self.slots.len())
+            .filter_map(|i| self.slots[i].as_ref().and_then(|s| s.replaced).filter(|r| now >= r.at).map(|r| (i, r.by)))
+            .collect();
+        for (slot, by) in replaced {
+            self.close(slot, End::Replaced { by });
+        }
         if self.shutdown_deadline.is_some_and(|t| now >= t) {
             let left: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_some()).collect();
             if !left.is_empty() {
@@ -741,6 +803,7 @@ fn end_name(end: &End) -> &'static str {
         End::Finished => "finished",
         End::Drained => "drained",
         End::Aborted => "aborted",
+        End::Replaced { .. } => "replaced",
         End::DialFailed(_) => "dial-failed",
         End::DialTimeout(_) => "dial-timeout",
         End::Refused(_) => "refused-handshake",
