@@ -22,7 +22,8 @@ build:
 # fonts-dejavu-core: the labels of the bench plot (bench-quick runs in `make test`).
 # prometheus: `promtool check metrics` on the `--kvmi` Prometheus output (tests/relay_kvmi.rs).
 # openssl: the TLS interop test's standard client and server (tests/relay_tls.rs).
-DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core prometheus openssl
+# libxml2-utils: xmllint, which the libvirt hook parses the domain XML with (tests/libvirt_hook.rs).
+DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core prometheus openssl libxml2-utils
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
