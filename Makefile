@@ -22,7 +22,9 @@ build:
 # fonts-dejavu-core: the labels of the bench plot (bench-quick runs in `make test`).
 # prometheus: `promtool check metrics` on the `--kvmi` Prometheus output (tests/relay_kvmi.rs).
 # openssl: the TLS interop test's standard client and server (tests/relay_tls.rs).
-DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core prometheus openssl curl
+# libxml2-utils: xmllint, which the libvirt hook parses the domain XML with (tests/libvirt_hook.rs);
+# curl: the control socket's HTTP GET /metrics (tests/relay_stats.rs).
+DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core prometheus openssl libxml2-utils curl
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -137,12 +139,16 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 MANDIR ?= $(PREFIX)/share/man
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 DOCDIR ?= $(PREFIX)/share/doc/kvmi-relay
+# The configuration writer both hooks use (libvirt/write-conf).
+LIBEXECDIR ?= $(PREFIX)/lib/kvmi-relay
+# libvirt reads its hooks from its own /etc, whatever the PREFIX: the hook goes there.
+LIBVIRT_HOOKDIR ?= /etc/libvirt/hooks/qemu.d
 # kvmi-relay(1), generated from the relay's clap definition by kvmi-relay-tools (never edited by hand).
 MAN ?= target/man/kvmi-relay.1
 EXAMPLES := $(sort $(wildcard docs/examples/*.conf))
 # Exactly what `make install` creates, and `make uninstall` removes.
 INSTALLED = $(BINDIR)/kvmi-relay $(UNITDIR)/kvmi-relay@.service $(UNITDIR)/kvmi-relay@.socket \
-	$(SYSUSERSDIR)/kvmi-relay.conf \
+	$(SYSUSERSDIR)/kvmi-relay.conf $(LIBEXECDIR)/write-conf $(LIBVIRT_HOOKDIR)/kvmi-relay \
 	$(MANDIR)/man1/kvmi-relay.1 $(addprefix $(DOCDIR)/examples/,$(notdir $(EXAMPLES)))
 
 # Built only when missing, so that `sudo make install` after `make` does not run cargo as root.
@@ -155,7 +161,9 @@ $(MAN): $(TOOLS)
 	@mkdir -p $(dir $@)
 	$(TOOLS) man > $@.tmp && mv $@.tmp $@
 
-# The units name /usr/bin/kvmi-relay; installed, they name $(BINDIR)/kvmi-relay.
+# The units, the writer and the hook name /usr/bin/kvmi-relay (and the hook
+# /usr/lib/kvmi-relay/write-conf); installed, they name $(BINDIR)/kvmi-relay and $(LIBEXECDIR).
+INSTALL_PATHS = sed -e 's|/usr/bin/kvmi-relay|$(BINDIR)/kvmi-relay|g' -e 's|/usr/lib/kvmi-relay/|$(LIBEXECDIR)/|g'
 install: $(BIN) $(MAN)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/kvmi-relay
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(DOCDIR)/examples
@@ -165,11 +173,16 @@ install: $(BIN) $(MAN)
 	install -D -m 0644 systemd/kvmi-relay.sysusers $(DESTDIR)$(SYSUSERSDIR)/kvmi-relay.conf
 	install -m 0644 $(MAN) $(DESTDIR)$(MANDIR)/man1/kvmi-relay.1
 	install -m 0644 $(EXAMPLES) $(DESTDIR)$(DOCDIR)/examples/
+	install -d -m 0755 $(DESTDIR)$(LIBEXECDIR) $(DESTDIR)$(LIBVIRT_HOOKDIR)
+	$(INSTALL_PATHS) libvirt/write-conf > $(DESTDIR)$(LIBEXECDIR)/write-conf
+	chmod 0755 $(DESTDIR)$(LIBEXECDIR)/write-conf
+	$(INSTALL_PATHS) libvirt/kvmi-relay > $(DESTDIR)$(LIBVIRT_HOOKDIR)/kvmi-relay
+	chmod 0755 $(DESTDIR)$(LIBVIRT_HOOKDIR)/kvmi-relay
 	@echo "installed; on a live system run: systemd-sysusers && systemctl daemon-reload"
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
-	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
+	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBEXECDIR) 2>/dev/null
 
 # The Debian package (docs/deployment.md, "Debian package"): cargo-deb, installed from the crate
 # registry the first time (pinned, --locked), builds the dist binary and packs what

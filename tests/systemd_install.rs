@@ -1,5 +1,6 @@
 //! `make install DESTDIR=... PREFIX=...` installs exactly the binary, both units (naming the
-//! installed binary), the sysusers.d file, the man page and the example configurations;
+//! installed binary), the sysusers.d file, the man page, the example configurations, the
+//! configuration writer and the libvirt hook (in libvirt's /etc, naming the installed writer and binary);
 //! `make uninstall` removes every one of them. The man page is the clap definition's: every flag and variable is in it.
 
 mod util;
@@ -70,6 +71,8 @@ fn install_puts_exactly_the_listed_files_and_uninstall_removes_them() {
         format!("{PREFIX}/lib/systemd/system/kvmi-relay@.socket"),
         format!("{PREFIX}/share/man/man1/kvmi-relay.1"),
         format!("{PREFIX}/lib/sysusers.d/kvmi-relay.conf"),
+        format!("{PREFIX}/lib/kvmi-relay/write-conf"),
+        "/etc/libvirt/hooks/qemu.d/kvmi-relay".to_string(),
     ];
     for e in std::fs::read_dir(repo().join("docs/examples")).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
@@ -85,6 +88,27 @@ fn install_puts_exactly_the_listed_files_and_uninstall_removes_them() {
     assert_eq!(execs.len(), 2, "{unit}");
     for l in execs {
         assert!(l.contains(&format!("={PREFIX}/bin/kvmi-relay")), "installed unit names another binary: {l}");
+    }
+
+    // The writer and the hook: executable, naming the installed relay and writer, no other.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, names) in [
+        (format!("{PREFIX}/lib/kvmi-relay/write-conf"), vec![format!("{PREFIX}/bin/kvmi-relay")]),
+        (
+            "/etc/libvirt/hooks/qemu.d/kvmi-relay".to_string(),
+            vec![format!("{PREFIX}/bin/kvmi-relay"), format!("{PREFIX}/lib/kvmi-relay/write-conf")],
+        ),
+    ] {
+        let file = dest.join(path.trim_start_matches('/'));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "{path}: mode {mode:o}");
+        let text = std::fs::read_to_string(&file).unwrap();
+        for name in names {
+            assert!(text.contains(&name), "{path} does not name {name}");
+        }
+        for packaged in ["/usr/bin/kvmi-relay", "/usr/lib/kvmi-relay/"] {
+            assert!(!text.contains(packaged), "{path} still names {packaged}");
+        }
     }
 
     let page = std::fs::read_to_string(dest.join(format!(".{PREFIX}/share/man/man1/kvmi-relay.1"))).unwrap();

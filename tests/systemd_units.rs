@@ -171,3 +171,38 @@ fn every_example_configuration_passes_the_check() {
         assert_eq!(code, 0, "{} fails the check:\n{err}", example.display());
     }
 }
+
+/// Every `Key=value` line of a unit file with this key, in order.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
+    text.lines().filter_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string).collect()
+}
+
+/// Both units start with either configuration, the operator's in /etc or the libvirt hook's in
+/// /run (triggering conditions: one of them suffices); the service reads both, /etc last so that
+/// its lines override the hook's. The hook's file is named by the unescaped instance (%I):
+/// systemd reads EnvironmentFile= paths as glob patterns, and the backslash of an escaped
+/// instance (vm\x2d7) would escape the next character there (seen in the systemd test guest).
+#[test]
+fn both_units_take_the_etc_or_the_run_configuration() {
+    let either = ["|/etc/kvmi-relay/%i.conf", "|/run/kvmi-relay/%I.conf"];
+    for unit in [SERVICE, SOCKET] {
+        assert_eq!(unit_values(unit, "ConditionPathExists"), either, "{unit}");
+    }
+    assert_eq!(
+        unit_values(SERVICE, "EnvironmentFile"),
+        ["-/run/kvmi-relay/%I.conf", "-/etc/kvmi-relay/%i.conf"],
+        "{SERVICE}: both files optional, /etc last"
+    );
+}
+
+/// With both files optional, a service started without either (removed after the condition
+/// passed) still fails visibly: ExecStartPre= --check names what is missing.
+#[test]
+fn exec_start_pre_fails_when_no_configuration_was_read() {
+    let (code, err) = exec_start_pre(&[]);
+    assert_eq!(code, 2, "{err}");
+    for var in ["KVMI_RELAY_LISTEN", "KVMI_RELAY_CONNECT"] {
+        assert!(err.lines().any(|l| l.contains(var) && l.contains("missing")), "no line says {var} is missing:\n{err}");
+    }
+}

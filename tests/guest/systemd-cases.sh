@@ -425,9 +425,106 @@ case_container() {
     end kvmi-relay@vm3.service
 }
 
+# The libvirt hook as libvirt runs it (no libvirt here: the domain XML goes to its stdin by
+# hand), from the staged `make install`: prepare writes /run/kvmi-relay/<domain>.conf and
+# starts the socket unit, a KVMi session pinned to the domain's uuid and name goes through it to
+# the container flavor's directory, release stops both units and removes the file. The domain
+# name has a dash, so the instance is systemd-escaped (lv-1 -> lv\x2d1) in the unit name and the
+# socket path (and single-quoted in the file, where KVMI_RELAY_LISTEN names that path).
+HOOK=/etc/libvirt/hooks/qemu.d/kvmi-relay
+HOOK_INST='lv\x2d1'
+HOOK_CASES="hook-prepare-starts-socket hook-kvmi-session hook-release-stops-units hook-bad-metadata-refused"
+hook_xml() {
+    cat <<EOF
+<domain type='kvm'>
+  <name>$1</name>
+  <uuid>6b766d69-2d72-656c-6179-2d66616b6521</uuid>
+  <metadata>
+    <kvmi:relay xmlns:kvmi="urn:kvmi-relay:libvirt:1" flavor="unix" directory="/srv/vmi/$1" allow-uid="0" policy="read-only"$2/>
+  </metadata>
+</domain>
+EOF
+}
+case_hook() {
+    if [ ! -f "$STAGE$HOOK" ]; then
+        for c in $HOOK_CASES; do want "$c" && notrun "$c" "no staged $HOOK (make install)"; done
+        return
+    fi
+    sock="/run/kvmi/$HOOK_INST.sock"
+    conf=/run/kvmi-relay/lv-1.conf
+
+    if want hook-prepare-starts-socket; then
+        begin hook-prepare-starts-socket
+        [ -x $HOOK ] && [ -x /usr/lib/kvmi-relay/write-conf ] || bad "the hook or the writer is not installed (unit-install copies the stage)"
+        command -v xmllint >/dev/null || bad "no xmllint in the guest (libxml2-utils, in systemd-image.sh's debootstrap)"
+        mkdir -p /srv/vmi/lv-1
+        chown root:kvmi-relay /srv/vmi/lv-1 && chmod 0750 /srv/vmi/lv-1
+        bg /tmp/h-intro.out $T fake-introspector --listen unix:/srv/vmi/lv-1/vmi-sock --reads 300 --events 0
+        HOOK_INTRO=$BG_PID
+        wait_sock /srv/vmi/lv-1/vmi-sock || bad "the introspector's socket did not appear"
+        chmod 0777 /srv/vmi/lv-1/vmi-sock
+        hook_xml lv-1 "" | $HOOK lv-1 prepare begin - >/tmp/h-prep.out 2>&1 || bad "prepare begin failed: $(head -3 /tmp/h-prep.out)"
+        [ -f "$conf" ] || bad "no $conf after prepare"
+        for _i in $(seq 100); do systemctl is-active -q "kvmi-relay@$HOOK_INST.socket" && break; sleep 0.1; done
+        st=$(systemctl is-active "kvmi-relay@$HOOK_INST.socket")
+        [ "$st" = active ] || bad "kvmi-relay@$HOOK_INST.socket is $st"
+        wait_sock "$sock" || bad "no $sock"
+        DETAIL="socket unit $st, $(stat -c '%U:%G %a' "$sock" 2>/dev/null) $sock; $(grep -c '^KVMI_RELAY_' "$conf" 2>/dev/null) variables in $conf"
+        end "kvmi-relay@$HOOK_INST.socket"
+    fi
+
+    if want hook-kvmi-session; then
+        begin hook-kvmi-session
+        timeout 60 $T fake-hypervisor --connect "unix:$sock" --name lv-1 >/tmp/h-hv.out 2>&1
+        [ -n "${HOOK_INTRO-}" ] && wait "$HOOK_INTRO"
+        expect_ok /tmp/h-hv.out fake-hypervisor
+        expect_ok /tmp/h-intro.out fake-introspector
+        sleep 0.5
+        closed=$(journalctl -q --no-pager -u "kvmi-relay@$HOOK_INST.service" | grep 'closed end=' | tail -1)
+        echo "$closed" | grep -q 'end="finished"' || bad "no finished session: ${closed:-no close line}"
+        echo "$closed" | grep -q ' vm_name=lv-1 ' || bad "the session is not pinned to vm_name=lv-1: $closed"
+        echo "$closed" | grep -q ' vm_uuid=6b766d69-2d72-656c-6179-2d66616b6521 ' || bad "the session is not pinned to the domain's uuid: $closed"
+        DETAIL="fake hypervisor → $sock → relay (--kvmi, read-only) → /srv/vmi/lv-1/vmi-sock: $(cat /tmp/h-intro.out)"
+        end "kvmi-relay@$HOOK_INST.service"
+    fi
+
+    if want hook-release-stops-units; then
+        begin hook-release-stops-units
+        hook_xml lv-1 "" | $HOOK lv-1 release end - >/tmp/h-rel.out 2>&1 || bad "release end failed: $(head -3 /tmp/h-rel.out)"
+        for _i in $(seq 100); do
+            systemctl is-active -q "kvmi-relay@$HOOK_INST.socket" "kvmi-relay@$HOOK_INST.service" || break
+            sleep 0.1
+        done
+        for u in socket service; do
+            st=$(systemctl is-active "kvmi-relay@$HOOK_INST.$u")
+            [ "$st" = inactive ] || bad "kvmi-relay@$HOOK_INST.$u is $st after release"
+        done
+        [ -e "$conf" ] && bad "$conf left after release"
+        [ -e "$sock" ] && bad "$sock left after release"
+        DETAIL="both units inactive, $conf and $sock gone"
+        end "kvmi-relay@$HOOK_INST.socket" "kvmi-relay@$HOOK_INST.service"
+    fi
+
+    if want hook-bad-metadata-refused; then
+        begin hook-bad-metadata-refused
+        # A value that would be a second line: refused before anything is written or started.
+        if hook_xml lv-2 ' port="7&#10;KVMI_RELAY_ALLOW_UID=65534"' | $HOOK lv-2 prepare begin - >/tmp/h-bad.out 2>&1; then
+            bad "prepare accepted a port= on flavor unix with a newline"
+        fi
+        [ "$(wc -l </tmp/h-bad.out)" = 1 ] || bad "not one line: $(cat /tmp/h-bad.out)"
+        grep -q "attribute port=" /tmp/h-bad.out || bad "the line does not name port=: $(cat /tmp/h-bad.out)"
+        [ -e /run/kvmi-relay/lv-2.conf ] && bad "a configuration was written"
+        st=$(systemctl is-active 'kvmi-relay@lv\x2d2.socket')
+        [ "$st" = inactive ] || bad "kvmi-relay@lv\\x2d2.socket is $st"
+        DETAIL="$(cat /tmp/h-bad.out)"
+        end
+    fi
+    reap
+}
+
 # --- driver ----------------------------------------------------------------------------------
 
-ALL="sd-pid1-is-systemd sd-transient-relay-vsock deb-install deb-session deb-remove-purge-leaves-nothing $UNIT_CASES"
+ALL="sd-pid1-is-systemd sd-transient-relay-vsock deb-install deb-session deb-remove-purge-leaves-nothing $UNIT_CASES $HOOK_CASES"
 WANT=${*:-$ALL}
 want() { for w in $WANT; do [ "$w" = "$1" ] && return 0; done; return 1; }
 
@@ -437,6 +534,7 @@ want sd-transient-relay-vsock && case_transient_vsock
 case_deb
 case_units
 case_container
+case_hook
 reap
 log "cases failed: $FAILED"
 [ $FAILED = 0 ]

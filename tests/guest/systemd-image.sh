@@ -5,21 +5,24 @@
 # read-only 9p share ($CACHE/sd-share) carrying this run's relay, units and systemd-cases.sh.
 # A oneshot unit (kvmi-guest-tests.service) runs the cases and powers the guest off.
 
-# The debootstrapped root, once (about a minute, from the apt mirror in sources.list).
+# The debootstrapped root, once (about a minute, from the apt mirror in sources.list); again when
+# the package list changes (the done file holds the list it was made with).
+# libxml2-utils: xmllint, for the libvirt hook's cases.
+SD_INCLUDE=systemd,systemd-sysv,kmod,udev,libxml2-utils
 systemd_root() {
     local r=$CACHE/rootfs
-    [ -f "$r/.kvmi-debootstrap-done" ] && return 0
+    [ "$(cat "$r/.kvmi-debootstrap-done" 2>/dev/null)" = "$SD_INCLUDE" ] && return 0
     need debootstrap
     local mirror
     mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
     mirror=${mirror:-http://deb.debian.org/debian}
     say "debootstrap minbase bookworm + systemd into $r (once; mirror $mirror)"
     rm -rf "$r.tmp"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,kmod,udev bookworm "$r.tmp" "$mirror" >"$CACHE/debootstrap.log" 2>&1 ||
+    debootstrap --variant=minbase --include="$SD_INCLUDE" bookworm "$r.tmp" "$mirror" >"$CACHE/debootstrap.log" 2>&1 ||
         die "debootstrap failed: $(tail -3 "$CACHE/debootstrap.log")"
     rm -rf "$r.tmp"/usr/share/doc/* "$r.tmp"/usr/share/man/* "$r.tmp"/usr/share/locale/* \
         "$r.tmp"/var/cache/apt/archives/*.deb "$r.tmp"/var/lib/apt/lists/*
-    touch "$r.tmp/.kvmi-debootstrap-done"
+    echo "$SD_INCLUDE" >"$r.tmp/.kvmi-debootstrap-done"
     rm -rf "$r" && mv "$r.tmp" "$r"
 }
 
