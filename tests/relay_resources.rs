@@ -82,12 +82,14 @@ fn cpu_ticks_over(relay: &Relay, window: Duration) -> u64 {
     relay.cpu_ticks() - before
 }
 
-/// Out of fds with peers queued: the relay must neither spin nor die, must take every half-built
-/// session down whole, and must serve again once fds come back. Where it runs out depends on the
-/// parity of the fds left after the sessions that fit (each holds two sockets): an even count
-/// leaves none for `accept`, an odd one leaves one for `accept` and none for the dial. The limit is
-/// computed from a probe relay's fds, so an fd inherited from the test runner cannot flip it.
-fn out_of_fds(free_fds: usize) -> String {
+/// Out of fds with peers queued: the relay must neither spin nor die, must never take a peer it
+/// cannot serve (accepted, then closed for want of an fd for the dial, with the far side blamed),
+/// and must serve every waiting peer in turn as sessions close. Both parities of the fds left
+/// after the sessions that fit (each holds two sockets) are tried: an odd count used to leave
+/// one for `accept` and none for the dial. The limit is computed from a probe relay's fds, so an
+/// fd inherited from the test runner cannot flip it.
+fn out_of_fds(free_fds: usize) {
+    const CLIENTS: usize = 40;
     let d = tmpdir();
     let echo = echo_server(d.path());
     let relay_ep = Endpoint::Unix(d.path().join("relay.sock"));
@@ -95,51 +97,53 @@ fn out_of_fds(free_fds: usize) -> String {
     let probe = Relay::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let limit = nofile_leaving(&probe, free_fds);
     drop(probe);
-    let relay =
+    let mut relay =
         Relay::start_with(Command::new("prlimit").arg(format!("--nofile={limit}:{limit}")).arg(BIN).args(&args));
     let baseline = relay.fd_count();
     let mut clients = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..CLIENTS {
         clients.push(net::connect(&relay_ep).expect("the kernel queues the connection"));
     }
     std::thread::sleep(Duration::from_millis(300));
     let ticks = cpu_ticks_over(&relay, Duration::from_secs(1));
     let hz = 100; // USER_HZ on Linux
     assert!(ticks < hz / 5, "relay burned {ticks} ticks in 1 s while out of fds:\n{}", relay.log());
-    let log = relay.log();
 
-    // Clients leave: the relay serves again without a restart.
-    drop(clients);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = net::connect(&relay_ep).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let _ = (&s).write_all(b"back");
+    // Every client is served in turn as the ones before it leave; none sees EOF unserved.
+    for (i, s) in clients.into_iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (&s).write_all(b"ping").unwrap();
         let mut b = [0u8; 4];
-        if (&s).read_exact(&mut b).is_ok() && &b == b"back" {
-            break;
+        if let Err(e) = (&s).read_exact(&mut b) {
+            panic!("client {i} of {CLIENTS} was not served ({e}):\n{}", relay.log());
         }
-        assert!(Instant::now() < deadline, "relay did not recover after clients left:\n{}", relay.log());
-        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(&b, b"ping");
     }
-    // Every session it half-built while out of fds was taken down whole.
+    relay.wait_log("fds are back", Duration::from_secs(5));
+    // Every session it built while out of fds was taken down whole.
     let after = wait_fds(&relay, baseline, Duration::from_secs(5));
     assert_eq!(after, baseline, "open fds before the flood {baseline}, after it {after}");
-    log
+    let (status, log) = relay.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("cannot reach the far side"), "a peer was taken without an fd for its dial:\n{log}");
+    let starts = log.lines().filter(|l| l.contains("out of fds: peers wait in the backlog")).count();
+    assert_eq!(starts, 1, "one line when it starts, however long it lasts:\n{log}");
+    let back = log.lines().find(|l| l.contains("fds are back")).unwrap();
+    assert!(field_u64(back, "waited") >= 1, "{back}");
+    let stopped = log.lines().find(|l| l.contains(" stopped")).expect("a stopped line");
+    assert_eq!(field_u64(stopped, "dial_failed"), 0, "{stopped}");
+    assert_eq!(field_u64(stopped, "admitted"), CLIENTS as u64, "{stopped}");
+    assert_eq!(field_u64(stopped, "accept_pauses"), 1, "{stopped}");
 }
 
 #[test]
-fn out_of_fds_at_accept_it_pauses_accepting_and_recovers() {
-    let log = out_of_fds(8);
-    assert!(log.contains("cannot accept: out of resources; pausing accept"), "{log}");
-    assert!(!log.contains("cannot reach the far side"), "{log}");
+fn out_of_fds_with_an_even_count_left_peers_wait_and_are_served_in_turn() {
+    out_of_fds(8);
 }
 
 #[test]
-fn out_of_fds_at_the_dial_it_closes_the_peer_and_recovers() {
-    let log = out_of_fds(9);
-    assert!(log.lines().any(|l| l.contains("cannot reach the far side") && l.contains("Too many open files")), "{log}");
-    assert!(!log.contains("cannot accept"), "{log}");
+fn out_of_fds_with_an_odd_count_left_no_peer_is_taken_without_an_fd_for_its_dial() {
+    out_of_fds(9);
 }
 
 /// An RLIMIT_NOFILE for a process that holds the fds `relay` holds and may open `more`: a new fd

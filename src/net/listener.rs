@@ -111,10 +111,12 @@ impl Listener {
     }
 
     /// Accepts one pending connection, non-blocking, and says who it is.
-    pub fn accept(&self) -> io::Result<(Socket, Peer)> {
+    /// One pending peer and who it is. The outer error is the accept's (nothing was taken);
+    /// the inner one says the peer was taken but its identity could not be read: the caller
+    /// closes that peer alone and goes on accepting.
+    pub fn accept(&self) -> io::Result<(Socket, io::Result<Peer>)> {
         let (sock, addr) = self.socket.accept()?;
-        sock.set_nonblocking(true)?;
-        let peer = identify(&sock, &addr)?;
+        let peer = sock.set_nonblocking(true).and_then(|()| identify(&sock, &addr));
         Ok((sock, peer))
     }
 }

@@ -28,7 +28,8 @@ pub struct Totals {
     /// oldest one's place.
     pub replaced: u64,
     pub closed: u64,
-    /// Times accept hit EMFILE/ENFILE and paused.
+    /// Times the relay ran out of fds and left peers waiting in the backlog (episodes, from
+    /// the first peer left waiting to the last one taken).
     pub accept_pauses: u64,
     /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
     /// scheduler slice (a busy CPU; `window`).

@@ -8,8 +8,11 @@
 //!   and before any byte moves; a refused peer is closed at once and counted.
 //! - Per-connection failures end in "log with the connection's identity, close it, count it,
 //!   keep serving"; only start-up errors leave `run`.
-//! - Out of fds (EMFILE/ENFILE) the loop stops accepting for `ACCEPT_PAUSE_MS` instead of
-//!   spinning on a listener that stays readable, and resumes by itself.
+//! - Out of fds a peer waits in the backlog: the loop holds spare fds (`fds::FdReserve`) for
+//!   the next peer's socket and dial, lets them go just before each accept and takes them back
+//!   after; when it cannot, it stops accepting until a session closes or `ACCEPT_PAUSE_MS`
+//!   passes, instead of accepting a peer it cannot serve or spinning on a readable listener.
+//!   One log line when that starts, one when the last waiting peer is taken.
 //! - Timeouts (dial deadlines, control clients' deadlines, the interval-log tick, the watchdog
 //!   ping, the accept pause, the shutdown deadline) are swept once per loop turn; there is no
 //!   timer thread.
@@ -45,6 +48,7 @@ use crate::relay::service::{Notifier, Status};
 use crate::sys;
 use window::{PollWindow, RUN_DELAY_SAMPLE, SchedStat};
 
+mod fds;
 mod operator;
 pub mod service;
 mod window;
@@ -95,6 +99,9 @@ pub struct Relay {
     next_id: u64,
     pub totals: Totals,
     accept_paused_until: Option<Instant>,
+    /// Spare fds for the next peer (`fds`), and the episode of running out, while it lasts.
+    fds: fds::FdReserve,
+    starved: Option<fds::Starvation>,
     shutdown_deadline: Option<Instant>,
     /// Connections to advance again on the next turn without waiting for an event.
     rerun: VecDeque<usize>,
@@ -196,6 +203,8 @@ impl Relay {
             next_id: 1,
             totals: Totals::default(),
             accept_paused_until: None,
+            fds: fds::FdReserve::new(),
+            starved: None,
             shutdown_deadline: None,
             rerun: VecDeque::new(),
             sched: if window.is_enabled() { SchedStat::open() } else { None },
@@ -348,19 +357,35 @@ impl Relay {
         self.accept_paused_until = None;
         loop {
             let Some(listener) = &self.listener else { return };
-            let (sock, peer) = match listener.accept() {
+            // After every peer the spares are taken back; without them the next one waits.
+            if !self.fds.refill() {
+                self.starve(now, "no fd free for the next peer's socket and dial");
+                return;
+            }
+            self.fds.release();
+            let accepted = listener.accept();
+            let (sock, peer) = match accepted {
                 Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.fds.refill();
+                    if let Some(s) = self.starved.take() {
+                        info!(
+                            lasted_ms = s.lasted(now).as_millis() as u64,
+                            waited = s.waited,
+                            "fds are back: every peer that waited in the backlog has been taken"
+                        );
+                    }
+                    return;
+                }
                 Err(e)
                     if matches!(
                         e.raw_os_error(),
                         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
                     ) =>
                 {
-                    // The pending peer stays in the backlog; retry once fds are back.
-                    warn!(error = %e, pause_ms = ACCEPT_PAUSE_MS, "cannot accept: out of resources; pausing accept");
-                    self.totals.accept_pauses += 1;
-                    self.accept_paused_until = Some(now + Duration::from_millis(ACCEPT_PAUSE_MS));
+                    // Something else took the fds the spares left (or the kernel is short of
+                    // memory): the pending peer stays in the backlog.
+                    self.starve(now, &e.to_string());
                     return;
                 }
                 Err(e)
@@ -372,11 +397,23 @@ impl Relay {
                     continue;
                 }
                 Err(e) => {
-                    // Anything else (including a peer whose identity could not be read, which
-                    // is closed here unadmitted) may repeat on every call: pause rather than spin.
+                    // Anything else may repeat on every call: pause rather than spin.
                     error!(error = %e, pause_ms = ACCEPT_PAUSE_MS, "accept failed; pausing accept");
                     self.accept_paused_until = Some(now + Duration::from_millis(ACCEPT_PAUSE_MS));
                     return;
+                }
+            };
+            if let Some(s) = &mut self.starved {
+                s.waited += 1;
+            }
+            let peer = match peer {
+                Ok(p) => p,
+                Err(e) => {
+                    // That peer alone is closed (dropped here); the listener goes on.
+                    self.totals.accepted += 1;
+                    self.totals.refused_access += 1;
+                    warn!(name = %self.cfg.name, error = %e, "refused: cannot read the peer's identity");
+                    continue;
                 }
             };
             self.totals.accepted += 1;
@@ -458,6 +495,21 @@ impl Relay {
         }
     }
 
+    /// Out of fds: the next peer waits in the backlog; accepting resumes when a session closes
+    /// or the pause runs out. Logged once per episode.
+    fn starve(&mut self, now: Instant, why: &str) {
+        self.accept_paused_until = Some(now + Duration::from_millis(ACCEPT_PAUSE_MS));
+        if self.starved.is_none() {
+            self.starved = Some(fds::Starvation::new(now));
+            self.totals.accept_pauses += 1;
+            warn!(
+                reason = why,
+                retry_ms = ACCEPT_PAUSE_MS,
+                "out of fds: peers wait in the backlog until a session closes"
+            );
+        }
+    }
+
     /// The oldest live session that no newer one is replacing yet (at most one handover at a
     /// time: a second newcomer while one is pending is refused).
     fn oldest_unreplaced(&self) -> Option<usize> {
@@ -527,6 +579,10 @@ impl Relay {
         let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else { return };
         self.live -= 1;
         self.cancel_replacement(s.conn.id);
+        if self.starved.is_some() {
+            // Its fds are free once it is gone: a waiting peer is taken on this turn's sweep.
+            self.accept_paused_until = Some(Instant::now());
+        }
         self.rerun.retain(|&x| x != slot);
         for side in [LISTEN_SIDE, CONNECT_SIDE] {
             if s.registered[side].is_some() {
