@@ -17,7 +17,8 @@
 //! decision as a UNIX listener (`access::decide`): only the relay's own uid and root. Control
 //! connections are tiny state machines like the relayed ones: they never touch the poller, the
 //! event loop registers them and calls `on_timer` at `next_deadline`; a slow or silent client
-//! is dropped at its deadline and can never stall the data path.
+//! is dropped at its deadline and can never stall the data path. Turned-away clients are counted
+//! by `Refusal` and logged through a `RateLimit` (at most one line a second per reason).
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -31,6 +32,7 @@ use crate::access::{self, Peer, Policy, Verdict};
 use crate::error::StartError;
 use crate::escape::Escaped;
 use crate::net::listener::{SocketFile, bind_unix, unix_peer};
+pub use crate::observe::totals::Refusal;
 
 /// Control clients served at once; more are closed at accept.
 pub const CONTROL_CONNS_MAX: usize = 4;
@@ -105,24 +107,79 @@ impl ControlServer {
         self.socket.as_raw_fd()
     }
 
-    /// Accepts one pending client: Ok(None) when none is pending; Err(peer) when refused.
-    pub fn accept(&self, now: Instant) -> io::Result<Option<Result<ControlConn, Peer>>> {
+    /// Accepts one pending client. `Err` is the listener's own failure (nothing was taken from
+    /// the queue); a client that cannot be served is `Accepted::Refused`, already closed, and the
+    /// listener goes on.
+    pub fn accept(&self, now: Instant) -> io::Result<Accepted> {
         let (sock, _) = match self.socket.accept() {
             Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Accepted::None),
             Err(e) => return Err(e),
         };
-        let peer = unix_peer(&sock)?;
+        // Dropping `sock` on every refusal below closes that one client.
+        let peer = match unix_peer(&sock) {
+            Ok(p) => p,
+            Err(e) => return Ok(Accepted::Refused(Refusal::NoIdentity, None, Some(e))),
+        };
         if let Verdict::Deny(_) = access::decide(&self.policy, &peer) {
-            return Ok(Some(Err(peer)));
+            return Ok(Accepted::Refused(Refusal::Uid, Some(peer), None));
         }
-        sock.set_nonblocking(true)?;
-        Ok(Some(Ok(ControlConn {
+        if let Err(e) = sock.set_nonblocking(true) {
+            return Ok(Accepted::Refused(Refusal::Setup, Some(peer), Some(e)));
+        }
+        Ok(Accepted::Conn(ControlConn {
             sock,
+            peer,
             request: Vec::new(),
             phase: Phase::Quiet { greet_at: now + Duration::from_millis(GREETING_DELAY_MS) },
             deadline: now + Duration::from_millis(CONTROL_DEADLINE_MS),
-        })))
+        }))
+    }
+}
+
+/// What one accept on the control socket gave.
+pub enum Accepted {
+    /// Nobody is waiting.
+    None,
+    Conn(ControlConn),
+    /// Turned away and closed: why, who (when the identity could be read), the error if any.
+    Refused(Refusal, Option<Peer>, Option<io::Error>),
+}
+
+/// At most one log line per `every` for one kind of event; the ones in between are only
+/// counted, and the next line that may go out carries how many were left out since the last.
+/// The state is the type's own; time comes from the caller (tests inject `Instant`s).
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    every: Duration,
+    /// No line before then (None: one may go out now).
+    quiet_until: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub fn new(every: Duration) -> RateLimit {
+        RateLimit { every, quiet_until: None, suppressed: 0 }
+    }
+
+    /// One more event at `now`: Some(left out since the last line) when this one is to be
+    /// logged, None when it is only counted.
+    pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        match self.quiet_until {
+            Some(t) if now < t => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.quiet_until = Some(now + self.every);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+
+    /// Events left out since the last line.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
     }
 }
 
@@ -142,6 +199,8 @@ enum Phase {
 /// One control client.
 pub struct ControlConn {
     sock: Socket,
+    /// Who it is (SO_PEERCRED at accept).
+    pub peer: Peer,
     /// What the client sent so far (the request line, or the HTTP head).
     request: Vec<u8>,
     phase: Phase,
@@ -536,6 +595,28 @@ pub fn ask(path: &Path, line: &str) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut r = RateLimit::new(Duration::from_secs(1));
+        assert_eq!(r.hit(t0), Some(0), "the first one is logged");
+        assert_eq!(r.hit(ms(1)), None);
+        assert_eq!(r.hit(ms(999)), None);
+        assert_eq!(r.suppressed(), 2);
+        assert_eq!(r.hit(ms(1000)), Some(2), "a second later: logged, with the two left out");
+        assert_eq!(r.suppressed(), 0);
+        assert_eq!(r.hit(ms(1500)), None);
+        // A long silence: the next one goes out at once and says one was left out.
+        assert_eq!(r.hit(ms(60_000)), Some(1));
+        assert_eq!(r.hit(ms(60_000)), None);
+        // 25,000 events in 5 s: five lines.
+        let mut r = RateLimit::new(Duration::from_secs(1));
+        let lines: Vec<u64> = (0..25_000u64).filter_map(|i| r.hit(ms(i / 5))).collect();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert_eq!(lines.iter().sum::<u64>() + r.suppressed() + lines.len() as u64, 25_000);
+    }
 
     #[test]
     fn requests_parse() {

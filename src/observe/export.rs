@@ -164,6 +164,15 @@ pub fn text(s: &Snapshot) -> String {
         "peers: {} admitted, {} refused by policy, {} refused (--max-conns), {} dial failures, {} failed, {} replaced, {} closed",
         t.admitted, t.refused_access, t.refused_busy, t.dial_failed, t.failed, t.replaced, t.closed
     );
+    if t.control_refused > 0 {
+        let by: Vec<String> = crate::observe::totals::Refusal::ALL
+            .iter()
+            .zip(t.control_refusals)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{n} {}", r.as_str()))
+            .collect();
+        let _ = writeln!(o, "control socket: {} clients turned away ({})", t.control_refused, by.join(", "));
+    }
     if let Some(tls) = &s.tls {
         let refused: Vec<String> =
             tls.refused.iter().filter(|(_, n)| *n > 0).map(|(r, n)| format!("{n} {r}")).collect();
@@ -283,6 +292,14 @@ pub fn prometheus(s: &Snapshot) -> String {
     );
     let _ = writeln!(o, "# TYPE kvmi_relay_sessions_replaced_total counter");
     let _ = writeln!(o, "kvmi_relay_sessions_replaced_total{{vm=\"{vm}\"}} {}", t.replaced);
+    let _ = writeln!(
+        o,
+        "# HELP kvmi_relay_control_refused_total Control-socket clients turned away, by reason (uid: not the relay's uid nor root; busy: too many at once; no_identity: SO_PEERCRED failed; setup: the socket could not be set up)."
+    );
+    let _ = writeln!(o, "# TYPE kvmi_relay_control_refused_total counter");
+    for (r, n) in crate::observe::totals::Refusal::ALL.iter().zip(t.control_refusals) {
+        let _ = writeln!(o, "kvmi_relay_control_refused_total{{vm=\"{vm}\",reason=\"{}\"}} {n}", r.as_str());
+    }
     let _ = writeln!(o, "# HELP kvmi_relay_sessions_failed_total Sessions torn down by an error (reset, broken pipe).");
     let _ = writeln!(o, "# TYPE kvmi_relay_sessions_failed_total counter");
     let _ = writeln!(o, "kvmi_relay_sessions_failed_total{{vm=\"{vm}\"}} {}", t.failed);

@@ -31,6 +31,14 @@ pub struct Totals {
     /// Times the relay ran out of fds and left peers waiting in the backlog (episodes, from
     /// the first peer left waiting to the last one taken).
     pub accept_pauses: u64,
+    /// Control-socket clients turned away (another uid, `CONTROL_CONNS_MAX` already served,
+    /// identity unreadable, set-up failed); by reason in `control_refusals`.
+    pub control_refused: u64,
+    /// Control-socket clients turned away, by reason (indexed as `control::Refusal::ALL`).
+    #[serde(serialize_with = "by_refusal")]
+    pub control_refusals: [u64; Refusal::ALL.len()],
+    /// Times the control socket's accept hit EMFILE/ENFILE (or ENOBUFS/ENOMEM) and paused.
+    pub control_accept_pauses: u64,
     /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
     /// scheduler slice (a busy CPU; `window`).
     pub poll_window_suspensions: u64,
@@ -57,7 +65,55 @@ fn by_direction<S: serde::Serializer>(v: &[u64; 2], s: S) -> Result<S::Ok, S::Er
     m.end()
 }
 
+/// Why a control client was turned away (counted per reason, logged at most once a second per
+/// reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not the relay's own uid nor root.
+    Uid,
+    /// `control::CONTROL_CONNS_MAX` clients were being served already.
+    Busy,
+    /// SO_PEERCRED failed: the identity could not be read.
+    NoIdentity,
+    /// The accepted socket could not be set up (non-blocking mode, registration).
+    Setup,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [Refusal::Uid, Refusal::Busy, Refusal::NoIdentity, Refusal::Setup];
+
+    /// The label in `stats` and Prometheus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Uid => "uid",
+            Refusal::Busy => "busy",
+            Refusal::NoIdentity => "no_identity",
+            Refusal::Setup => "setup",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The control refusals as `{"uid": .., "busy": .., ..}`.
+fn by_refusal<S: serde::Serializer>(v: &[u64; Refusal::ALL.len()], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(v.len()))?;
+    for (r, n) in Refusal::ALL.iter().zip(v) {
+        m.serialize_entry(r.as_str(), n)?;
+    }
+    m.end()
+}
+
 impl Totals {
+    /// One control client turned away for `why`.
+    pub fn control_refusal(&mut self, why: Refusal) {
+        self.control_refused += 1;
+        self.control_refusals[why.index()] += 1;
+    }
+
     /// One line of `key=value` counters with `live` sessions running (`stopped`, SIGUSR1).
     pub fn log(&self, live: usize, message: &str) {
         let t = self;
@@ -75,6 +131,8 @@ impl Totals {
             kvmi_malformed = t.kvmi_malformed,
             closed = t.closed,
             accept_pauses = t.accept_pauses,
+            control_refused = t.control_refused,
+            control_accept_pauses = t.control_accept_pauses,
             poll_window_suspensions = t.poll_window_suspensions,
             tls_refused = t.tls_refusals.iter().sum::<u64>(),
             l2c_bytes = t.bytes[0],

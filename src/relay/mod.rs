@@ -20,7 +20,9 @@
 //!   yielding the CPU before each poll, and only then sleeps; yields that keep losing the CPU
 //!   for a scheduler slice suspend it for a while (`window`; docs/DESIGN.md, invariant 14).
 //! - The control socket's clients and the interval log are served from this loop too; building
-//!   a snapshot reads the connections, it never changes the data path.
+//!   a snapshot reads the connections, it never changes the data path. Control work comes after
+//!   the data path's events in each turn and is bounded per turn (`operator::serve_control`:
+//!   accepts, at most one snapshot, a time share for snapshots).
 
 use std::collections::VecDeque;
 use std::io;
@@ -118,6 +120,8 @@ pub struct Relay {
     started: Instant,
     control: Option<ControlServer>,
     control_conns: Vec<Option<(ControlConn, Interest)>>,
+    /// The control socket's share of each turn (`operator`): bounded accepts and snapshots.
+    ctl: operator::ControlTurn,
     hist_log: Option<HistLog>,
     /// `--metrics-textfile`: the Prometheus text rewritten every interval, removed on drop.
     metrics_file: Option<MetricsFile>,
@@ -215,6 +219,7 @@ impl Relay {
             started: now,
             control,
             control_conns: (0..CONTROL_CONNS_MAX).map(|_| None).collect(),
+            ctl: operator::ControlTurn::new(),
             hist_log,
             metrics_file: cfg_metrics_file,
             closed: None,
@@ -262,9 +267,10 @@ impl Relay {
                 match ev.token() {
                     LISTENER => self.accept_all(now),
                     SIGNALS => self.handle_signals(now),
-                    CONTROL => self.accept_control(now),
+                    // Control work waits for `serve_control`, after the data path's.
+                    CONTROL => self.ctl.on_listener_event(),
                     Token(t) if (CONTROL_CONN_BASE..CONTROL_CONN_BASE + CONTROL_CONNS_MAX).contains(&t) => {
-                        self.advance_control(t - CONTROL_CONN_BASE, now)
+                        self.ctl.on_client_event(t - CONTROL_CONN_BASE)
                     }
                     Token(t) if t >= CONN_TOKEN_BASE => {
                         let slot = (t - CONN_TOKEN_BASE) / 2;
@@ -295,6 +301,7 @@ impl Relay {
             for slot in touched.drain(..) {
                 self.advance(slot, now);
             }
+            self.serve_control(now);
 
             self.sweep_timeouts(now);
             if self.live == 0 && live_before > 0 {
@@ -331,7 +338,7 @@ impl Relay {
         if !self.rerun.is_empty() {
             return Some(Duration::ZERO);
         }
-        if self.window.is_open(now) {
+        if self.window.is_open(now) || self.ctl.due(now) {
             return Some(Duration::ZERO);
         }
         let dial = self.slots.iter().flatten().filter_map(|s| s.conn.deadline());
@@ -343,6 +350,7 @@ impl Relay {
             .chain(self.hist_log.as_ref().map(HistLog::next_tick))
             .chain(self.metrics_file.as_ref().map(MetricsFile::next_tick))
             .chain(self.accept_paused_until)
+            .chain(self.ctl.next_deadline())
             .chain(self.shutdown_deadline)
             .chain(self.service.next_deadline())
             .min()?;

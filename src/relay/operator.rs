@@ -7,63 +7,273 @@
 //! - Control clients are registered, re-registered and removed here with the loop's poller, like
 //!   relayed connections; a client that fails or overstays its deadline is closed, never waited on.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::io;
+use std::time::{Duration, Instant};
 
 use mio::Token;
 use mio::unix::SourceFd;
 use tracing::{error, info, warn};
 
 use super::{CONTROL_CONN_BASE, ClosedDir, Relay};
+use crate::access::Peer;
 use crate::datapath::pump::DirStats;
 use crate::datapath::side::DIRECTION_NAMES;
+use crate::escape::Escaped;
 use crate::kvmi::session::FiguresByType;
-use crate::observe::control::{CONTROL_CONNS_MAX, ControlStep, Format, Request};
+use crate::observe::control::{Accepted, CONTROL_CONNS_MAX, ControlStep, Format, RateLimit, Refusal, Request};
 use crate::observe::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
 use crate::observe::totals::Totals;
 
+/// Accepts taken from the control socket in one loop turn; the rest wait for the next turn
+/// (a zero poll timeout: edge-triggered epoll says nothing more about clients already queued).
+const CONTROL_ACCEPTS_PER_TURN: usize = CONTROL_CONNS_MAX + 12;
+/// How long the control socket stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (or another
+/// failure of the listener itself) before it tries again.
+const CONTROL_PAUSE_MS: u64 = 100;
+/// After a snapshot is rendered for a control client, the next waits `RENDER_SPACING` times as
+/// long as that one took: answers take at most 1/(1+RENDER_SPACING) of the loop's time (~2 %),
+/// however many clients ask.
+const RENDER_SPACING: u32 = 49;
+/// At most one warning per kind of refusal in this time; the next carries how many were left out.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// The control socket's share of each loop turn: what is due, what waits for the next turn.
+pub(super) struct ControlTurn {
+    /// The listener said readable, or the last turn stopped at `CONTROL_ACCEPTS_PER_TURN`.
+    accept_due: bool,
+    /// Clients with an event this turn, served after the data path's.
+    ready: [bool; CONTROL_CONNS_MAX],
+    /// Clients whose request needs a snapshot that this turn's budget did not allow, oldest first.
+    waiting: VecDeque<(usize, Option<Request>)>,
+    /// No accept before then (out of fds, or the listener failed).
+    paused_until: Option<Instant>,
+    /// Out of fds since then, and how many pauses so far: logged when it starts and ends.
+    out_of_fds: Option<(Instant, u64)>,
+    /// A snapshot was rendered this turn.
+    rendered: bool,
+    /// No snapshot before then (`RENDER_SPACING`).
+    render_at: Option<Instant>,
+    /// Refusal warnings, one limit per reason (`Refusal::ALL`), and one for listener failures.
+    refusal_logs: [RateLimit; Refusal::ALL.len()],
+    failure_log: RateLimit,
+}
+
+impl ControlTurn {
+    pub(super) fn new() -> ControlTurn {
+        ControlTurn {
+            accept_due: false,
+            ready: [false; CONTROL_CONNS_MAX],
+            waiting: VecDeque::new(),
+            paused_until: None,
+            out_of_fds: None,
+            rendered: false,
+            render_at: None,
+            refusal_logs: Refusal::ALL.map(|_| RateLimit::new(REFUSAL_LOG_EVERY)),
+            failure_log: RateLimit::new(REFUSAL_LOG_EVERY),
+        }
+    }
+
+    /// The listener is readable.
+    pub(super) fn on_listener_event(&mut self) {
+        self.accept_due = true;
+    }
+
+    /// Client `i` has an event.
+    pub(super) fn on_client_event(&mut self, i: usize) {
+        if let Some(r) = self.ready.get_mut(i) {
+            *r = true;
+        }
+    }
+
+    fn may_render(&self, now: Instant) -> bool {
+        !self.rendered && self.render_at.is_none_or(|t| now >= t)
+    }
+
+    /// Control work that can be done right now: the loop polls with a zero timeout.
+    pub(super) fn due(&self, now: Instant) -> bool {
+        (self.accept_due && self.paused_until.is_none())
+            || self.ready.contains(&true)
+            || (!self.waiting.is_empty() && self.render_at.is_none_or(|t| now >= t))
+    }
+
+    /// The next instant control work becomes due by itself: the accept pause ends, a waiting
+    /// request may be rendered.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let render = if self.waiting.is_empty() { None } else { self.render_at };
+        match (self.paused_until, render) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Whether answering `req` renders a snapshot (the costly part of an answer).
+fn renders(req: Option<Request>) -> bool {
+    matches!(req, Some(Request::Stats(_)))
+}
+
 impl Relay {
-    pub(super) fn accept_control(&mut self, now: Instant) {
-        loop {
+    /// Once per loop turn, after the data path's events: at most one snapshot rendered (and
+    /// none while `RENDER_SPACING` says wait), the clients with events advanced, and at most
+    /// `CONTROL_ACCEPTS_PER_TURN` accepts.
+    pub(super) fn serve_control(&mut self, now: Instant) {
+        self.ctl.rendered = false;
+        if self.ctl.may_render(now) {
+            if let Some((i, req)) = self.ctl.waiting.pop_front() {
+                let step = self.answer_control(i, req, now);
+                self.after_control_step(i, step);
+            }
+        }
+        for i in 0..CONTROL_CONNS_MAX {
+            if std::mem::take(&mut self.ctl.ready[i]) {
+                self.advance_control(i, now);
+            }
+        }
+        if self.ctl.paused_until.is_some_and(|t| now >= t) {
+            self.ctl.paused_until = None;
+            // Clients may have queued during the pause without a new edge: try now.
+            self.ctl.accept_due = true;
+        }
+        if self.ctl.accept_due && self.ctl.paused_until.is_none() {
+            self.ctl.accept_due = false;
+            self.accept_control(now);
+        }
+    }
+
+    fn accept_control(&mut self, now: Instant) {
+        for _ in 0..CONTROL_ACCEPTS_PER_TURN {
             let Some(server) = &self.control else { return };
             match server.accept(now) {
-                Ok(None) => return,
-                Ok(Some(Err(peer))) => warn!(%peer, "control socket: refused"),
-                Ok(Some(Ok(conn))) => {
+                Ok(Accepted::None) => {
+                    self.control_fds_back(now);
+                    return;
+                }
+                Ok(Accepted::Refused(why, peer, error)) => {
+                    self.control_fds_back(now);
+                    self.refuse_control(why, peer, error, now);
+                }
+                Ok(Accepted::Conn(conn)) => {
+                    self.control_fds_back(now);
                     let Some(i) = self.control_conns.iter().position(Option::is_none) else {
-                        warn!(max = CONTROL_CONNS_MAX, "control socket: too many clients; closing one");
+                        // Dropping it closes it.
+                        self.refuse_control(Refusal::Busy, Some(conn.peer), None, now);
                         continue;
                     };
                     let token = Token(CONTROL_CONN_BASE + i);
                     let interest = conn.interest();
                     if let Err(e) = self.poll.registry().register(&mut SourceFd(&conn.raw_fd()), token, interest) {
-                        warn!(error = %e, "control socket: cannot register a client");
+                        self.refuse_control(Refusal::Setup, Some(conn.peer), Some(e), now);
                         continue;
                     }
                     self.control_conns[i] = Some((conn, interest));
                     self.advance_control(i, now);
                 }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
-                    warn!(error = %e, "control socket: out of fds");
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+                    ) =>
+                {
+                    // The client stays queued; `serve_control` accepts again when the pause ends.
+                    self.totals.control_accept_pauses += 1;
+                    self.ctl.paused_until = Some(now + Duration::from_millis(CONTROL_PAUSE_MS));
+                    match &mut self.ctl.out_of_fds {
+                        Some((_, pauses)) => *pauses += 1,
+                        None => {
+                            warn!(
+                                error = %e,
+                                pause_ms = CONTROL_PAUSE_MS,
+                                "control socket: cannot accept: out of resources; pausing accept, retrying until it passes"
+                            );
+                            self.ctl.out_of_fds = Some((now, 1));
+                        }
+                    }
                     return;
                 }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::EINTR) | Some(libc::EPROTO)
+                    ) => {}
                 Err(e) => {
-                    warn!(error = %e, "control socket: accept failed");
+                    // May repeat on every call: pause rather than spin.
+                    if let Some(suppressed) = self.ctl.failure_log.hit(now) {
+                        warn!(error = %e, pause_ms = CONTROL_PAUSE_MS, suppressed, "control socket: accept failed; pausing accept");
+                    }
+                    self.ctl.paused_until = Some(now + Duration::from_millis(CONTROL_PAUSE_MS));
                     return;
                 }
+            }
+        }
+        // More may be queued: the next turn takes them (a zero poll timeout, `ControlTurn::due`).
+        self.ctl.accept_due = true;
+    }
+
+    /// An accept went through: an out-of-fds episode, if one was on, is over.
+    fn control_fds_back(&mut self, now: Instant) {
+        if let Some((since, pauses)) = self.ctl.out_of_fds.take() {
+            let paused_ms = now.saturating_duration_since(since).as_millis() as u64;
+            info!(paused_ms, pauses, "control socket: accepting again");
+        }
+    }
+
+    /// Counts a turned-away control client and logs it, at most once a second per reason.
+    fn refuse_control(&mut self, why: Refusal, peer: Option<Peer>, error: Option<io::Error>, now: Instant) {
+        self.totals.control_refusal(why);
+        let Some(suppressed) = self.ctl.refusal_logs[why.index()].hit(now) else { return };
+        let peer = peer.map_or_else(|| "-".to_string(), |p| p.to_string());
+        let error = error.map_or_else(|| "-".to_string(), |e| e.to_string());
+        match why {
+            Refusal::Uid => warn!(%peer, suppressed, "control socket: refused: only the relay's own uid and root"),
+            Refusal::Busy => warn!(
+                %peer,
+                max = CONTROL_CONNS_MAX,
+                suppressed,
+                "control socket: refused: too many clients at once; closing the newcomer"
+            ),
+            Refusal::NoIdentity => warn!(
+                error = %Escaped(&error),
+                suppressed,
+                "control socket: refused: cannot read the client's identity; closed it, the others are served"
+            ),
+            Refusal::Setup => {
+                warn!(%peer, error = %Escaped(&error), suppressed, "control socket: refused: cannot set the client up")
             }
         }
     }
 
     pub(super) fn advance_control(&mut self, i: usize, now: Instant) {
+        if self.ctl.waiting.iter().any(|&(w, _)| w == i) {
+            // Its request is answered when the snapshot budget allows; nothing else to read.
+            return;
+        }
         let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return };
         let step = match conn.advance() {
-            Ok(ControlStep::Request(req)) => {
-                let answer = self.answer(req, now);
-                let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return };
-                conn.answer(answer)
+            Ok(ControlStep::Request(req)) if renders(req) && !self.ctl.may_render(now) => {
+                self.ctl.waiting.push_back((i, req));
+                return;
             }
+            Ok(ControlStep::Request(req)) => self.answer_control(i, req, now),
             other => other,
         };
+        self.after_control_step(i, step);
+    }
+
+    /// Renders the answer to client `i`'s request and starts writing it.
+    fn answer_control(&mut self, i: usize, req: Option<Request>, now: Instant) -> io::Result<ControlStep> {
+        let started = Instant::now();
+        let answer = self.answer(req, now);
+        if renders(req) {
+            let done = Instant::now();
+            self.ctl.rendered = true;
+            self.ctl.render_at = Some(done + (done - started) * RENDER_SPACING);
+        }
+        let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return Ok(ControlStep::Done) };
+        conn.answer(answer)
+    }
+
+    fn after_control_step(&mut self, i: usize, step: io::Result<ControlStep>) {
         match step {
             Ok(ControlStep::Done) | Err(_) => self.close_control(i),
             Ok(ControlStep::Waiting) | Ok(ControlStep::Request(_)) => {
@@ -84,6 +294,10 @@ impl Relay {
     pub(super) fn close_control(&mut self, i: usize) {
         if let Some((conn, _)) = self.control_conns.get_mut(i).and_then(Option::take) {
             let _ = self.poll.registry().deregister(&mut SourceFd(&conn.raw_fd()));
+        }
+        self.ctl.waiting.retain(|&(w, _)| w != i);
+        if let Some(r) = self.ctl.ready.get_mut(i) {
+            *r = false;
         }
     }
 

@@ -1,0 +1,418 @@
+//! Control-socket clients that misbehave on purpose, against the real binary: hundreds at once
+//! that never read nor close, garbage lines, a 1 MiB line, HTTP junk, requests whose answers
+//! are never read. Checked: every turned-away client is counted (the counter equals the clients
+//! that got no byte), logged at most once a second per kind, closed (the relay's fds come back
+//! to their baseline); `kvmi-relay stats` still answers; a live data session keeps every round
+//! trip; out of fds the control socket pauses and takes the clients queued meanwhile once fds
+//! are back. Latency is printed for the reader, never asserted (the machine may be busy).
+
+mod util;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kvmi_relay::net::endpoint::Endpoint;
+use kvmi_relay::observe::control::{GREETING, ask};
+use kvmi_relay_tools::peers::net;
+use util::*;
+
+/// What became of the abusive clients: turned away (closed with no byte sent to them), served
+/// (they got the greeting or an HTTP response), or hung (no end within 5 s: a failure).
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    refused: u64,
+    served: u64,
+    hung: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: Tally) {
+        self.refused += o.refused;
+        self.served += o.served;
+        self.hung += o.hung;
+    }
+    fn clients(&self) -> u64 {
+        self.refused + self.served + self.hung
+    }
+}
+
+/// How abusive client `k` behaves once connected; none of them reads before the end.
+fn misbehave(s: &UnixStream, k: usize) {
+    let mut w = s;
+    match k % 6 {
+        // Never sends, never reads, never closes (until the tally).
+        0 => {}
+        1 => {
+            let _ = w.write_all(b"\x01\x02 give me everything \x1b[2J\r\n");
+        }
+        // A 1 MiB line without a newline: as much as the socket takes at once.
+        2 => {
+            let _ = s.set_nonblocking(true);
+            let line = vec![b'a'; 1 << 20];
+            let _ = w.write(&line);
+            let _ = s.set_nonblocking(false);
+        }
+        3 => {
+            let _ = w.write_all(b"BREW /pot HTTP/1.1\r\nHost: teapot\r\n\r\n");
+        }
+        // Asks for a snapshot and never reads it.
+        4 => {
+            let _ = w.write_all(b"stats json\n");
+        }
+        _ => {
+            let _ = w.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
+    }
+}
+
+/// Reads what the relay sent a client until it closes it: a turned-away client gets EOF (or a
+/// reset) with no byte.
+fn tally(clients: Vec<UnixStream>) -> Tally {
+    let mut t = Tally::default();
+    for mut s in clients {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = 0usize;
+        let mut buf = [0u8; 16 << 10];
+        let end = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match end {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => t.hung += 1,
+            _ if got == 0 => t.refused += 1,
+            _ => t.served += 1,
+        }
+    }
+    t
+}
+
+/// `threads` abusers at `path` until `stop`: every 100 ms each opens `BURST` clients at once
+/// that misbehave (`misbehave`) and hands them to a thread that tallies them (at most four
+/// bursts per abuser waiting for their tally).
+fn abuse(path: PathBuf, threads: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Tally> {
+    const BURST: usize = 200;
+    std::thread::spawn(move || {
+        let abusers: Vec<_> = (0..threads)
+            .map(|a| {
+                let (path, stop) = (path.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut total = Tally::default();
+                    let mut pending = std::collections::VecDeque::new();
+                    let mut burst = 0usize;
+                    // One burst every 100 ms, whatever the target does with them: the same
+                    // load at any socket.
+                    let mut next = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                        next += Duration::from_millis(100);
+                        let mut clients = Vec::with_capacity(BURST);
+                        for k in 0..BURST {
+                            let Ok(s) = UnixStream::connect(&path) else { continue };
+                            misbehave(&s, k + burst + a);
+                            clients.push(s);
+                        }
+                        burst += 1;
+                        pending.push_back(std::thread::spawn(move || tally(clients)));
+                        if pending.len() > 4 {
+                            total.add(pending.pop_front().unwrap().join().unwrap());
+                        }
+                    }
+                    for p in pending {
+                        total.add(p.join().unwrap());
+                    }
+                    total
+                })
+            })
+            .collect();
+        let mut total = Tally::default();
+        for a in abusers {
+            total.add(a.join().unwrap());
+        }
+        total
+    })
+}
+
+fn stats(control: &Path) -> serde_json::Value {
+    serde_json::from_str(&ask(control, "stats json").expect("control answers")).expect("JSON")
+}
+
+/// `kvmi-relay stats --json` as an operator runs it: Some(totals) when it answered.
+fn operator_stats(control: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(BIN).args(["stats", "--json", control.to_str().unwrap()]).output().unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats --json prints JSON");
+    Some(v["totals"].clone())
+}
+
+fn wait_fds(relay: &Relay, want: usize, patience: Duration) -> usize {
+    let deadline = Instant::now() + patience;
+    loop {
+        let n = relay.fd_count();
+        if n <= want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The relay's warnings about its control socket.
+fn control_warnings(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains(" WARN ") && l.contains("control socket")).collect()
+}
+
+fn start(d: &tempfile::TempDir) -> (Relay, Endpoint, PathBuf) {
+    let echo = echo_server(d.path());
+    let listen = Endpoint::Unix(d.path().join("relay.sock"));
+    let control = d.path().join("control.sock");
+    let relay = Relay::start(&[
+        &format!("--listen={listen}"),
+        &format!("--connect={echo}"),
+        &format!("--control={}", control.display()),
+    ]);
+    (relay, listen, control)
+}
+
+#[test]
+fn abusive_control_clients_are_counted_logged_once_a_second_per_kind_and_closed() {
+    let d = tmpdir();
+    let (relay, _listen, control) = start(&d);
+    let _ = stats(&control);
+    let baseline = relay.fd_count();
+
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let abusers = abuse(control.clone(), 3, stop.clone());
+    // An operator asks every 100 ms meanwhile; turned away while the slots are taken, it asks again.
+    let (answered, turned_away) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let operator = {
+        let (control, stop, answered, turned_away) =
+            (control.clone(), stop.clone(), answered.clone(), turned_away.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match operator_stats(&control) {
+                    Some(_) => answered.fetch_add(1, Ordering::Relaxed),
+                    None => turned_away.fetch_add(1, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    operator.join().unwrap();
+    let t = abusers.join().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let (answered, turned_away) = (answered.load(Ordering::Relaxed), turned_away.load(Ordering::Relaxed));
+
+    assert_eq!(t.hung, 0, "abusive clients left hanging: {t:?}\n{}", relay.log());
+    assert!(t.refused >= 2000, "the abuse should turn away 2000+ clients: {t:?}");
+    let after = wait_fds(&relay, baseline, Duration::from_secs(5));
+    assert_eq!(after, baseline, "open fds before the abuse {baseline}, after {} clients {after}", t.clients());
+    // The log: at most one warning per kind per second of the run (and its first second), each
+    // saying how many it left out; nothing else about the control socket.
+    let log = relay.log();
+    let warnings = control_warnings(&log);
+    let kinds = 4.0;
+    let bound = (kinds * (secs.ceil() + 1.0)) as usize;
+    assert!(
+        warnings.len() <= bound,
+        "{} control warnings in {secs:.1} s, bound {bound}; the first:\n{}",
+        warnings.len(),
+        warnings[..3.min(warnings.len())].join("\n")
+    );
+    let busy: Vec<&&str> = warnings.iter().filter(|l| l.contains("too many clients")).collect();
+    assert!(!busy.is_empty() && busy.len() <= secs.ceil() as usize + 1, "{busy:#?}");
+    let said: u64 = busy.iter().map(|l| field_u64(l, "suppressed") + 1).sum();
+    assert!(said <= t.refused + turned_away, "the lines account for {said} refusals of {}", t.refused + turned_away);
+    // After: an operator's `stats` answers, and counts exactly the clients that got no byte
+    // (the operator's own turned-away attempts among them).
+    let totals = operator_stats(&control).unwrap_or_else(|| panic!("stats after the abuse:\n{}", relay.log()));
+    let refused = t.refused + turned_away;
+    assert_eq!(
+        totals["control_refused"].as_u64(),
+        Some(refused),
+        "{t:?}, operator turned away {turned_away}: {totals}"
+    );
+    assert_eq!(totals["control_refusals"]["busy"].as_u64(), Some(refused), "{totals}");
+
+    eprintln!(
+        "{} abusive control clients in {secs:.1} s: {} turned away, {} served, none hung; {} control warnings \
+         (bound {bound}); operator's stats during: {answered} answered, {turned_away} turned away; fds back to {baseline}",
+        t.clients(),
+        t.refused,
+        t.served,
+        warnings.len()
+    );
+    let (status, log) = relay.stop();
+    assert!(status.success(), "{log}");
+    let line = log.lines().find(|l| l.contains(" stopped ")).expect("a stopped line");
+    assert_eq!(field_u64(line, "control_refused"), refused, "{line}");
+}
+
+/// `count` round trips of 64 bytes whose content changes every time, each checked; the
+/// round-trip times in microseconds.
+fn checked_round_trips(s: &socket2::Socket, count: u32, from: u32) -> Vec<u64> {
+    let mut times = Vec::with_capacity(count as usize);
+    let mut back = [0u8; 64];
+    for i in from..from + count {
+        let msg: Vec<u8> = (0..64u32).map(|k| (i.wrapping_mul(31) ^ k) as u8).collect();
+        let t = Instant::now();
+        (&*s).write_all(&msg).unwrap();
+        (&*s).read_exact(&mut back).unwrap_or_else(|e| panic!("round trip {i}: {e}"));
+        times.push(t.elapsed().as_micros() as u64);
+        assert_eq!(&back[..], &msg[..], "round trip {i} came back changed");
+    }
+    times
+}
+
+fn pct(times: &mut [u64], p: f64) -> u64 {
+    times.sort_unstable();
+    times[((times.len() as f64 - 1.0) * p) as usize]
+}
+
+/// A UNIX socket that is not the relay's: it accepts, says one byte and closes each client.
+fn unrelated_socket(dir: &Path) -> PathBuf {
+    let path = dir.join("unrelated.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.write_all(b"x");
+        }
+    });
+    path
+}
+
+#[test]
+fn a_live_session_keeps_every_round_trip_under_control_abuse() {
+    let d = tmpdir();
+    let (relay, listen, control) = start(&d);
+    let unrelated = unrelated_socket(d.path());
+    let live = net::connect(&listen).unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    checked_round_trips(&live, 1000, 0);
+    let _ = stats(&control);
+    let baseline = relay.fd_count();
+
+    // Interleaved: quiet, the abuse aimed at an unrelated socket, the abuse at the control
+    // socket; three rounds of one second each.
+    let (mut quiet, mut elsewhere, mut at_control) = (Vec::new(), Vec::new(), Vec::new());
+    let mut n = 1000u32;
+    let mut at_control_tally = Tally::default();
+    let mut run = |times: &mut Vec<u64>, target: Option<&PathBuf>| -> Tally {
+        let stop = Arc::new(AtomicBool::new(false));
+        let abusers = target.map(|p| abuse(p.clone(), 2, stop.clone()));
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(1) {
+            times.extend(checked_round_trips(&live, 200, n));
+            n += 200;
+        }
+        stop.store(true, Ordering::Relaxed);
+        abusers.map(|a| a.join().unwrap()).unwrap_or_default()
+    };
+    for _ in 0..3 {
+        run(&mut quiet, None);
+        run(&mut elsewhere, Some(&unrelated));
+        at_control_tally.add(run(&mut at_control, Some(&control)));
+    }
+    eprintln!(
+        "control abuse: p50/p99 µs quiet {}/{}, abuse elsewhere {}/{}, at the control socket {}/{} \
+         ({} round trips intact; {} control clients at the relay, {} turned away)",
+        pct(&mut quiet, 0.5),
+        pct(&mut quiet, 0.99),
+        pct(&mut elsewhere, 0.5),
+        pct(&mut elsewhere, 0.99),
+        pct(&mut at_control, 0.5),
+        pct(&mut at_control, 0.99),
+        n,
+        at_control_tally.clients(),
+        at_control_tally.refused
+    );
+    assert_eq!(at_control_tally.hung, 0, "{at_control_tally:?}");
+    let after = wait_fds(&relay, baseline, Duration::from_secs(5));
+    assert_eq!(after, baseline, "open fds before the abuse {baseline}, after {after}");
+    let v = stats(&control);
+    assert_eq!(v["live"], 1, "{}", v["totals"]);
+    assert_eq!(v["totals"]["control_refused"].as_u64(), Some(at_control_tally.refused), "{}", v["totals"]);
+    let moved = v["connections"][0]["directions"][0]["bytes"].as_u64().unwrap();
+    assert_eq!(moved, n as u64 * 64, "every round trip's bytes, once");
+    checked_round_trips(&live, 100, n);
+}
+
+/// Sets the relay's soft RLIMIT_NOFILE (util-linux prlimit).
+fn set_nofile(pid: i32, soft: usize) {
+    let out = Command::new("prlimit").arg(format!("--pid={pid}")).arg(format!("--nofile={soft}:")).output().unwrap();
+    assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn nofile(pid: i32) -> usize {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// Out of fds the control socket pauses; when fds are back it takes the clients that queued
+/// meanwhile by itself (no new client comes to wake it): each gets the greeting or, past the
+/// limit of clients at once, is closed. One line when the pause starts, one when it ends.
+#[test]
+fn out_of_fds_the_control_socket_pauses_and_takes_the_queued_clients_when_fds_are_back() {
+    let d = tmpdir();
+    let (relay, _listen, control) = start(&d);
+    let _ = stats(&control);
+    let pid = relay.pid();
+    let limit = nofile(pid);
+    let used = relay.fd_count();
+    // Room for two more fds.
+    set_nofile(pid, used + 2);
+    let clients: Vec<UnixStream> = (0..6).map(|_| UnixStream::connect(&control).unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !relay.log().lines().any(|l| l.contains("control socket") && l.contains("out of")) {
+        assert!(Instant::now() < deadline, "no out-of-fds line:\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    set_nofile(pid, limit);
+    let back = Instant::now();
+    let mut greeted = 0;
+    let mut closed = 0;
+    // Each is kept open until all are read: a closed one would free its slot for the next.
+    for mut c in &clients {
+        // Well before the 2 s deadline of the two accepted before the pause: their closing
+        // frees nothing the test waits for.
+        c.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        let mut got = vec![0u8; GREETING.len()];
+        match c.read(&mut got) {
+            Ok(0) => closed += 1,
+            Ok(n) if got[..n] == GREETING[..n] => greeted += 1,
+            Ok(n) => panic!("unexpected {:?}", String::from_utf8_lossy(&got[..n])),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => closed += 1,
+            Err(e) => panic!(
+                "a client queued during the pause heard nothing {:?} after fds came back: {e}\n{}",
+                back.elapsed(),
+                relay.log()
+            ),
+        }
+    }
+    assert_eq!((greeted, closed), (4, 2), "four served at once, two turned away:\n{}", relay.log());
+    // Their slots free once they close.
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(100));
+    let totals = operator_stats(&control).unwrap_or_else(|| panic!("stats after the pause:\n{}", relay.log()));
+    assert!(totals["control_accept_pauses"].as_u64().unwrap() >= 1, "{totals}");
+    assert_eq!(totals["control_refusals"]["busy"], 2, "{totals}");
+    let log = relay.log();
+    let starts = log.lines().filter(|l| l.contains("control socket: cannot accept: out of resources")).count();
+    let ends = log.lines().filter(|l| l.contains("control socket: accepting again")).count();
+    assert_eq!((starts, ends), (1, 1), "one line when the pause starts, one when it ends:\n{log}");
+}
