@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvmi_relay::net::endpoint::Endpoint;
-use kvmi_relay::observe::control::{GREETING, ask};
+use kvmi_relay::observe::control::GREETING;
 use kvmi_relay_tools::peers::net;
 use util::*;
 
@@ -140,11 +140,6 @@ fn abuse(path: PathBuf, threads: usize, stop: Arc<AtomicBool>) -> std::thread::J
         total
     })
 }
-
-fn stats(control: &Path) -> serde_json::Value {
-    serde_json::from_str(&ask(control, "stats json").expect("control answers")).expect("JSON")
-}
-
 /// `kvmi-relay stats --json` as an operator runs it: Some(totals) when it answered.
 fn operator_stats(control: &Path) -> Option<serde_json::Value> {
     let out = Command::new(BIN).args(["stats", "--json", control.to_str().unwrap()]).output().unwrap();
@@ -187,7 +182,7 @@ fn start(d: &tempfile::TempDir) -> (Relay, Endpoint, PathBuf) {
 fn abusive_control_clients_are_counted_logged_once_a_second_per_kind_and_closed() {
     let d = tmpdir();
     let (relay, _listen, control) = start(&d);
-    let _ = stats(&control);
+    let _ = stats_json(&control);
     let baseline = relay.fd_count();
 
     let t0 = Instant::now();
@@ -259,28 +254,6 @@ fn abusive_control_clients_are_counted_logged_once_a_second_per_kind_and_closed(
     let line = log.lines().find(|l| l.contains(" stopped ")).expect("a stopped line");
     assert_eq!(field_u64(line, "control_refused"), refused, "{line}");
 }
-
-/// `count` round trips of 64 bytes whose content changes every time, each checked; the
-/// round-trip times in microseconds.
-fn checked_round_trips(s: &socket2::Socket, count: u32, from: u32) -> Vec<u64> {
-    let mut times = Vec::with_capacity(count as usize);
-    let mut back = [0u8; 64];
-    for i in from..from + count {
-        let msg: Vec<u8> = (0..64u32).map(|k| (i.wrapping_mul(31) ^ k) as u8).collect();
-        let t = Instant::now();
-        (&*s).write_all(&msg).unwrap();
-        (&*s).read_exact(&mut back).unwrap_or_else(|e| panic!("round trip {i}: {e}"));
-        times.push(t.elapsed().as_micros() as u64);
-        assert_eq!(&back[..], &msg[..], "round trip {i} came back changed");
-    }
-    times
-}
-
-fn pct(times: &mut [u64], p: f64) -> u64 {
-    times.sort_unstable();
-    times[((times.len() as f64 - 1.0) * p) as usize]
-}
-
 /// A UNIX socket that is not the relay's: it accepts, says one byte and closes each client.
 fn unrelated_socket(dir: &Path) -> PathBuf {
     let path = dir.join("unrelated.sock");
@@ -302,7 +275,7 @@ fn a_live_session_keeps_every_round_trip_under_control_abuse() {
     let live = net::connect(&listen).unwrap();
     live.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     checked_round_trips(&live, 1000, 0);
-    let _ = stats(&control);
+    let _ = stats_json(&control);
     let baseline = relay.fd_count();
 
     // Interleaved: quiet, the abuse aimed at an unrelated socket, the abuse at the control
@@ -342,7 +315,7 @@ fn a_live_session_keeps_every_round_trip_under_control_abuse() {
     assert_eq!(at_control_tally.hung, 0, "{at_control_tally:?}");
     let after = wait_fds(&relay, baseline, Duration::from_secs(5));
     assert_eq!(after, baseline, "open fds before the abuse {baseline}, after {after}");
-    let v = stats(&control);
+    let v = stats_json(&control);
     assert_eq!(v["live"], 1, "{}", v["totals"]);
     assert_eq!(v["totals"]["control_refused"].as_u64(), Some(at_control_tally.refused), "{}", v["totals"]);
     let moved = v["connections"][0]["directions"][0]["bytes"].as_u64().unwrap();
@@ -369,7 +342,7 @@ fn nofile(pid: i32) -> usize {
 fn out_of_fds_the_control_socket_pauses_and_takes_the_queued_clients_when_fds_are_back() {
     let d = tmpdir();
     let (relay, _listen, control) = start(&d);
-    let _ = stats(&control);
+    let _ = stats_json(&control);
     let pid = relay.pid();
     let limit = nofile(pid);
     let used = relay.fd_count();

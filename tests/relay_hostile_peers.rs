@@ -5,41 +5,14 @@
 
 mod util;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kvmi_relay::observe::control::ask;
 use kvmi_relay_tools::peers::net;
 use util::*;
-
-/// `count` round trips of 64 bytes whose content changes every time, each checked; the
-/// round-trip times in microseconds.
-fn checked_round_trips(s: &socket2::Socket, count: u32, from: u32) -> Vec<u64> {
-    let mut times = Vec::with_capacity(count as usize);
-    let mut back = [0u8; 64];
-    for i in from..from + count {
-        let msg: Vec<u8> = (0..64u32).map(|k| (i.wrapping_mul(31) ^ k) as u8).collect();
-        let t = Instant::now();
-        (&*s).write_all(&msg).unwrap();
-        (&*s).read_exact(&mut back).unwrap_or_else(|e| panic!("round trip {i}: {e}"));
-        times.push(t.elapsed().as_micros() as u64);
-        assert_eq!(&back[..], &msg[..], "round trip {i} came back changed");
-    }
-    times
-}
-
-fn pct(times: &mut [u64], p: f64) -> u64 {
-    times.sort_unstable();
-    times[((times.len() as f64 - 1.0) * p) as usize]
-}
-
-fn stats(control: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&ask(control, "stats json").expect("control answers")).expect("JSON")
-}
-
 #[test]
 fn a_flood_of_connections_over_max_conns_leaves_the_live_session_intact() {
     let d = tmpdir();
@@ -68,10 +41,10 @@ fn a_flood_of_connections_over_max_conns_leaves_the_live_session_intact() {
 
     // Every flooder the relay accepted was refused, none admitted. A few may never reach
     // accept: a client that gave up while the kernel's backlog was full is dropped there.
-    let mut v = stats(&control);
+    let mut v = stats_json(&control);
     loop {
         std::thread::sleep(Duration::from_millis(500));
-        let now = stats(&control);
+        let now = stats_json(&control);
         if now["totals"]["accepted"] == v["totals"]["accepted"] {
             break;
         }
@@ -101,7 +74,7 @@ fn a_flood_of_connections_over_max_conns_leaves_the_live_session_intact() {
     // The slot is the next peer's once the live session ends.
     drop(live);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stats(&control)["live"] != 0 {
+    while stats_json(&control)["live"] != 0 {
         assert!(Instant::now() < deadline, "the live session did not close:\n{}", relay.log());
         std::thread::sleep(Duration::from_millis(20));
     }

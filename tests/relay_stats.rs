@@ -44,11 +44,6 @@ fn start(dir: &std::path::Path, connect: &Endpoint, extra: &[&str]) -> (Relay, E
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (Relay::start(&args), listen, control)
 }
-
-fn json(control: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&ask(control, "stats json").expect("control answers")).expect("valid JSON")
-}
-
 #[test]
 fn turnaround_sees_the_far_sides_2ms_and_transit_stays_far_below() {
     let d = tmpdir();
@@ -57,7 +52,7 @@ fn turnaround_sees_the_far_sides_2ms_and_transit_stays_far_below() {
     let client = net::connect(&listen).unwrap();
     pingpong::round_trips(&client, 64, 64, 200).unwrap();
 
-    let v = json(&control);
+    let v = stats_json(&control);
     let conn = &v["connections"][0];
     let c2l = &conn["directions"][1];
     let turnaround_p50_ms = c2l["turnaround_ns"]["p50"].as_u64().unwrap() as f64 / 1e6;
@@ -86,7 +81,7 @@ fn a_stalled_destination_shows_up_as_transit() {
     let mut got = vec![0u8; 4 << 20];
     (&server).read_exact(&mut got).unwrap();
     writer.join().unwrap();
-    let v = json(&control);
+    let v = stats_json(&control);
     let max_ms = v["connections"][0]["directions"][0]["transit_ns"]["max"].as_u64().unwrap() as f64 / 1e6;
     assert!(max_ms >= 100.0, "bytes waited ~150 ms for the destination; transit max was {max_ms} ms");
     drop(relay);
@@ -184,13 +179,13 @@ fn stats_in_every_format_and_reset() {
 
     let out = Command::new(BIN).args(["stats", "--reset", control.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success());
-    let v = json(&control);
+    let v = stats_json(&control);
     assert_eq!(v["totals"]["admitted"], 0);
     assert_eq!(v["connections"][0]["directions"][0]["bytes"], 0);
     assert_eq!(v["all_sessions"][0]["transit_ns"]["count"], 0);
     // The session itself goes on after a reset.
     pingpong::round_trips(&client, 64, 64, 10).unwrap();
-    assert_eq!(json(&control)["connections"][0]["directions"][0]["bytes"], 640);
+    assert_eq!(stats_json(&control)["connections"][0]["directions"][0]["bytes"], 640);
     drop(relay);
 }
 
@@ -198,7 +193,7 @@ fn stats_in_every_format_and_reset() {
 fn wait_closed(control: &std::path::Path, closed: u64) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v = json(control);
+        let v = stats_json(control);
         if v["totals"]["closed"] == closed && v["live"] == 0 {
             return v;
         }
@@ -214,7 +209,7 @@ fn closed_sessions_stay_in_the_every_session_figures() {
     let d = tmpdir();
     let server = slow_echo(d.path(), Duration::ZERO);
     let (relay, listen, control) = start(d.path(), &server, &[]);
-    let v = json(&control);
+    let v = stats_json(&control);
     assert_eq!(v["all_sessions"][0]["transit_ns"]["count"], 0, "nothing closed yet: {v}");
     for (round_trips, closed) in [(30, 1), (20, 2)] {
         let client = net::connect(&listen).unwrap();
@@ -222,14 +217,14 @@ fn closed_sessions_stay_in_the_every_session_figures() {
         drop(client);
         wait_closed(&control, closed);
     }
-    let v = json(&control);
+    let v = stats_json(&control);
     for d in 0..2 {
         assert_eq!(v["all_sessions"][d]["transit_ns"]["count"], 50, "{v}");
         assert_eq!(v["all_sessions"][d]["bytes"], 50 * 64, "{v}");
     }
     let out = Command::new(BIN).args(["stats", "--reset", control.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success());
-    assert_eq!(json(&control)["all_sessions"][1]["transit_ns"]["count"], 0);
+    assert_eq!(stats_json(&control)["all_sessions"][1]["transit_ns"]["count"], 0);
     let client = net::connect(&listen).unwrap();
     pingpong::round_trips(&client, 64, 64, 5).unwrap();
     drop(client);
@@ -284,7 +279,7 @@ fn a_long_lived_sessions_memory_does_not_grow_with_messages() {
     let late = rss_kib(relay.pid());
     eprintln!("relay RSS after 20k messages {early} KiB, after 200k {late} KiB ({:.1} s)", t.elapsed().as_secs_f64());
     assert!(late <= early + 64, "RSS grew from {early} KiB to {late} KiB over 180k messages");
-    let v = json(&control);
+    let v = stats_json(&control);
     assert_eq!(v["connections"][0]["directions"][0]["transit_ns"]["count"], 200_000);
 }
 
@@ -311,7 +306,7 @@ fn totals_count_the_live_session_in_key_value_lines_and_labelled_json() {
     let (mut relay, listen, control) = start(d.path(), &server, &[]);
     let client = net::connect(&listen).unwrap();
     pingpong::round_trips(&client, 64, 64, 50).unwrap();
-    let v = json(&control);
+    let v = stats_json(&control);
     assert_eq!(v["totals"]["bytes"]["l2c"], 64 * 50, "{}", v["totals"]);
     assert_eq!(v["totals"]["bytes"]["c2l"], 64 * 50, "{}", v["totals"]);
     assert_eq!(
@@ -351,7 +346,7 @@ fn a_failed_dial_counts_the_peer_admitted_and_refusals_carry_the_name() {
     let log = relay.wait_log("refused", Duration::from_secs(5));
     let line = log.lines().find(|l| l.contains(" refused ")).unwrap();
     assert_eq!(field(line, "name"), Some("one-7"), "{line}");
-    let v = json(&control);
+    let v = stats_json(&control);
     assert_eq!(v["totals"]["refused_access"], 1, "{}", v["totals"]);
     drop(relay);
 
@@ -363,7 +358,7 @@ fn a_failed_dial_counts_the_peer_admitted_and_refusals_carry_the_name() {
     let line = log.lines().find(|l| l.contains("cannot reach the far side")).unwrap();
     assert!(line.contains("conn{id=1"), "the session's span, as for a later dial failure: {line}");
     assert!(field(line, "error").is_some(), "{line}");
-    let v = json(&control);
+    let v = stats_json(&control);
     assert_eq!(v["totals"]["admitted"], 1, "{}", v["totals"]);
     assert_eq!(v["totals"]["dial_failed"], 1, "{}", v["totals"]);
 }
@@ -518,6 +513,6 @@ fn the_control_socket_answers_get_metrics_over_http_and_the_line_protocol_beside
     assert_eq!(v["connections"][0]["directions"][0]["bytes"], 6400);
     // The session went on untouched by all of it.
     pingpong::round_trips(&client, 64, 64, 10).unwrap();
-    assert_eq!(json(&control)["connections"][0]["directions"][0]["bytes"], 7040);
+    assert_eq!(stats_json(&control)["connections"][0]["directions"][0]["bytes"], 7040);
     drop(relay);
 }

@@ -317,3 +317,31 @@ pub fn promtool_check(text: &str) {
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\n{text}");
 }
+
+/// `count` round trips of 64 bytes whose content changes every time, each checked; the
+/// round-trip times in microseconds.
+pub fn checked_round_trips(s: &socket2::Socket, count: u32, from: u32) -> Vec<u64> {
+    let mut times = Vec::with_capacity(count as usize);
+    let mut back = [0u8; 64];
+    for i in from..from + count {
+        let msg: Vec<u8> = (0..64u32).map(|k| (i.wrapping_mul(31) ^ k) as u8).collect();
+        let t = Instant::now();
+        (&*s).write_all(&msg).unwrap();
+        (&*s).read_exact(&mut back).unwrap_or_else(|e| panic!("round trip {i}: {e}"));
+        times.push(t.elapsed().as_micros() as u64);
+        assert_eq!(&back[..], &msg[..], "round trip {i} came back changed");
+    }
+    times
+}
+
+/// The `p`-quantile (0..=1) of `times`, nearest rank below.
+pub fn pct(times: &mut [u64], p: f64) -> u64 {
+    times.sort_unstable();
+    times[((times.len() as f64 - 1.0) * p) as usize]
+}
+
+/// A relay's `stats json` answer from its control socket.
+pub fn stats_json(control: &Path) -> serde_json::Value {
+    serde_json::from_str(&kvmi_relay::observe::control::ask(control, "stats json").expect("control answers"))
+        .expect("valid JSON")
+}
