@@ -17,7 +17,6 @@ use nix::unistd::{Group, Uid, User};
 
 use crate::access::{self, Policy};
 use crate::cli::{KvmiAbiArg, KvmiPolicyArg, KvmiUnknownArg, MoveArg, RelayArgs, SideArg};
-use crate::datapath::pump::Strategy;
 use crate::escape::Escaped;
 use crate::kvmi;
 use crate::net::endpoint::{Endpoint, UNIX_PATH_MAX_BYTES, VSOCK_CID_ANY};
@@ -26,13 +25,6 @@ use crate::tls;
 /// Smallest and largest pipe size accepted for `--pipe-size`.
 const PIPE_SIZE_MIN_BYTES: usize = 4096;
 const PIPE_SIZE_MAX_BYTES: usize = 16 << 20;
-
-/// The copy buffer of a direction that copies messages and splices bulk (`--move auto` into
-/// UNIX and vsock): twice libkvmi's largest message (8192 bytes with its header), so that one
-/// message never fills it; a read that does is bulk (or a batch) and moves the direction to
-/// splice. Smaller than `--pipe-size` because every session touches it before it knows which
-/// traffic it carries.
-const MESSAGE_BUFFER_BYTES: usize = 16 << 10;
 
 /// How the directions move bytes (`--move`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,29 +38,6 @@ pub enum MoveMode {
     Splice,
     /// copies only.
     Copy,
-}
-
-impl MoveMode {
-    /// The strategy for one direction, given whether its destination is a TCP socket.
-    pub fn strategy(self, into_tcp: bool, cfg: &Config) -> Strategy {
-        let copy = Strategy::Copy {
-            initial_bytes: cfg.pipe_size_bytes.min(cfg.copy_buffer_max_bytes),
-            max_bytes: cfg.copy_buffer_max_bytes,
-        };
-        let splice = Strategy::Splice { pipe_bytes: cfg.pipe_size_bytes, max_bytes: cfg.pipe_size_max_bytes };
-        let copy_then_splice = Strategy::CopyThenSplice {
-            copy_bytes: cfg.pipe_size_bytes.min(MESSAGE_BUFFER_BYTES),
-            pipe_bytes: cfg.pipe_size_bytes,
-            pipe_max_bytes: cfg.pipe_size_max_bytes,
-            copy_max_bytes: cfg.copy_buffer_max_bytes,
-        };
-        match self {
-            MoveMode::Auto if into_tcp => copy,
-            MoveMode::Auto => copy_then_splice,
-            MoveMode::Splice => splice,
-            MoveMode::Copy => copy,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,8 +1,9 @@
 //! kvmi-relay: an access-controlled relay for one VM's KVMi introspection socket.
 //!
 //! Where things are:
-//! - bytes move in `datapath/` (`pump.rs`: splice or copy, one pump per direction, driven by
-//!   `conn.rs`, one session's state machine); `relay/` is the event loop, the only poller user
+//! - bytes move in `datapath/` (`pump.rs`: one pump per direction, its bytes in a `store.rs`
+//!   buffer or pipe, copy or splice decided by `policy.rs`, a pure function; driven by `conn.rs`,
+//!   one session's state machine); `relay/` is the event loop, the only poller user
 //!   (`relay/operator.rs` serves the control socket, snapshots and the interval log from it,
 //!   `relay/service.rs` talks to systemd);
 //! - peers come from `net/` (endpoints, the listener gathering identities, the dial); access is

@@ -27,7 +27,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use kvmi_relay::datapath::pump::Side;
+use kvmi_relay::datapath::store::Side;
 use kvmi_relay::kvmi::abi::{ID_EVENT, V7};
 use kvmi_relay::kvmi::handshake::Pin;
 use kvmi_relay::kvmi::policy::{Mode, Policy, Unknown};

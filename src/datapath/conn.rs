@@ -41,8 +41,8 @@ use mio::Interest;
 use socket2::Socket;
 
 use crate::access::Peer;
-use crate::config::{Config, TcpLiveness};
-use crate::datapath::pump::Pump;
+use crate::config::{Config, MoveMode, TcpLiveness};
+use crate::datapath::pump::{Pump, Strategy};
 use crate::datapath::tls::{HandshakeError, Io, TlsStream};
 use crate::kvmi::session::{Gate, Session};
 use crate::kvmi::wire::Flow;
@@ -54,6 +54,33 @@ pub use crate::datapath::side::{CONNECT_SIDE, DIRECTION_NAMES, LISTEN_SIDE};
 
 /// How long QEMU's handshake may take to arrive (QEMU's own handshake timeout).
 pub const KVMI_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// The copy buffer of a direction that copies messages and splices bulk (`--move auto` into
+/// UNIX and vsock): twice libkvmi's largest message (8192 bytes with its header), so that one
+/// message never fills it; a read that does is bulk (or a batch) and moves the direction to
+/// splice. Smaller than `--pipe-size` because every session touches it before it knows which
+/// traffic it carries.
+const MESSAGE_BUFFER_BYTES: usize = 16 << 10;
+
+/// How one direction moves its bytes under `--move`, given whether its destination is a TCP
+/// socket (docs/DESIGN.md, "Messages copy, bulk splices").
+fn strategy(mode: MoveMode, into_tcp: bool, cfg: &Config) -> Strategy {
+    let copy = Strategy::Copy {
+        initial_bytes: cfg.pipe_size_bytes.min(cfg.copy_buffer_max_bytes),
+        max_bytes: cfg.copy_buffer_max_bytes,
+    };
+    match mode {
+        MoveMode::Auto if into_tcp => copy,
+        MoveMode::Auto => Strategy::CopyThenSplice {
+            copy_bytes: cfg.pipe_size_bytes.min(MESSAGE_BUFFER_BYTES),
+            pipe_bytes: cfg.pipe_size_bytes,
+            pipe_max_bytes: cfg.pipe_size_max_bytes,
+            copy_max_bytes: cfg.copy_buffer_max_bytes,
+        },
+        MoveMode::Splice => Strategy::Splice { pipe_bytes: cfg.pipe_size_bytes, max_bytes: cfg.pipe_size_max_bytes },
+        MoveMode::Copy => copy,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
@@ -213,8 +240,8 @@ impl Conn {
         // A direction with TLS at either end moves plaintext through rustls: copies only.
         let tls_at = [listen_tls.is_some(), tls_dial.is_some()];
         let pump = |d: usize| {
-            let mode = if tls_at[0] || tls_at[1] { crate::config::MoveMode::Copy } else { cfg.move_mode };
-            let strategy = mode.strategy(into_tcp[d], cfg);
+            let mode = if tls_at[0] || tls_at[1] { MoveMode::Copy } else { cfg.move_mode };
+            let strategy = strategy(mode, into_tcp[d], cfg);
             Pump::new(strategy, DIRECTION_NAMES[d]).map_err(SetupError::Pipe)
         };
         let pumps = [pump(0)?, pump(1)?];
@@ -431,11 +458,13 @@ impl Conn {
     /// peer only half-closed, instead of waiting forever.
     pub fn on_ready(&mut self, side: usize, readable: bool, writable: bool, read_closed: bool) {
         if readable || read_closed {
-            self.pumps[side].src_readable = true;
+            self.pumps[side].source_ready();
         }
-        self.pumps[side].src_read_closed |= read_closed;
+        if read_closed {
+            self.pumps[side].source_closing();
+        }
         if writable || read_closed {
-            self.pumps[1 - side].dst_writable = true;
+            self.pumps[1 - side].destination_ready();
         }
     }
 
@@ -468,8 +497,8 @@ impl Conn {
                     self.phase = Phase::Relaying;
                     // rustls may hold plaintext that arrived with the handshake: no new edge
                     // will say so.
-                    self.pumps[side].src_readable = true;
-                    self.pumps[1 - side].src_readable = true;
+                    self.pumps[side].source_ready();
+                    self.pumps[1 - side].source_ready();
                 }
             }
         }
@@ -522,7 +551,7 @@ impl Conn {
                     self.phase = Phase::Relaying;
                     if self.tls[LISTEN_SIDE].is_some() {
                         // Plaintext rustls took with the handshake's last records.
-                        self.pumps[LISTEN_SIDE].src_readable = true;
+                        self.pumps[LISTEN_SIDE].source_ready();
                     }
                 }
                 Ok(false) if now >= deadline => {
@@ -666,7 +695,7 @@ impl Conn {
             if !k.borrow().is_stuck(flows[d]) {
                 break;
             }
-            self.pumps[d].dst_writable = true;
+            self.pumps[d].destination_ready();
             if total.read_bytes == 0 && !self.pumps[d].src_eof() {
                 break;
             }
@@ -735,7 +764,7 @@ fn read_handshake(sock: &Io<'_>, got: &mut Vec<u8>) -> Result<Option<crate::kvmi
             Parse::Complete(h) => return Ok(Some(h)),
             Parse::Partial { needed } => needed,
         };
-        match crate::datapath::pump::Side::recv(sock, &mut buf[..needed - got.len()]) {
+        match crate::datapath::store::Side::recv(sock, &mut buf[..needed - got.len()]) {
             Ok(0) => {
                 return Err(format!("the hypervisor side closed after {} of {needed} handshake bytes", got.len()));
             }
@@ -751,7 +780,7 @@ fn read_handshake(sock: &Io<'_>, got: &mut Vec<u8>) -> Result<Option<crate::kvmi
 fn send_some(sock: &Io<'_>, bytes: &[u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < bytes.len() {
-        match crate::datapath::pump::Side::send(sock, &bytes[n..]) {
+        match crate::datapath::store::Side::send(sock, &bytes[n..]) {
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -1,56 +1,47 @@
 //! Where bytes move: one pump, used for both directions of a connection.
 //!
-//! A pump owns the bytes in flight for one direction: a kernel pipe (splice strategy) or a
-//! user-space buffer (copy strategy). It reads from its source while it has room and writes to
-//! its destination while it holds data. Either store starts small and doubles, up to its
-//! ceiling, each time a read fills all the room it was offered: message traffic keeps the small
-//! store, bulk earns big reads and big writes (docs/DESIGN.md, "Stores that grow"). A
-//! copy-then-splice direction copies messages and moves to a pipe at the first read that fills
-//! its buffer (docs/DESIGN.md, "Messages copy, bulk splices"). It never touches the poller: the
-//! caller tells it which of its sockets became ready and reads back what it wants next.
+//! A pump owns the bytes in flight for one direction, in a store (`store.rs`: a kernel pipe for
+//! splice, a user-space buffer for copies). It reads from its source while it has room and
+//! writes to its destination while it holds data; after each read, `policy.rs` (pure) says
+//! whether to read on, grow the store (it starts small and doubles up to its ceiling each time
+//! a read fills all the room it was offered: docs/DESIGN.md, "Stores that grow"), wait for the
+//! next edge, or drain it so that a store of the other kind replaces it (copy-then-splice:
+//! docs/DESIGN.md, "Messages copy, bulk splices"). It never touches the poller: the caller
+//! tells it which of its sockets became ready and reads back what it wants next.
 //!
 //! Invariants (relied on by `conn.rs` and the event loop):
 //! - Edge-triggered: a readiness flag is cleared by `WouldBlock`, so the pump drains until the
 //!   kernel says there is nothing more; a spurious event costs one `WouldBlock`. One exception
-//!   saves the read that would say it: a copy read that got less than the room it offered has
-//!   emptied a stream socket's queue (recv copies across every queued segment until the buffer
-//!   is full), and the next byte to arrive raises a new edge. Unless the source has reported
-//!   read-closed: then the pump reads on until EOF, because the event carrying the FIN may be
-//!   the one already being handled. A short splice proves nothing (the pipe may have run out
-//!   of slots), so splice keeps the `WouldBlock` read.
-//! - Bytes leave in the order they came, each exactly once: `fill` counts what was taken from
-//!   the source and not yet written, and the only way bytes leave the store is to the
-//!   destination (or, on fallback, from the pipe into the copy buffer, before anything else).
+//!   saves the read that would say it: a copy read that got less than the room it offered
+//!   (`Action::AwaitEdge`, the policy's module says why). A splice that says `WouldBlock` while
+//!   the pipe holds bytes may mean a pipe out of slots, so the source is read again once the
+//!   pipe is drained.
+//! - Bytes leave in the order they came, each exactly once: only the store counts them (the read
+//!   that takes them adds them, the write that delivers them takes them off), and the only way
+//!   bytes leave a store is to the destination (or, on fallback, from the pipe into the copy
+//!   buffer, before anything else).
 //! - Fallback from splice to copy happens only when splice is refused (EINVAL, EOPNOTSUPP)
 //!   before any byte has moved that way: EINVAL can also mean a real fault later on.
-//! - Copy to splice and back (copy-then-splice only): the read that fills the copy buffer stops
-//!   further reads; the pipe replaces the buffer once every byte in it reached the destination,
-//!   so the pipe starts empty and nothing overtakes what was copied. The way back happens only
-//!   on an empty pipe, for the same reason.
+//! - A store changes kind (copy to splice and back) only when empty, so nothing overtakes what
+//!   the other one held.
 //! - Half-close: EOF from the source becomes `shutdown(SHUT_WR)` on the destination once the
 //!   store is empty; the other direction's pump keeps running.
 //! - Backpressure is per direction: a full store stops reads from this source only.
 //! - A store that still holds bytes is dropped with its connection, never reused.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use tracing::{debug, info, warn};
 
+use crate::datapath::policy::{Action, Leg, Policy, Read, Sizes, Switch};
+use crate::datapath::store::{Buffer, Side, Spliced, Store, Taken};
 use crate::observe::metrics;
-use crate::sys::{self, Pipe};
 
 /// Most read+write rounds one `run` makes before yielding to other connections and the other
 /// direction; the caller runs the pump again on its next loop turn when `Run::more` is set.
 const PUMP_ROUNDS_MAX: usize = 16;
-
-/// Copy-then-splice: splice reads in a row, each shorter than the copy buffer and than the room
-/// it was offered, after which the direction goes back to copies (when its pipe is next empty).
-/// Sixteen message-sized reads are messages again; a bulk stream whose reads come in that small
-/// gains nothing from splice.
-const SHORT_SPLICES_TO_COPY: u32 = 16;
 
 /// How one direction moves its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,43 +55,10 @@ pub enum Strategy {
     /// where a short read proves the socket's queue empty and spares the read that would say
     /// `WouldBlock` (a short splice proves nothing). The first read that fills the buffer (bulk)
     /// moves the direction to splice, through a pipe that starts at `pipe_bytes` and may grow
-    /// to `pipe_max_bytes`; `SHORT_SPLICES_TO_COPY` message-sized splices in a row move it back.
-    /// A direction left without a pipe copies for good, its buffer growing up to `copy_max_bytes`.
+    /// to `pipe_max_bytes`; `SHORT_SPLICES_TO_COPY` message-sized splices in a row move it back
+    /// (`datapath::policy`). A direction left without a pipe copies for good, its buffer growing
+    /// up to `copy_max_bytes`.
     CopyThenSplice { copy_bytes: usize, pipe_bytes: usize, pipe_max_bytes: usize, copy_max_bytes: usize },
-}
-
-/// What a pump needs from a socket. Implemented by `socket2::Socket`, and by fakes in tests.
-pub trait Side {
-    /// splice(2) from this socket into `pipe` (its write end).
-    fn splice_to_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
-    /// splice(2) from `pipe` (its read end) into this socket.
-    fn splice_from_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Sends without raising SIGPIPE.
-    fn send(&self, buf: &[u8]) -> io::Result<usize>;
-    fn shutdown_write(&self) -> io::Result<()>;
-}
-
-impl Side for socket2::Socket {
-    fn splice_to_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-        sys::splice(self.as_fd(), pipe, len)
-    }
-    fn splice_from_pipe(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-        sys::splice(pipe, self.as_fd(), len)
-    }
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        io::Read::read(&mut &*self, buf)
-    }
-    fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.send_with_flags(buf, libc::MSG_NOSIGNAL)
-    }
-    fn shutdown_write(&self) -> io::Result<()> {
-        match self.shutdown(std::net::Shutdown::Write) {
-            // The peer is already gone; the half-close has nowhere to go and nothing to lose.
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-            other => other,
-        }
-    }
 }
 
 /// Per-direction counters, kept for the life of the connection.
@@ -146,57 +104,46 @@ pub struct Run {
     pub last_write_began: Option<Instant>,
 }
 
-enum Store {
-    Pipe(Pipe),
-    /// `buf[start..start + fill]` holds the bytes in flight; `buf.len()` is the capacity.
-    Copy {
-        buf: Vec<u8>,
-        start: usize,
-    },
+/// How far the stream in this direction has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Open,
+    /// The source reported read-closed (peer's FIN or hang-up): read on until EOF.
+    Closing,
+    /// The source said EOF; what is held still goes out, then the half-close.
+    Ended,
+    /// Everything reached the destination and it was half-closed (`shutdown(SHUT_WR)`).
+    Finished,
+}
+
+/// Whether the source may have bytes (or EOF) to read: set by events, cleared by WouldBlock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Ready,
+    Idle,
+    /// A splice into the pipe said WouldBlock while the pipe held bytes: the pipe may be out of
+    /// slots rather than the socket out of data, so read again once the pipe is drained.
+    ReadyWhenDrained,
 }
 
 pub struct Pump {
     store: Store,
-    capacity_bytes: usize,
     /// Ceiling for the store's growth (a copy buffer a refused splice falls back to keeps the
     /// pipe's); lowered to the capacity when the kernel refuses to grow a pipe.
     max_bytes: usize,
-    /// Bytes taken from the source and not yet written to the destination.
-    fill: usize,
-    /// The source may have bytes (or EOF) to read: set by events, cleared by WouldBlock.
-    pub src_readable: bool,
+    policy: Policy,
+    flow: Flow,
+    source: Source,
     /// The destination may take bytes: set by events, cleared by WouldBlock.
-    pub dst_writable: bool,
-    /// The source reported read-closed (peer's FIN or hang-up): from then on read until EOF.
-    pub src_read_closed: bool,
-    /// A splice into the pipe said WouldBlock while the pipe held bytes: the pipe may be out of
-    /// slots rather than the socket out of data, so read again once the pipe is drained.
-    recheck_src_after_drain: bool,
-    src_eof: bool,
-    dst_shut: bool,
+    dst_ready: bool,
     /// A byte has been spliced in this direction: from then on EINVAL is a fault, not a
     /// refusal of splice. Separate from `stats`, which an operator may reset.
     spliced_any: bool,
-    /// Copy-then-splice's sizes and counter; None for the other strategies, and once splice was
-    /// refused or no pipe could be made (the direction then copies for good).
-    adaptive: Option<Adaptive>,
-    /// A read filled the copy buffer: no more reads until it drains, then the pipe replaces it.
-    switch_when_drained: bool,
-    /// Name of the direction for the one log line a fallback writes.
+    /// Name of the direction for the log lines a change of store writes.
     direction: &'static str,
     pub stats: DirStats,
     /// Bytes per successful read from the source.
     pub chunk_bytes: Histogram<u64>,
-}
-
-/// A copy-then-splice direction's sizes, and what it has seen since it last moved.
-struct Adaptive {
-    copy_bytes: usize,
-    pipe_bytes: usize,
-    /// `--copy-buffer-max`: the ceiling once the direction copies for good.
-    copy_max_bytes: usize,
-    /// Splice reads in a row shorter than `copy_bytes` and than the pipe's room.
-    short_splices: u32,
 }
 
 /// A fatal error, and which socket it came from.
@@ -222,50 +169,57 @@ fn splice_refused(e: &io::Error) -> bool {
 
 impl Pump {
     pub fn new(strategy: Strategy, direction: &'static str) -> io::Result<Pump> {
-        let (store, capacity_bytes, max_bytes) = match strategy {
+        let (store, max_bytes, policy) = match strategy {
             Strategy::Splice { pipe_bytes, max_bytes } => {
-                let (pipe, cap) = Pipe::new(pipe_bytes)?;
-                (Store::Pipe(pipe), cap, max_bytes)
+                (Store::Pipe(Spliced::new(pipe_bytes)?), max_bytes, Policy::Fixed)
             }
             Strategy::Copy { initial_bytes, max_bytes } => {
-                (Store::Copy { buf: vec![0; initial_bytes], start: 0 }, initial_bytes, max_bytes)
+                (Store::Buffer(Buffer::new(initial_bytes)), max_bytes, Policy::Fixed)
             }
-            Strategy::CopyThenSplice { copy_bytes, pipe_max_bytes, .. } => {
-                (Store::Copy { buf: vec![0; copy_bytes], start: 0 }, copy_bytes, pipe_max_bytes)
-            }
+            Strategy::CopyThenSplice { copy_bytes, pipe_bytes, pipe_max_bytes, copy_max_bytes } => (
+                Store::Buffer(Buffer::new(copy_bytes)),
+                pipe_max_bytes,
+                Policy::Adaptive { sizes: Sizes { copy_bytes, pipe_bytes, copy_max_bytes }, leg: Leg::Messages },
+            ),
         };
         Ok(Pump {
             store,
-            capacity_bytes,
             max_bytes,
-            fill: 0,
-            src_readable: true,
-            dst_writable: true,
-            src_read_closed: false,
-            recheck_src_after_drain: false,
-            src_eof: false,
-            dst_shut: false,
+            policy,
+            flow: Flow::Open,
+            source: Source::Ready,
+            dst_ready: true,
             spliced_any: false,
-            adaptive: match strategy {
-                Strategy::CopyThenSplice { copy_bytes, pipe_bytes, copy_max_bytes, .. } => {
-                    Some(Adaptive { copy_bytes, pipe_bytes, copy_max_bytes, short_splices: 0 })
-                }
-                _ => None,
-            },
-            switch_when_drained: false,
             direction,
             stats: DirStats::default(),
             chunk_bytes: metrics::chunk_histogram(),
         })
     }
 
+    /// The source may have bytes to read (a readiness event, or bytes a protocol layer holds).
+    pub fn source_ready(&mut self) {
+        self.source = Source::Ready;
+    }
+
+    /// The source reported read-closed: from now on the pump reads until EOF.
+    pub fn source_closing(&mut self) {
+        if self.flow == Flow::Open {
+            self.flow = Flow::Closing;
+        }
+    }
+
+    /// The destination may take bytes.
+    pub fn destination_ready(&mut self) {
+        self.dst_ready = true;
+    }
+
     /// Bytes in flight.
     pub fn fill(&self) -> usize {
-        self.fill
+        self.store.fill()
     }
 
     pub fn capacity_bytes(&self) -> usize {
-        self.capacity_bytes
+        self.store.capacity_bytes()
     }
 
     /// Zeroes the counters (`stats reset`); the data path's own state is untouched.
@@ -275,22 +229,29 @@ impl Pump {
     }
 
     pub fn uses_splice(&self) -> bool {
-        matches!(self.store, Store::Pipe(_))
+        self.store.is_pipe()
     }
 
     /// The source said EOF and everything before it reached the destination, which was shut.
     pub fn finished(&self) -> bool {
-        self.dst_shut
+        self.flow == Flow::Finished
     }
 
     /// The source has said EOF.
     pub fn src_eof(&self) -> bool {
-        self.src_eof
+        matches!(self.flow, Flow::Ended | Flow::Finished)
     }
 
     /// Waiting for the destination to take bytes: the caller should ask for write readiness.
     pub fn blocked_on_dst(&self) -> bool {
-        self.fill > 0 && !self.dst_writable
+        self.fill() > 0 && !self.dst_ready
+    }
+
+    fn may_read(&self) -> bool {
+        matches!(self.flow, Flow::Open | Flow::Closing)
+            && self.source == Source::Ready
+            && self.store.has_room()
+            && self.policy.may_read()
     }
 
     /// Moves bytes until both sides would block, the store is full and the destination blocks,
@@ -298,52 +259,40 @@ impl Pump {
     /// An error is fatal for the connection (reset, broken pipe, ...).
     pub fn run(&mut self, src: &impl Side, dst: &impl Side, may_read: bool) -> Result<Run, PumpError> {
         let mut run = Run::default();
-        let was_empty = self.fill == 0;
+        let was_empty = self.fill() == 0;
         for _ in 0..PUMP_ROUNDS_MAX {
             let mut progressed = false;
 
-            if may_read
-                && !self.src_eof
-                && self.src_readable
-                && self.fill < self.capacity_bytes
-                && !self.switch_when_drained
-            {
-                match self.read_from(src) {
-                    Ok((0, _)) => {
-                        self.src_eof = true;
+            if may_read && self.may_read() {
+                match self.store.read(src) {
+                    Ok(Taken { bytes: 0, .. }) => {
+                        self.flow = Flow::Ended;
                         progressed = true;
                     }
-                    Ok((n, filled)) => {
-                        let splicing = self.uses_splice();
-                        if let Some(a) = self.adaptive.as_mut().filter(|_| splicing) {
-                            // A read that filled the pipe's room is bulk whatever its size (a
-                            // pipe the kernel kept small takes little at a time).
-                            a.short_splices = if n < a.copy_bytes && !filled { a.short_splices + 1 } else { 0 };
-                        }
-                        if filled && self.adaptive.is_some() && !splicing {
-                            // Bulk: the buffer drains by copies, then the pipe takes over.
-                            self.switch_when_drained = true;
-                        } else if filled {
-                            self.grow_store();
-                        } else if !splicing && !self.src_read_closed {
-                            // Less than offered: the socket's queue is empty (module docs).
-                            self.src_readable = false;
-                        }
-                        self.fill += n;
-                        run.read_bytes += n;
+                    Ok(Taken { bytes, filled }) => {
+                        run.read_bytes += bytes;
                         self.stats.chunks += 1;
-                        self.chunk_bytes.saturating_record(n as u64);
-                        self.stats.high_water_bytes = self.stats.high_water_bytes.max(self.fill);
+                        self.chunk_bytes.saturating_record(bytes as u64);
+                        self.stats.high_water_bytes = self.stats.high_water_bytes.max(self.fill());
+                        let read = Read {
+                            bytes,
+                            filled,
+                            spliced: self.store.is_pipe(),
+                            source_closing: self.flow == Flow::Closing,
+                        };
+                        match self.policy.on_read(read) {
+                            Action::ReadOn | Action::Drain => {}
+                            Action::Grow => self.grow_store(),
+                            Action::AwaitEdge => self.source = Source::Idle,
+                        }
                         progressed = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.src_readable = false;
-                        if self.fill > 0 && self.uses_splice() {
-                            self.recheck_src_after_drain = true;
-                        }
+                        let pipe_holds_bytes = self.store.is_pipe() && self.fill() > 0;
+                        self.source = if pipe_holds_bytes { Source::ReadyWhenDrained } else { Source::Idle };
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.spliced_any && self.fill == 0 => {
+                    Err(e) if splice_refused(&e) && self.store.is_pipe() && !self.spliced_any && self.fill() == 0 => {
                         self.fall_back_to_copy(&e).map_err(PumpError::src)?;
                         progressed = true;
                     }
@@ -351,47 +300,37 @@ impl Pump {
                 }
             }
 
-            if self.fill > 0 && self.dst_writable {
+            if self.fill() > 0 && self.dst_ready {
                 let began = Instant::now();
-                match self.write_to(dst) {
+                let offered = self.fill();
+                let spliced = self.store.is_pipe();
+                match self.store.write(dst) {
                     // Nothing taken of a non-empty offer is no progress, and not WouldBlock
                     // either: counted as progress it would spin until the round cap, every turn.
                     Ok(0) => {
                         return Err(PumpError::dst(io::Error::new(
                             io::ErrorKind::WriteZero,
-                            format!("the destination took 0 of {} bytes without blocking", self.fill),
+                            format!("the destination took 0 of {offered} bytes without blocking"),
                         )));
                     }
                     Ok(n) => {
-                        self.fill -= n;
-                        if self.fill == 0 {
-                            run.last_write_began = Some(began);
-                        }
                         run.written_bytes += n;
                         self.stats.bytes += n as u64;
-                        if self.uses_splice() {
-                            self.spliced_any |= n > 0;
+                        if spliced {
+                            self.spliced_any = true;
                             self.stats.splice_bytes += n as u64;
                         } else {
                             self.stats.copy_bytes += n as u64;
                         }
-                        if self.fill == 0 && self.recheck_src_after_drain {
-                            self.recheck_src_after_drain = false;
-                            self.src_readable = true;
-                        }
-                        if self.fill == 0 && self.switch_when_drained {
-                            self.switch_to_splice();
-                        } else if self.fill == 0
-                            && self.uses_splice()
-                            && self.adaptive.as_ref().is_some_and(|a| a.short_splices >= SHORT_SPLICES_TO_COPY)
-                        {
-                            self.switch_to_copy();
+                        if self.fill() == 0 {
+                            run.last_write_began = Some(began);
+                            self.on_drained();
                         }
                         progressed = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dst_writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dst_ready = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(e) if splice_refused(&e) && self.uses_splice() && !self.spliced_any => {
+                    Err(e) if splice_refused(&e) && spliced && !self.spliced_any => {
                         self.fall_back_to_copy(&e).map_err(PumpError::dst)?;
                         progressed = true;
                     }
@@ -399,9 +338,9 @@ impl Pump {
                 }
             }
 
-            if self.src_eof && self.fill == 0 && !self.dst_shut {
+            if self.flow == Flow::Ended && self.fill() == 0 {
                 dst.shutdown_write().map_err(PumpError::dst)?;
-                self.dst_shut = true;
+                self.flow = Flow::Finished;
             }
 
             if !progressed {
@@ -414,141 +353,79 @@ impl Pump {
 
     fn summarize(&self, mut run: Run, was_empty: bool) -> Run {
         run.started = was_empty && run.read_bytes > 0;
-        run.emptied = self.fill == 0 && run.written_bytes > 0;
+        run.emptied = self.fill() == 0 && run.written_bytes > 0;
         run
     }
 
-    /// Reads what fits; also says whether the read took all the room it was offered.
-    fn read_from(&mut self, src: &impl Side) -> io::Result<(usize, bool)> {
-        let room = self.capacity_bytes - self.fill;
-        match &mut self.store {
-            Store::Pipe(pipe) => src.splice_to_pipe(pipe.write.as_fd(), room).map(|n| (n, n == room)),
-            Store::Copy { buf, start } => {
-                if *start + self.fill == buf.len() {
-                    buf.copy_within(*start..*start + self.fill, 0);
-                    *start = 0;
+    /// The store just became empty: a source that was waiting for the drain may be read again,
+    /// and the policy may replace the store (it is empty, so no byte is in flight).
+    fn on_drained(&mut self) {
+        if self.source == Source::ReadyWhenDrained {
+            self.source = Source::Ready;
+        }
+        match self.policy.on_drained() {
+            None => {}
+            Some(Switch::ToPipe { pipe_bytes }) => match Spliced::new(pipe_bytes) {
+                Ok(pipe) => {
+                    debug!(
+                        direction = self.direction,
+                        pipe_bytes = pipe.capacity_bytes(),
+                        "a read filled the copy buffer: splicing"
+                    );
+                    self.store = Store::Pipe(pipe);
                 }
-                let end = *start + self.fill;
-                let offered = buf.len() - end;
-                src.recv(&mut buf[end..]).map(|n| (n, n == offered))
+                // The buffer stays; the next read that fills it grows it.
+                Err(e) => self.copy_for_good(&e),
+            },
+            Some(Switch::ToBuffer { copy_bytes }) => {
+                debug!(direction = self.direction, "message-sized reads again: copying");
+                self.store = Store::Buffer(Buffer::new(copy_bytes));
             }
         }
     }
 
     /// A read filled the store: double it, up to its ceiling. It never shrinks; it goes with
-    /// the connection. Bytes in a pipe stay where they are; a copy buffer's move to the start
-    /// of the new one. A pipe the kernel refuses to grow (over fs.pipe-max-size unprivileged, or
+    /// the connection. A pipe the kernel refuses to grow (over fs.pipe-max-size unprivileged, or
     /// over fs.pipe-user-pages-soft, which is counted per user, and every relay under the
     /// systemd unit runs as one user) keeps working at its size.
     fn grow_store(&mut self) {
-        if self.capacity_bytes >= self.max_bytes {
+        let capacity = self.store.capacity_bytes();
+        if capacity >= self.max_bytes {
             return;
         }
-        let wanted = (self.capacity_bytes * 2).min(self.max_bytes);
-        match &mut self.store {
-            Store::Pipe(pipe) => match pipe.grow(wanted) {
-                Ok(cap) => self.capacity_bytes = cap,
-                Err(e) => {
-                    // Once per direction (the ceiling drops to the capacity): an operator should
-                    // know when the per-user pipe budget, shared by every relay of the unit's
-                    // user, is spent.
-                    info!(
-                        direction = self.direction,
-                        wanted,
-                        error = %e,
-                        "pipe not grown: the kernel refused (over fs.pipe-max-size, or the user's \
-                         fs.pipe-user-pages-soft budget is spent); it stays at {} bytes",
-                        self.capacity_bytes
-                    );
-                    self.max_bytes = self.capacity_bytes;
-                }
-            },
-            Store::Copy { buf, start } => {
-                // Zeroed allocations this size come straight from the kernel's zero pages: the
-                // memory becomes resident only as reads fill it.
-                let mut bigger = vec![0u8; wanted];
-                // The caller adds the bytes just read to `fill` after this: carry them too.
-                let held = buf.len() - *start;
-                bigger[..held].copy_from_slice(&buf[*start..]);
-                *buf = bigger;
-                *start = 0;
-                self.capacity_bytes = wanted;
-            }
+        let wanted = (capacity * 2).min(self.max_bytes);
+        if let Err(e) = self.store.grow(wanted) {
+            // Once per direction (the ceiling drops to the capacity): an operator should know
+            // when the per-user pipe budget, shared by every relay of the unit's user, is spent.
+            info!(
+                direction = self.direction,
+                wanted,
+                error = %e,
+                "pipe not grown: the kernel refused (over fs.pipe-max-size, or the user's \
+                 fs.pipe-user-pages-soft budget is spent); it stays at {capacity} bytes"
+            );
+            self.max_bytes = capacity;
         }
     }
 
-    /// Copy-then-splice, at the first drain after a read filled the copy buffer: a pipe replaces
-    /// it (the buffer is empty, so no byte is in flight). A pipe the kernel will not give (out
-    /// of file descriptors) leaves the direction copying for good, its buffer free to grow as a
-    /// copy strategy's would (up to `--copy-buffer-max`).
-    fn switch_to_splice(&mut self) {
-        self.switch_when_drained = false;
-        let Some(a) = self.adaptive.as_mut() else { return };
-        match Pipe::new(a.pipe_bytes) {
-            Ok((pipe, cap)) => {
-                debug!(direction = self.direction, pipe_bytes = cap, "a read filled the copy buffer: splicing");
-                a.short_splices = 0;
-                self.store = Store::Pipe(pipe);
-                self.capacity_bytes = cap;
-            }
-            // The buffer stays; the next read that fills it grows it.
-            Err(e) => self.copy_for_good(&e),
-        }
-    }
-
-    /// No pipe to be had: this direction copies from now on, with the copy buffer's ceiling.
+    /// No pipe to be had (out of file descriptors): this direction copies from now on, with the
+    /// copy buffer's ceiling.
     fn copy_for_good(&mut self, why: &io::Error) {
         warn!(direction = self.direction, error = %why, "no pipe for splicing; this direction copies from now on");
-        if let Some(a) = self.adaptive.take() {
-            self.max_bytes = a.copy_max_bytes;
-        }
-    }
-
-    /// Copy-then-splice, on an empty pipe after `SHORT_SPLICES_TO_COPY` message-sized splices:
-    /// back to a copy buffer (nothing is in flight), the pipe and its pages given back.
-    fn switch_to_copy(&mut self) {
-        let Some(a) = self.adaptive.as_mut() else { return };
-        debug!(direction = self.direction, "message-sized reads again: copying");
-        a.short_splices = 0;
-        self.store = Store::Copy { buf: vec![0; a.copy_bytes], start: 0 };
-        self.capacity_bytes = a.copy_bytes;
-    }
-
-    fn write_to(&mut self, dst: &impl Side) -> io::Result<usize> {
-        match &mut self.store {
-            Store::Pipe(pipe) => dst.splice_from_pipe(pipe.read.as_fd(), self.fill),
-            Store::Copy { buf, start } => {
-                let n = dst.send(&buf[*start..*start + self.fill])?;
-                *start = if n == self.fill { 0 } else { *start + n };
-                Ok(n)
-            }
+        if let Some(ceiling) = self.policy.without_pipe() {
+            self.max_bytes = ceiling;
         }
     }
 
     /// Switches this direction to copies, carrying over whatever the pipe already holds so that
-    /// no byte is lost or reordered.
+    /// no byte is lost or reordered. The buffer keeps the pipe's capacity and ceiling.
     fn fall_back_to_copy(&mut self, why: &io::Error) -> io::Result<()> {
-        let Store::Pipe(pipe) = &self.store else { return Ok(()) };
-        let mut buf = vec![0u8; self.capacity_bytes];
-        let mut carried = 0;
-        while carried < self.fill {
-            match sys::read(pipe.read.as_fd(), &mut buf[carried..self.fill])? {
-                0 => break,
-                n => carried += n,
-            }
-        }
-        if carried != self.fill {
-            warn!(
-                direction = self.direction,
-                carried,
-                fill = self.fill,
-                "probable bug: pipe held fewer bytes than counted"
-            );
-            return Err(io::Error::other("pipe held fewer bytes than counted"));
-        }
+        let store = std::mem::replace(&mut self.store, Store::Buffer(Buffer::new(0)));
+        self.store = store.into_buffer().inspect_err(
+            |e| warn!(direction = self.direction, error = %e, "splice refused and the pipe could not be emptied"),
+        )?;
         info!(direction = self.direction, error = %why, "splice refused; this direction copies from now on");
-        self.store = Store::Copy { buf, start: 0 };
-        self.adaptive = None;
+        self.policy.without_pipe();
         Ok(())
     }
 }
@@ -561,6 +438,9 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
+    use crate::datapath::policy::SHORT_SPLICES_TO_COPY;
+    use crate::sys;
+    use std::os::fd::BorrowedFd;
 
     /// One scripted answer to a read or a write.
     #[derive(Debug, Clone)]
@@ -678,7 +558,7 @@ mod tests {
             let dst = Fake::default();
             let mut p = pump(mode);
             // The FIN is already queued: the kernel reports read-closed with the data.
-            p.src_read_closed = true;
+            p.source_closing();
             let run = p.run(&src, &dst, true).unwrap();
             assert_eq!(&*dst.written.borrow(), b"hello world");
             assert!(*dst.shut.borrow(), "EOF must travel as a half-close");
@@ -703,8 +583,8 @@ mod tests {
             // slots before it runs out of bytes: the pump then waits for the drain).
             assert!(p.fill() <= p.capacity_bytes() && p.fill() >= 2000);
             // Destination drains: every byte arrives, in order, exactly once.
-            p.dst_writable = true;
-            p.src_readable = true;
+            p.destination_ready();
+            p.source_ready();
             p.run(&src, &dst, true).unwrap();
             let w = dst.written.borrow();
             assert_eq!(w.len(), 6000);
@@ -726,8 +606,8 @@ mod tests {
         let dst = Fake::writing((0..200).flat_map(|_| [Step::Take(700), Step::WouldBlock]).collect());
         let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, "test").unwrap();
         while !p.finished() {
-            p.dst_writable = true;
-            p.src_readable = true;
+            p.destination_ready();
+            p.source_ready();
             p.run(&src, &dst, true).unwrap();
         }
         assert_eq!(p.capacity_bytes(), 8192, "doubled from 1 KiB up to the ceiling, no further");
@@ -745,8 +625,8 @@ mod tests {
         let mut p = Pump::new(Strategy::Splice { pipe_bytes: 4096, max_bytes: 65536 }, "test").unwrap();
         assert_eq!(p.capacity_bytes(), 4096);
         while !p.finished() {
-            p.dst_writable = true;
-            p.src_readable = true;
+            p.destination_ready();
+            p.source_ready();
             p.run(&src, &dst, true).unwrap();
         }
         assert!(p.uses_splice());
@@ -775,7 +655,7 @@ mod tests {
         let src = Fake::reading(big.chunks(512).map(|c| Step::Data(c.to_vec())).collect());
         let dst = Fake::writing(vec![Step::WouldBlock]);
         for _ in 0..64 {
-            p.src_readable = true;
+            p.source_ready();
             let _ = p.run(&src, &dst, true);
         }
         assert_eq!(p.capacity_bytes(), 8192, "the copy buffer's ceiling, not the pipe's");
@@ -788,7 +668,7 @@ mod tests {
         let dst = Fake::default();
         let mut p = Pump::new(Strategy::Copy { initial_bytes: 1024, max_bytes: 8192 }, "test").unwrap();
         for _ in 0..50 {
-            p.src_readable = true;
+            p.source_ready();
             p.run(&src, &dst, true).unwrap();
         }
         assert_eq!(*dst.written.borrow(), counting(0, 50 * 552));
@@ -803,17 +683,17 @@ mod tests {
         let mut p = pump(COPY);
         p.run(&src, &dst, true).unwrap();
         assert_eq!(dst.written.borrow().len(), 100);
-        assert!(!p.src_readable, "waits for the next edge");
+        assert_eq!(p.source, Source::Idle, "waits for the next edge");
         assert_eq!(src.reads.borrow().len(), 2, "no read after the short one");
         // The next edge: the rest arrives.
-        p.src_readable = true;
+        p.source_ready();
         p.run(&src, &dst, true).unwrap();
         assert_eq!(dst.written.borrow().len(), 200);
 
         // Read-closed reported: read on until EOF or WouldBlock, whatever the sizes.
         let (src, dst) = (Fake::reading(script()), Fake::default());
         let mut p = pump(COPY);
-        p.src_read_closed = true;
+        p.source_closing();
         p.run(&src, &dst, true).unwrap();
         assert_eq!(dst.written.borrow().len(), 200);
         assert!(src.reads.borrow().is_empty(), "read until WouldBlock");
@@ -835,8 +715,8 @@ mod tests {
             if p.finished() {
                 return;
             }
-            p.dst_writable = true;
-            p.src_readable = true;
+            p.destination_ready();
+            p.source_ready();
             p.run(src, dst, true).unwrap();
         }
         panic!("pump never finished");
@@ -851,7 +731,7 @@ mod tests {
         let mut p = pump(COPY_THEN_SPLICE);
         // Messages: one read each, and the short read ends the turn without a WouldBlock read.
         for i in 0..5 {
-            p.src_readable = true;
+            p.source_ready();
             p.run(&src, &dst, true).unwrap();
             assert_eq!(src.reads.borrow().len(), 7 - (i + 1), "message {i}: one read, no more");
             assert!(!p.uses_splice(), "message {i} moved the direction to splice");
@@ -878,7 +758,7 @@ mod tests {
         assert!(p.blocked_on_dst() && !p.uses_splice());
         assert_eq!(p.fill(), 1024 - 300, "one read, into the copy buffer only");
         assert_eq!(src.reads.borrow().len(), 2, "no read while the full buffer waits to drain");
-        assert!(p.src_readable, "the unread bytes' readiness is kept for after the switch");
+        assert_eq!(p.source, Source::Ready, "the unread bytes' readiness is kept for after the switch");
         run_to_end(&mut p, &src, &dst);
         assert!(p.uses_splice());
         assert_eq!(*dst.written.borrow(), counting(0, 5000));
@@ -898,7 +778,7 @@ mod tests {
         for i in 0..messages {
             // An empty script reads as WouldBlock: each message arrives on its own edge.
             src.reads.borrow_mut().push_back(Step::Data(counting(bulk + i * 100, 100)));
-            p.src_readable = true;
+            p.source_ready();
             p.run(&src, &dst, true).unwrap();
             if went_back_after.is_none() && !p.uses_splice() {
                 went_back_after = Some(i + 1);
@@ -910,7 +790,7 @@ mod tests {
         assert_eq!(p.capacity_bytes(), 1024);
         // And a new bulk moves it to splice again.
         src.reads.borrow_mut().push_back(Step::Data(counting(0, 5000)));
-        p.src_readable = true;
+        p.source_ready();
         p.run(&src, &dst, true).unwrap();
         assert!(p.uses_splice());
     }
@@ -958,7 +838,7 @@ mod tests {
         let mut p = pump(SPLICE);
         p.run(&src, &dst, true).unwrap();
         let src2 = Fake::reading(vec![Step::Err(libc::EINVAL)]);
-        p.src_readable = true;
+        p.source_ready();
         let err = p.run(&src2, &dst, true).unwrap_err();
         assert!(err.at_source);
         assert_eq!(err.error.raw_os_error(), Some(libc::EINVAL));

@@ -4,7 +4,7 @@
 //!
 //! Driven from the event loop like any socket: non-blocking, no thread, no runtime. The
 //! connection runs the handshake (`handshake`) before any byte moves; after it, the pump sees
-//! `Io::Tls` as a `pump::Side`.
+//! `Io::Tls` as a `store::Side`.
 //!
 //! Invariants (relied on by `conn.rs` and `pump.rs`):
 //! - The pump's short-read rule holds: `recv` returns less than it was offered only when the
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use rustls::pki_types::ServerName;
 use socket2::Socket;
 
-use crate::datapath::pump::Side;
+use crate::datapath::store::Side;
 
 /// One side's TLS session.
 pub struct TlsStream {

@@ -8,7 +8,7 @@
 //! - `policy.rs`: what the tenant may do (`--kvmi-policy`, `--kvmi-allow`, `--kvmi-deny`);
 //! - `tracker.rs`: commands and events waiting for replies, matched by seq, and how long
 //!   each waited;
-//! - `session.rs`: one connection's layer at its pumps' destinations (a `pump::Side`
+//! - `session.rs`: one connection's layer at its pumps' destinations (a `store::Side`
 //!   wrapper): framing, policy, relay-made replies, whole-message delivery, per-type figures.
 //!
 //! Only `session.rs` looks outside this folder (the pump's `Side` trait, the metrics'

@@ -2,7 +2,7 @@
 //! decides, message by message, what the destination gets.
 //!
 //! The pump stays a byte mover that knows nothing of KVMi: with `--kvmi` each direction
-//! copies, and its destination socket is wrapped in a [`Gate`] (a `pump::Side`). When the
+//! copies, and its destination socket is wrapped in a [`Gate`] (a `store::Side`). When the
 //! pump offers the bytes it holds, the gate frames them (headers only; bodies are not read,
 //! except the few bytes a policy decision needs: an event's common header and a CR/MSR value,
 //! an event reply's action and value, CONTROL_CMD_RESPONSE's two flags) and:
@@ -39,7 +39,7 @@ use super::handshake::{self, Parse, Pin};
 use super::policy::{CommandVerdict, Policy, ReplyVerdict, plain_continue};
 use super::tracker::Tracker;
 use super::wire::{Flow, Frame, HDR_BYTES, Hdr, error_reply, frame};
-use crate::datapath::pump::Side;
+use crate::datapath::store::Side;
 use crate::observe::metrics;
 
 /// At most one denial log line per this many milliseconds per connection; the rest are counted.
