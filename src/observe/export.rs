@@ -5,11 +5,13 @@
 //! nanoseconds in the snapshot and JSON, microseconds in the table, seconds in Prometheus (its
 //! convention). Percentiles come from HDR histograms with 1 % resolution (see `observe::metrics`).
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::datapath::pump::DirStats;
+use crate::datapath::side::DIRECTION_NAMES;
 use crate::escape::Escaped;
 use crate::observe::totals::Totals;
 
@@ -100,6 +102,99 @@ pub struct DirSnap {
     pub transit_ns: HistSnap,
     pub turnaround_ns: HistSnap,
     pub chunk_bytes: HistSnap,
+}
+
+impl DirSnap {
+    /// One direction's figures: of one session, or of many folded together.
+    pub fn of(
+        d: usize,
+        stats: &DirStats,
+        transit: &Histogram<u64>,
+        turnaround: &Histogram<u64>,
+        chunks: &Histogram<u64>,
+    ) -> DirSnap {
+        DirSnap {
+            direction: DIRECTION_NAMES[d],
+            bytes: stats.bytes,
+            splice_bytes: stats.splice_bytes,
+            copy_bytes: stats.copy_bytes,
+            chunks: stats.chunks,
+            high_water_bytes: stats.high_water_bytes,
+            transit_ns: HistSnap::of_time(transit),
+            turnaround_ns: HistSnap::of_time(turnaround),
+            chunk_bytes: HistSnap::of(chunks),
+        }
+    }
+}
+
+/// As a log line's fields: `l2c_bytes=… l2c_splice_bytes=… l2c_copy_bytes=… l2c_chunks=…
+/// l2c_high_water=… l2c_transit_us=p50/p90/p99/p99.9/max l2c_turnaround_us=…` (`-` for a
+/// histogram with no samples). A session's close line and its `live` line print this.
+impl fmt::Display for DirSnap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.direction;
+        write!(
+            f,
+            "{d}_bytes={} {d}_splice_bytes={} {d}_copy_bytes={} {d}_chunks={} {d}_high_water={} {d}_transit_us={} {d}_turnaround_us={}",
+            self.bytes,
+            self.splice_bytes,
+            self.copy_bytes,
+            self.chunks,
+            self.high_water_bytes,
+            PercentilesUs(&self.transit_ns),
+            PercentilesUs(&self.turnaround_ns)
+        )
+    }
+}
+
+/// Both directions, l2c first, as log fields.
+pub struct Directions<'a>(pub &'a [DirSnap; 2]);
+
+impl fmt::Display for Directions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.0[0], self.0[1])
+    }
+}
+
+/// A session's close line, after `closed `: how it ended (`end="finished"`), how long it
+/// lasted, both directions (`Directions`), then the VM it was pinned to and, with `--kvmi`, its
+/// messages by type (`-` when there is none).
+pub struct Closed<'a> {
+    pub end: &'static str,
+    pub duration_ms: u64,
+    pub directions: &'a [DirSnap; 2],
+    pub vm_name: &'a str,
+    pub vm_uuid: &'a str,
+    pub kvmi_messages: &'a str,
+}
+
+impl fmt::Display for Closed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "end=\"{}\" duration_ms={} {} vm_name={} vm_uuid={} kvmi_messages={}",
+            self.end,
+            self.duration_ms,
+            Directions(self.directions),
+            self.vm_name,
+            self.vm_uuid,
+            self.kvmi_messages
+        )
+    }
+}
+
+/// A nanosecond histogram's p50/p90/p99/p99.9/max in µs, or `-` when it has no samples.
+struct PercentilesUs<'a>(&'a HistSnap);
+
+impl fmt::Display for PercentilesUs<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = self.0;
+        if h.count == 0 {
+            return f.write_str("-");
+        }
+        let us = |v: u64| v as f64 / 1000.0;
+        write!(f, "{:.1}/{:.1}/{:.1}/{:.1}/{:.1}", us(h.p50), us(h.p90), us(h.p99), us(h.p999), us(h.max))
+    }
 }
 
 /// A histogram's summary, and its cumulative Prometheus buckets.
@@ -252,8 +347,7 @@ fn pcts_us(h: &HistSnap) -> String {
     if h.count == 0 {
         return "-".into();
     }
-    let us = |v: u64| v as f64 / 1000.0;
-    format!("{:.1}/{:.1}/{:.1}/{:.1}/{:.1} ({})", us(h.p50), us(h.p90), us(h.p99), us(h.p999), us(h.max), h.count)
+    format!("{} ({})", PercentilesUs(h), h.count)
 }
 
 pub fn json(s: &Snapshot) -> String {
@@ -569,6 +663,34 @@ mod tests {
             }),
             ..sample()
         }
+    }
+
+    #[test]
+    fn the_close_line_is_one_key_value_field_per_figure() {
+        let dirs = [dir("l2c", &[1000, 2000]), dir("c2l", &[])];
+        let closed = Closed {
+            end: "finished",
+            duration_ms: 7,
+            directions: &dirs,
+            vm_name: "one-7",
+            vm_uuid: "-",
+            kvmi_messages: "-",
+        };
+        let line = closed.to_string();
+        assert!(line.starts_with("end=\"finished\" duration_ms=7 l2c_bytes=100 l2c_splice_bytes=100 "), "{line}");
+        let fields: Vec<(&str, &str)> = line.split(' ').map(|kv| kv.split_once('=').expect(kv)).collect();
+        let keys: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+        for d in ["l2c", "c2l"] {
+            for k in ["bytes", "splice_bytes", "copy_bytes", "chunks", "high_water", "transit_us", "turnaround_us"] {
+                assert_eq!(keys.iter().filter(|&&key| key == format!("{d}_{k}")).count(), 1, "{d}_{k} once: {line}");
+            }
+        }
+        let value = |k: &str| fields.iter().find(|(key, _)| *key == k).unwrap().1;
+        assert_eq!(value("l2c_transit_us"), "1.0/2.0/2.0/2.0/2.0");
+        assert_eq!(value("c2l_turnaround_us"), "-", "no samples, no numbers");
+        assert_eq!(value("vm_name"), "one-7");
+        // The live line is the directions alone, the same fields.
+        assert!(line.contains(&Directions(&dirs).to_string()));
     }
 
     #[test]

@@ -42,7 +42,9 @@ pub struct Totals {
     /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
     /// scheduler slice (a busy CPU; `window`).
     pub poll_window_suspensions: u64,
-    /// Bytes delivered per direction (`DIRECTION_NAMES`; JSON labels them so).
+    /// Bytes delivered per direction (`DIRECTION_NAMES`; JSON labels them so), by closed and
+    /// live sessions: the relay adds them up when the totals are read (`Relay::totals_now`);
+    /// its running counters leave them at zero.
     #[serde(serialize_with = "by_direction")]
     pub bytes: [u64; 2],
     #[serde(serialize_with = "by_direction")]

@@ -37,13 +37,14 @@ use tracing::{debug, error, info, warn};
 use crate::access::{self, Verdict};
 use crate::config::Config;
 use crate::datapath::conn::{CONNECT_SIDE, Conn, End, LISTEN_SIDE, SetupError, Step};
-use crate::datapath::pump::Pump;
+use crate::datapath::pump::{DirStats, Pump};
 use crate::error::StartError;
 use crate::kvmi::session::FiguresByType;
 use crate::net::listener::Listener;
 use crate::observe::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
+use crate::observe::export::{Closed, DirSnap, Directions};
 use crate::observe::histlog::HistLog;
-use crate::observe::metrics::{self, DirMetrics, Figures, percentiles_us};
+use crate::observe::metrics::{self, DirMetrics, Figures};
 use crate::observe::textfile::MetricsFile;
 use crate::observe::totals::Totals;
 use crate::relay::service::{Notifier, Status};
@@ -135,34 +136,38 @@ pub struct Relay {
     kvmi_last_vm: Option<(String, String)>,
 }
 
-/// One direction's figures over every closed session.
+/// One direction's figures over every closed session: its counts (bytes by strategy, chunks,
+/// high water) and its histograms, together.
 #[derive(Debug, Clone)]
 struct ClosedDir {
+    stats: DirStats,
     figures: Figures,
     chunk_bytes: hdrhistogram::Histogram<u64>,
-    chunks: u64,
-    high_water_bytes: usize,
 }
 
 impl ClosedDir {
-    /// Folds one session's direction in: its histograms, chunk count and high-water mark.
+    /// Folds one session's direction in.
     fn absorb(&mut self, metrics: &DirMetrics, pump: &Pump) {
+        self.stats.add(&pump.stats);
         self.figures.add(&metrics.transit_ns, &metrics.turnaround_ns);
         let _ = self.chunk_bytes.add(&pump.chunk_bytes);
-        self.chunks += pump.stats.chunks;
-        self.high_water_bytes = self.high_water_bytes.max(pump.stats.high_water_bytes);
+    }
+
+    fn snap(&self, d: usize) -> DirSnap {
+        DirSnap::of(d, &self.stats, &self.figures.transit_ns, &self.figures.turnaround_ns, &self.chunk_bytes)
     }
 }
 
 impl Default for ClosedDir {
     fn default() -> Self {
-        ClosedDir {
-            figures: Figures::default(),
-            chunk_bytes: metrics::chunk_histogram(),
-            chunks: 0,
-            high_water_bytes: 0,
-        }
+        ClosedDir { stats: DirStats::default(), figures: Figures::default(), chunk_bytes: metrics::chunk_histogram() }
     }
+}
+
+/// One live or closing session's direction, as `stats` and the log lines show it.
+fn session_dir(conn: &Conn, d: usize) -> DirSnap {
+    let (p, m) = (conn.pump(d), &conn.metrics[d]);
+    DirSnap::of(d, &p.stats, &m.transit_ns, &m.turnaround_ns, &p.chunk_bytes)
 }
 
 impl Relay {
@@ -662,7 +667,6 @@ impl Relay {
             return;
         }
         self.totals.closed += 1;
-        let (a, b) = (conn.pump(0), conn.pump(1));
         let (vm_name, vm_uuid) = conn.vm_identity();
         let kvmi_messages = conn.kvmi.as_ref().map_or_else(|| "-".to_string(), |(k, _)| k.borrow().summary());
         if let Some((k, _)) = &conn.kvmi {
@@ -674,12 +678,8 @@ impl Relay {
             }
         }
         let closed = self.closed.get_or_insert_with(Default::default);
-        for d in 0..2 {
-            let p = conn.pump(d);
-            self.totals.bytes[d] += p.stats.bytes;
-            self.totals.splice_bytes[d] += p.stats.splice_bytes;
-            self.totals.copy_bytes[d] += p.stats.copy_bytes;
-            closed[d].absorb(&conn.metrics[d], p);
+        for (d, c) in closed.iter_mut().enumerate() {
+            c.absorb(&conn.metrics[d], conn.pump(d));
         }
         if let Some(h) = &mut self.hist_log {
             h.absorb(&conn.metrics);
@@ -687,28 +687,15 @@ impl Relay {
                 h.take_kvmi(&mut k.borrow_mut().figures);
             }
         }
-        info!(
-            end = end_name(&end),
-            duration_ms = conn.opened.elapsed().as_millis() as u64,
-            l2c_bytes = a.stats.bytes,
-            l2c_splice_bytes = a.stats.splice_bytes,
-            l2c_copy_bytes = a.stats.copy_bytes,
-            l2c_chunks = a.stats.chunks,
-            l2c_high_water = a.stats.high_water_bytes,
-            c2l_bytes = b.stats.bytes,
-            c2l_splice_bytes = b.stats.splice_bytes,
-            c2l_copy_bytes = b.stats.copy_bytes,
-            c2l_chunks = b.stats.chunks,
-            c2l_high_water = b.stats.high_water_bytes,
-            l2c_transit_us = %percentiles_us(&conn.metrics[0].transit_ns),
-            c2l_transit_us = %percentiles_us(&conn.metrics[1].transit_ns),
-            l2c_turnaround_us = %percentiles_us(&conn.metrics[0].turnaround_ns),
-            c2l_turnaround_us = %percentiles_us(&conn.metrics[1].turnaround_ns),
-            vm_name = %vm_name,
-            vm_uuid = %vm_uuid,
-            kvmi_messages = %kvmi_messages,
-            "closed"
-        );
+        let closed = Closed {
+            end: end_name(&end),
+            duration_ms: conn.opened.elapsed().as_millis() as u64,
+            directions: &[0, 1].map(|d| session_dir(&conn, d)),
+            vm_name: &vm_name,
+            vm_uuid: &vm_uuid,
+            kvmi_messages: &kvmi_messages,
+        };
+        info!("closed {closed}");
     }
 
     fn sweep_timeouts(&mut self, now: Instant) {
@@ -830,15 +817,21 @@ impl Relay {
         }
     }
 
-    /// The life counters, live sessions' bytes included: what `stats` shows as totals.
+    /// The life counters, with the bytes of the closed and the live sessions: what `stats` and
+    /// the totals line show.
     fn totals_now(&self) -> Totals {
         let mut t = self.totals;
-        for s in self.slots.iter().flatten() {
-            for d in 0..2 {
-                let p = &s.conn.pump(d).stats;
-                t.bytes[d] += p.bytes;
-                t.splice_bytes[d] += p.splice_bytes;
-                t.copy_bytes[d] += p.copy_bytes;
+        let mut add = |d: usize, stats: &DirStats| {
+            t.bytes[d] += stats.bytes;
+            t.splice_bytes[d] += stats.splice_bytes;
+            t.copy_bytes[d] += stats.copy_bytes;
+        };
+        for d in 0..2 {
+            if let Some(c) = &self.closed {
+                add(d, &c[d].stats);
+            }
+            for s in self.slots.iter().flatten() {
+                add(d, &s.conn.pump(d).stats);
             }
         }
         t
@@ -849,15 +842,7 @@ impl Relay {
         for s in self.slots.iter().flatten() {
             let c = &s.conn;
             let _e = s.span.enter();
-            info!(
-                l2c_bytes = c.pump(0).stats.bytes,
-                c2l_bytes = c.pump(1).stats.bytes,
-                l2c_transit_us = %percentiles_us(&c.metrics[0].transit_ns),
-                c2l_transit_us = %percentiles_us(&c.metrics[1].transit_ns),
-                l2c_turnaround_us = %percentiles_us(&c.metrics[0].turnaround_ns),
-                c2l_turnaround_us = %percentiles_us(&c.metrics[1].turnaround_ns),
-                "live"
-            );
+            info!("live {}", Directions(&[0, 1].map(|d| session_dir(c, d))));
         }
     }
 }

@@ -15,14 +15,12 @@ use mio::Token;
 use mio::unix::SourceFd;
 use tracing::{error, info, warn};
 
-use super::{CONTROL_CONN_BASE, ClosedDir, Relay};
+use super::{CONTROL_CONN_BASE, Relay, session_dir};
 use crate::access::Peer;
-use crate::datapath::pump::DirStats;
-use crate::datapath::side::DIRECTION_NAMES;
 use crate::escape::Escaped;
 use crate::kvmi::session::FiguresByType;
 use crate::observe::control::{Accepted, CONTROL_CONNS_MAX, ControlStep, Format, RateLimit, Refusal, Request};
-use crate::observe::export::{self, ConnSnap, DirSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
+use crate::observe::export::{self, ConnSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
 use crate::observe::totals::Totals;
 
 /// Accepts taken from the control socket in one loop turn; the rest wait for the next turn
@@ -359,20 +357,13 @@ impl Relay {
 
     /// Everything `stats` shows, as of `now`.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
-        let closed = |d: usize| self.closed.as_ref().map_or_else(ClosedDir::default, |c| c[d].clone());
-        let mut all: [(ClosedDir, DirStats); 2] = [0, 1].map(|d| (closed(d), self.closed_stats(d)));
+        let mut all = self.closed.as_deref().cloned().unwrap_or_default();
         let mut connections = Vec::new();
         for s in self.slots.iter().flatten() {
             let c = &s.conn;
-            let dirs = [0, 1].map(|d| {
-                let p = c.pump(d);
-                // The figures come from `agg`, the counts from `stats` (closed counts live partly
-                // in `totals`, see `closed_stats`).
-                let (agg, stats) = &mut all[d];
-                agg.absorb(&c.metrics[d], p);
-                stats.add(&p.stats);
-                dir_snap(d, &p.stats, &c.metrics[d].transit_ns, &c.metrics[d].turnaround_ns, &p.chunk_bytes)
-            });
+            for (d, agg) in all.iter_mut().enumerate() {
+                agg.absorb(&c.metrics[d], c.pump(d));
+            }
             let kvmi = c.kvmi.as_ref().map(|(k, _)| {
                 let (vm_name, vm_uuid) = c.vm_identity();
                 KvmiSnap { vm_name, vm_uuid, messages: message_snaps(&k.borrow().figures) }
@@ -381,14 +372,11 @@ impl Relay {
                 id: c.id,
                 peer: c.peer.to_string(),
                 age_s: now.saturating_duration_since(c.opened).as_secs_f64(),
-                directions: dirs,
+                directions: [0, 1].map(|d| session_dir(c, d)),
                 kvmi,
             });
         }
-        let all_sessions = [0, 1].map(|d| {
-            let (agg, stats) = &all[d];
-            dir_snap(d, stats, &agg.figures.transit_ns, &agg.figures.turnaround_ns, &agg.chunk_bytes)
-        });
+        let all_sessions = [0, 1].map(|d| all[d].snap(d));
         Snapshot {
             name: self.cfg.name.clone(),
             pid: std::process::id(),
@@ -431,16 +419,6 @@ impl Relay {
         let (vm_name, vm_uuid) = vm.unwrap_or_else(|| ("-".into(), "-".into()));
         KvmiSnap { vm_name, vm_uuid, messages: message_snaps(&all) }
     }
-
-    fn closed_stats(&self, d: usize) -> DirStats {
-        DirStats {
-            bytes: self.totals.bytes[d],
-            splice_bytes: self.totals.splice_bytes[d],
-            copy_bytes: self.totals.copy_bytes[d],
-            chunks: self.closed.as_ref().map_or(0, |c| c[d].chunks),
-            high_water_bytes: self.closed.as_ref().map_or(0, |c| c[d].high_water_bytes),
-        }
-    }
 }
 
 /// One entry per message type seen, in the figures' order (commands first).
@@ -456,24 +434,4 @@ fn message_snaps(figures: &FiguresByType) -> Vec<MessageSnap> {
             latency_ns: HistSnap::of_time(&f.latency_ns),
         })
         .collect()
-}
-
-fn dir_snap(
-    d: usize,
-    stats: &DirStats,
-    transit: &hdrhistogram::Histogram<u64>,
-    turnaround: &hdrhistogram::Histogram<u64>,
-    chunks: &hdrhistogram::Histogram<u64>,
-) -> DirSnap {
-    DirSnap {
-        direction: DIRECTION_NAMES[d],
-        bytes: stats.bytes,
-        splice_bytes: stats.splice_bytes,
-        copy_bytes: stats.copy_bytes,
-        chunks: stats.chunks,
-        high_water_bytes: stats.high_water_bytes,
-        transit_ns: HistSnap::of_time(transit),
-        turnaround_ns: HistSnap::of_time(turnaround),
-        chunk_bytes: HistSnap::of(chunks),
-    }
 }
