@@ -577,3 +577,46 @@ fn nothing_reaches_a_connect_side_qemu_before_its_handshake_passed_the_pin() {
     q.read_exact(&mut held).expect("the held bytes reach the pinned VM");
     assert_eq!(held, early);
 }
+
+/// A TLS client at a plaintext `--kvmi` listener (the far relay has `--tls-*`, this one not):
+/// refused before dialling, and the log says the peer speaks TLS instead of quoting a size.
+#[test]
+fn a_tls_client_at_a_plaintext_kvmi_listener_is_refused_as_tls_before_dialling() {
+    let dir = tmpdir();
+    let intro_path = path_in(dir.path(), "introspector.sock");
+    let intro = UnixListener::bind(&intro_path).unwrap();
+    intro.set_nonblocking(true).unwrap();
+    let mut relay = Relay::start(&[
+        "--listen=tcp:127.0.0.1:0",
+        "--allow-ip=127.0.0.1",
+        &format!("--connect=unix:{}", intro_path.display()),
+        "--kvmi",
+    ]);
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(relay.bound_tcp()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The ClientHello, as a TLS client sends it first.
+    conn.write_tls(&mut tcp).unwrap();
+    let mut b = [0u8; 1];
+    let closed = match tcp.read(&mut b) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(closed, "the relay must close the TLS client");
+    let log = relay.wait_log("handshake refused", Duration::from_secs(5));
+    assert!(log.contains("the peer speaks TLS") && log.contains("--tls-cert"), "{log}");
+    assert!(!log.contains("struct_size"), "a size is no help to whoever reads it: {log}");
+    assert_no_connection(&intro);
+    let (_, log) = relay.stop();
+    let stopped = log.lines().find(|l| l.contains(" stopped ")).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(field_u64(stopped, "refused_handshake"), 1, "{stopped}");
+}

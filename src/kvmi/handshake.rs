@@ -86,6 +86,15 @@ impl Pin {
 pub enum Refused {
     /// The size field is neither 96 nor 104.
     Size(u32),
+    /// The bytes are a TLS handshake record (content type 22, version 3.x): a TLS client
+    /// at an endpoint without `--tls-*`.
+    Tls,
+}
+
+/// Whether `b` opens with a TLS handshake record's header: content type 22 (handshake), then
+/// protocol version 3.0 to 3.4 (SSL 3.0 to TLS 1.3's legacy field, which ClientHellos keep at 3.1).
+fn is_tls_record(b: &[u8]) -> bool {
+    matches!(b, [0x16, 0x03, minor, ..] if *minor <= 0x04)
 }
 
 impl fmt::Display for Refused {
@@ -94,6 +103,11 @@ impl fmt::Display for Refused {
             Refused::Size(n) => write!(
                 f,
                 "handshake struct_size {n}, expected {QEMU_HANDSHAKE_BYTES} or {QEMU_HANDSHAKE_MAX_GPA_BYTES}"
+            ),
+            Refused::Tls => f.write_str(
+                "a TLS handshake where QEMU's KVMi handshake was expected: the peer speaks TLS and this \
+                 endpoint has no --tls-cert/--tls-key/--tls-ca (give it those, or point the peer at a \
+                 plaintext endpoint)",
             ),
         }
     }
@@ -116,6 +130,7 @@ pub fn parse_qemu(b: &[u8]) -> Result<Parse, Refused> {
     };
     let size_bytes = match size as usize {
         n @ (QEMU_HANDSHAKE_BYTES | QEMU_HANDSHAKE_MAX_GPA_BYTES) => n,
+        _ if is_tls_record(b) => return Err(Refused::Tls),
         _ => return Err(Refused::Size(size)),
     };
     let Some(h) = b.get(..size_bytes) else {
@@ -260,6 +275,11 @@ mod tests {
         }
         // Refused as soon as the size field is in.
         assert_eq!(parse_qemu(&[0x47, 0x45, 0x54, 0x20]), Err(Refused::Size(0x2054_4547)));
+        // A ClientHello's record header (TLS 1.0 as the legacy version, then the length).
+        assert_eq!(parse_qemu(&[0x16, 0x03, 0x01, 0x02, 0x00]), Err(Refused::Tls));
+        assert!(Refused::Tls.to_string().contains("--tls-cert"));
+        // Content type 22 with a version no TLS has is just a wrong size.
+        assert_eq!(parse_qemu(&[0x16, 0x03, 0x07, 0x00]), Err(Refused::Size(0x0007_0316)));
     }
 
     #[test]
