@@ -2,8 +2,10 @@
 //! removes fds; connections only say what they want (`Conn::interest`).
 //!
 //! Invariants:
-//! - Edge-triggered readiness: every handler drains until `WouldBlock` (accept loops until
-//!   it would block, pumps until they would block) and tolerates spurious events.
+//! - Edge-triggered readiness: every handler drains until `WouldBlock` and tolerates spurious
+//!   events. Pumps and the listener do it in bounded steps: a pump yields after its round cap,
+//!   the listener after `ACCEPTS_PER_TURN_MAX` peers, both with the poll timeout at zero until
+//!   they said `WouldBlock` (`Backlog`). Peers are accepted after the turn's data-path work.
 //! - Access is decided (`access::decide`) right after accept, before the far side is dialled
 //!   and before any byte moves; a refused peer is closed at once and counted.
 //! - Per-connection failures end in "log with the connection's identity, close it, count it,
@@ -65,6 +67,10 @@ const CONTROL_CONN_BASE: usize = 4;
 const CONN_TOKEN_BASE: usize = 16;
 /// How long accepting pauses after EMFILE/ENFILE.
 const ACCEPT_PAUSE_MS: u64 = 100;
+/// Most peers taken from the listener's backlog per loop turn, after the data path's work: a
+/// flood of connections then costs each live session at most this many accepts of waiting per
+/// turn, and the rest of the backlog waits for the next turn (which does not sleep).
+const ACCEPTS_PER_TURN_MAX: usize = 16;
 const EVENTS_CAPACITY: usize = 256;
 // The token ranges never overlap: the fixed tokens, the control clients, then the sessions.
 const _: () = assert!(
@@ -101,7 +107,8 @@ pub struct Relay {
     live: usize,
     next_id: u64,
     pub totals: Totals,
-    accept_paused_until: Option<Instant>,
+    /// Whether peers may be waiting in the listener's backlog.
+    backlog: Backlog,
     /// Spare fds for the next peer (`fds`), and the episode of running out, while it lasts.
     fds: fds::FdReserve,
     starved: Option<fds::Starvation>,
@@ -170,6 +177,43 @@ fn session_dir(conn: &Conn, d: usize) -> DirSnap {
     DirSnap::of(d, &p.stats, &m.transit_ns, &m.turnaround_ns, &p.chunk_bytes)
 }
 
+/// The listener's backlog as the loop knows it. Edge-triggered: an event says peers may wait,
+/// and only an accept that says `WouldBlock` says none does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backlog {
+    /// The last accept said `WouldBlock`: nothing to do until the next event.
+    Empty,
+    /// Peers may wait: accept on this turn, after the data path.
+    Pending,
+    /// Out of fds (or an accept error that may repeat): leave peers waiting until then, or
+    /// until a session closes.
+    PausedUntil(Instant),
+}
+
+impl Backlog {
+    /// A listener event: peers arrived. A pause stands (they wait for it).
+    fn on_event(&mut self) {
+        if *self == Backlog::Empty {
+            *self = Backlog::Pending;
+        }
+    }
+
+    fn is_due(&self, now: Instant) -> bool {
+        match *self {
+            Backlog::Empty => false,
+            Backlog::Pending => true,
+            Backlog::PausedUntil(t) => now >= t,
+        }
+    }
+
+    fn paused_until(&self) -> Option<Instant> {
+        match *self {
+            Backlog::PausedUntil(t) => Some(t),
+            Backlog::Empty | Backlog::Pending => None,
+        }
+    }
+}
+
 impl Relay {
     pub fn new(cfg: Config, listener: Listener) -> Result<Relay, StartError> {
         let bound = listener.bound();
@@ -211,7 +255,7 @@ impl Relay {
             live: 0,
             next_id: 1,
             totals: Totals::default(),
-            accept_paused_until: None,
+            backlog: Backlog::Pending,
             fds: fds::FdReserve::new(),
             starved: None,
             shutdown_deadline: None,
@@ -270,7 +314,8 @@ impl Relay {
 
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept_all(now),
+                    // Peers are taken after the data path's work, a few per turn (`accept_some`).
+                    LISTENER => self.backlog.on_event(),
                     SIGNALS => self.handle_signals(now),
                     // Control work waits for `serve_control`, after the data path's.
                     CONTROL => self.ctl.on_listener_event(),
@@ -306,6 +351,7 @@ impl Relay {
             for slot in touched.drain(..) {
                 self.advance(slot, now);
             }
+            self.accept_some(now);
             self.serve_control(now);
 
             self.sweep_timeouts(now);
@@ -340,7 +386,7 @@ impl Relay {
     }
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.rerun.is_empty() {
+        if !self.rerun.is_empty() || self.backlog.is_due(now) {
             return Some(Duration::ZERO);
         }
         if self.window.is_open(now) || self.ctl.due(now) {
@@ -354,7 +400,7 @@ impl Relay {
             .chain(control)
             .chain(self.hist_log.as_ref().map(HistLog::next_tick))
             .chain(self.metrics_file.as_ref().map(MetricsFile::next_tick))
-            .chain(self.accept_paused_until)
+            .chain(self.backlog.paused_until())
             .chain(self.ctl.next_deadline())
             .chain(self.shutdown_deadline)
             .chain(self.service.next_deadline())
@@ -363,12 +409,17 @@ impl Relay {
         Some(soonest.saturating_duration_since(now) + Duration::from_millis(1))
     }
 
-    fn accept_all(&mut self, now: Instant) {
-        if self.accept_paused_until.is_some_and(|t| now < t) {
+    /// Takes up to `ACCEPTS_PER_TURN_MAX` waiting peers, when the backlog is due.
+    fn accept_some(&mut self, now: Instant) {
+        if self.listener.is_none() {
+            self.backlog = Backlog::Empty;
+        }
+        if !self.backlog.is_due(now) {
             return;
         }
-        self.accept_paused_until = None;
-        loop {
+        // Until an accept says otherwise, more may wait (the bound below ends a turn early).
+        self.backlog = Backlog::Pending;
+        for _ in 0..ACCEPTS_PER_TURN_MAX {
             let Some(listener) = &self.listener else { return };
             // After every peer the spares are taken back; without them the next one waits.
             if !self.fds.refill() {
@@ -381,6 +432,7 @@ impl Relay {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.fds.refill();
+                    self.backlog = Backlog::Empty;
                     if let Some(s) = self.starved.take() {
                         info!(
                             lasted_ms = s.lasted(now).as_millis() as u64,
@@ -412,7 +464,7 @@ impl Relay {
                 Err(e) => {
                     // Anything else may repeat on every call: pause rather than spin.
                     error!(error = %e, pause_ms = ACCEPT_PAUSE_MS, "accept failed; pausing accept");
-                    self.accept_paused_until = Some(now + Duration::from_millis(ACCEPT_PAUSE_MS));
+                    self.backlog = Backlog::PausedUntil(now + Duration::from_millis(ACCEPT_PAUSE_MS));
                     return;
                 }
             };
@@ -511,7 +563,7 @@ impl Relay {
     /// Out of fds: the next peer waits in the backlog; accepting resumes when a session closes
     /// or the pause runs out. Logged once per episode.
     fn starve(&mut self, now: Instant, why: &str) {
-        self.accept_paused_until = Some(now + Duration::from_millis(ACCEPT_PAUSE_MS));
+        self.backlog = Backlog::PausedUntil(now + Duration::from_millis(ACCEPT_PAUSE_MS));
         if self.starved.is_none() {
             self.starved = Some(fds::Starvation::new(now));
             self.totals.accept_pauses += 1;
@@ -593,8 +645,8 @@ impl Relay {
         self.live -= 1;
         self.cancel_replacement(s.conn.id);
         if self.starved.is_some() {
-            // Its fds are free once it is gone: a waiting peer is taken on this turn's sweep.
-            self.accept_paused_until = Some(Instant::now());
+            // Its fds are free once it is gone: a waiting peer is taken on the next turn.
+            self.backlog = Backlog::Pending;
         }
         self.rerun.retain(|&x| x != slot);
         for side in [LISTEN_SIDE, CONNECT_SIDE] {
@@ -718,9 +770,6 @@ impl Relay {
         }
         if self.metrics_file.as_ref().is_some_and(|m| now >= m.next_tick()) {
             self.write_metrics_file(now);
-        }
-        if self.accept_paused_until.is_some_and(|t| now >= t) {
-            self.accept_all(now);
         }
         let expired: Vec<usize> = self
             .slots
@@ -859,5 +908,26 @@ fn end_name(end: &End) -> &'static str {
         End::TlsRefused { .. } => "tls-refused",
         End::Protocol(_) => "kvmi-malformed",
         End::Failed { .. } => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_is_due_after_an_event_and_a_pause_outlasts_new_events() {
+        let now = Instant::now();
+        let mut b = Backlog::Empty;
+        assert!(!b.is_due(now), "nothing waits until the listener says so");
+        b.on_event();
+        assert_eq!(b, Backlog::Pending);
+        assert!(b.is_due(now));
+        let until = now + Duration::from_millis(ACCEPT_PAUSE_MS);
+        b = Backlog::PausedUntil(until);
+        b.on_event();
+        assert_eq!(b, Backlog::PausedUntil(until), "peers that arrive during a pause wait for it");
+        assert!(!b.is_due(now) && b.is_due(until));
+        assert_eq!(b.paused_until(), Some(until));
     }
 }
