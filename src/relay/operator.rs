@@ -31,7 +31,9 @@ const CONTROL_ACCEPTS_PER_TURN: usize = CONTROL_CONNS_MAX + 12;
 const CONTROL_PAUSE_MS: u64 = 100;
 /// After a snapshot is rendered for a control client, the next waits `RENDER_SPACING` times as
 /// long as that one took: answers take at most 1/(1+RENDER_SPACING) of the loop's time (~2 %),
-/// however many clients ask.
+/// however many clients ask. "Took" is the loop thread's CPU time: in wall time a render the
+/// scheduler preempted (a busy CPU) would count the wait, and one preempted for 40 ms would
+/// hold the next back for 2 s, past the deadline of every request waiting for it.
 const RENDER_SPACING: u32 = 49;
 /// At most one warning per kind of refusal in this time; the next carries how many were left out.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
@@ -260,12 +262,16 @@ impl Relay {
 
     /// Renders the answer to client `i`'s request and starts writing it.
     fn answer_control(&mut self, i: usize, req: Option<Request>, now: Instant) -> io::Result<ControlStep> {
-        let started = Instant::now();
+        let (started, cpu_started) = (Instant::now(), crate::sys::thread_cpu_time());
         let answer = self.answer(req, now);
         if renders(req) {
             let done = Instant::now();
+            let took = match (cpu_started, crate::sys::thread_cpu_time()) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                _ => done - started,
+            };
             self.ctl.rendered = true;
-            self.ctl.render_at = Some(done + (done - started) * RENDER_SPACING);
+            self.ctl.render_at = Some(done + took * RENDER_SPACING);
         }
         let Some(Some((conn, _))) = self.control_conns.get_mut(i) else { return Ok(ControlStep::Done) };
         conn.answer(answer)
