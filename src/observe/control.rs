@@ -19,6 +19,16 @@
 //! event loop registers them and calls `on_timer` at `next_deadline`; a slow or silent client
 //! is dropped at its deadline and can never stall the data path. Turned-away clients are counted
 //! by `Refusal` and logged through a `RateLimit` (at most one line a second per reason).
+//!
+//! Slots (`slot_for`): one process (SO_PEERCRED pid) holds at most `CONTROL_CONNS_PER_PROCESS_MAX`
+//! of the `CONTROL_CONNS_MAX`, so one process that floods the socket always leaves a slot to the
+//! others (each `kvmi-relay stats` is a process of its own). Past that, or when every slot is
+//! taken, a newcomer is served in the place of a client that has not asked anything yet: same-uid
+//! clients that connect and stay silent replace each other instead of keeping the operator out
+//! until their deadline. A client whose request is complete (waiting for its answer, or being
+//! answered) is never evicted. The victim is taken from the newcomer's own process or from one
+//! holding more slots than it, the biggest holder first, then the oldest: a flood evicts its own
+//! clients, not the operator's.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,8 +44,11 @@ use crate::escape::Escaped;
 use crate::net::listener::{SocketFile, bind_unix, unix_peer};
 pub use crate::observe::totals::Refusal;
 
-/// Control clients served at once; more are closed at accept.
+/// Control clients served at once; past that a newcomer takes the place of one that has not
+/// asked yet (`slot_for`), or is closed at accept.
 pub const CONTROL_CONNS_MAX: usize = 4;
+/// Of those, the most one process holds: one slot is always left to the others.
+pub const CONTROL_CONNS_PER_PROCESS_MAX: usize = CONTROL_CONNS_MAX - 1;
 /// A control client has this long to send its request and take the answer.
 const CONTROL_DEADLINE_MS: u64 = 2000;
 /// Longest request line of the line protocol.
@@ -51,6 +64,9 @@ pub const GREETING: &[u8] = b"kvmi-relay control 1\n";
 const GREETING_WAIT_MS: u64 = 1000;
 /// The control socket's mode: owner only.
 const CONTROL_MODE: u32 = 0o600;
+/// What a line-protocol client that is evicted reads before the close (an HTTP one gets it as
+/// a 503 page; one that has not been greeted gets nothing, like a refused one).
+pub const EVICTED: &str = "error: evicted: the control socket was full and this client had not asked yet; ask again";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -90,6 +106,8 @@ pub struct ControlServer {
     _file: SocketFile,
     policy: Policy,
     pub path: PathBuf,
+    /// Clients accepted so far (`ControlConn::serial`).
+    accepts: std::cell::Cell<u64>,
 }
 
 impl ControlServer {
@@ -100,7 +118,7 @@ impl ControlServer {
         socket.set_nonblocking(true).map_err(|source| StartError::Listen { endpoint, source })?;
         let own = nix::unistd::Uid::effective().as_raw();
         let policy = Policy { uids: vec![own, 0], ..Policy::default() };
-        Ok(ControlServer { socket, _file: file, policy, path: path.to_path_buf() })
+        Ok(ControlServer { socket, _file: file, policy, path: path.to_path_buf(), accepts: Default::default() })
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -132,9 +150,56 @@ impl ControlServer {
             peer,
             request: Vec::new(),
             phase: Phase::Quiet { greet_at: now + Duration::from_millis(GREETING_DELAY_MS) },
+            accepted: now,
+            serial: self.accepts.replace(self.accepts.get() + 1),
             deadline: now + Duration::from_millis(CONTROL_DEADLINE_MS),
         }))
     }
+}
+
+/// A served control client as `slot_for` sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// The process that connected (SO_PEERCRED; 0 when it is not visible from the relay's pid
+    /// namespace, so all such clients count as one process).
+    pub pid: i32,
+    /// It has not completed a request (`ControlConn::evictable`).
+    pub evictable: bool,
+    /// Its place in the order of accepts: the oldest is evicted first.
+    pub serial: u64,
+}
+
+/// Where a newcomer goes (`slot_for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Free(usize),
+    /// In the place of the client in this slot, closed for it.
+    Evict(usize),
+    /// Turned away: no slot it may take and no client it may evict.
+    Full,
+}
+
+/// The slot for a newcomer of process `pid`, given who holds the slots. A free one while its
+/// process holds fewer than `CONTROL_CONNS_PER_PROCESS_MAX`; else the place of a client that
+/// has not asked yet, of the newcomer's own process or of one that holds more slots than the
+/// newcomer's; among those, the biggest holder's oldest. A flood from one process then evicts
+/// itself and never the client of a process holding fewer slots; clients of one process each (a
+/// flood of short-lived processes) evict the oldest of each other.
+pub fn slot_for(slots: &[Option<Held>], pid: i32) -> Place {
+    let holds = |p: i32| slots.iter().flatten().filter(|h| h.pid == p).count();
+    let own = holds(pid);
+    if own < CONTROL_CONNS_PER_PROCESS_MAX {
+        if let Some(i) = slots.iter().position(Option::is_none) {
+            return Place::Free(i);
+        }
+    }
+    let victim = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| h.map(|h| (i, h)))
+        .filter(|(_, h)| h.evictable && (h.pid == pid || holds(h.pid) > own))
+        .min_by_key(|&(_, h)| (std::cmp::Reverse(holds(h.pid)), h.serial));
+    victim.map_or(Place::Full, |(i, _)| Place::Evict(i))
 }
 
 /// What one accept on the control socket gave.
@@ -192,6 +257,9 @@ enum Phase {
     Greeted,
     /// Reading the rest of an HTTP request head (its first line said HTTP/1.x).
     HttpHead,
+    /// The request is complete and handed to the loop, which has not answered it yet (its
+    /// snapshot waits for the turn's budget); `http`: how the answer is framed.
+    Asked { http: Option<http::Wanted> },
     /// Writing `answer`; the connection closes when all of it is written.
     Answering { answer: Vec<u8>, written: usize },
 }
@@ -204,6 +272,9 @@ pub struct ControlConn {
     /// What the client sent so far (the request line, or the HTTP head).
     request: Vec<u8>,
     phase: Phase,
+    /// When it was accepted (for the log), and its place in the order of accepts.
+    pub accepted: Instant,
+    serial: u64,
     pub deadline: Instant,
 }
 
@@ -267,10 +338,44 @@ impl ControlConn {
         Ok(())
     }
 
+    /// What `slot_for` needs to know about it.
+    pub fn held(&self) -> Held {
+        let pid = match self.peer {
+            Peer::Unix { pid, .. } => pid,
+            Peer::Tcp(_) | Peer::Vsock { .. } => 0,
+        };
+        Held { pid, evictable: self.evictable(), serial: self.serial }
+    }
+
+    /// Whether it may be evicted for a newcomer: it has not completed a request (nothing said,
+    /// or part of a line or head). One that asked is waiting for its answer or being answered.
+    pub fn evictable(&self) -> bool {
+        matches!(self.phase, Phase::Quiet { .. } | Phase::Greeted | Phase::HttpHead)
+    }
+
+    /// Evicted: tells a client that speaks a dialect already why (best effort, the socket is
+    /// closed next whatever happens) and says which phase it was in, for the log.
+    pub fn evict(&mut self) -> &'static str {
+        let (notice, phase) = match self.phase {
+            Phase::Quiet { .. } => (None, "quiet"),
+            Phase::Greeted => (Some(format!("{EVICTED}\n").into_bytes()), "greeted"),
+            Phase::HttpHead => (Some(http::status_page(503, EVICTED)), "http-head"),
+            Phase::Asked { .. } | Phase::Answering { .. } => (None, "asked"),
+        };
+        if let Some(n) = notice {
+            // A fresh socket's send buffer takes the short notice whole; a short write is let go.
+            let _ = self.sock.send_with_flags(&n, libc::MSG_NOSIGNAL);
+        }
+        phase
+    }
+
     /// Reads the request (edge-triggered: until WouldBlock) or writes the answer.
     pub fn advance(&mut self) -> io::Result<ControlStep> {
-        if matches!(self.phase, Phase::Answering { .. }) {
-            return self.flush();
+        match self.phase {
+            Phase::Answering { .. } => return self.flush(),
+            // Nothing more is read from a client that asked: its answer comes from the loop.
+            Phase::Asked { .. } => return Ok(ControlStep::Waiting),
+            _ => {}
         }
         let mut buf = [0u8; 512];
         loop {
@@ -302,7 +407,7 @@ impl ControlConn {
         match self.phase {
             Phase::Greeted => {
                 if self.request.contains(&b'\n') || self.request.len() > REQUEST_MAX_BYTES {
-                    return Ok(Some(ControlStep::Request(Request::from_bytes(&self.request))));
+                    return Ok(Some(self.asked(Request::from_bytes(&self.request), None)));
                 }
                 Ok(None)
             }
@@ -317,8 +422,14 @@ impl ControlConn {
                 }
                 None => Ok(None),
             },
-            Phase::Quiet { .. } | Phase::Answering { .. } => Ok(None),
+            Phase::Quiet { .. } | Phase::Asked { .. } | Phase::Answering { .. } => Ok(None),
         }
+    }
+
+    /// A complete request: handed to the loop; the client is no longer evictable.
+    fn asked(&mut self, req: Option<Request>, http: Option<http::Wanted>) -> ControlStep {
+        self.phase = Phase::Asked { http };
+        ControlStep::Request(req)
     }
 
     /// Reads and drops what the client has already sent past a refused head (at most
@@ -341,17 +452,17 @@ impl ControlConn {
             // Said something and shut down before the delay ran out: a line client.
             Phase::Quiet { .. } if !self.request.is_empty() => {
                 self.greet()?;
-                Ok(ControlStep::Request(Request::from_bytes(&self.request)))
+                Ok(self.asked(Request::from_bytes(&self.request), None))
             }
-            Phase::Greeted => Ok(ControlStep::Request(Request::from_bytes(&self.request))),
+            Phase::Greeted => Ok(self.asked(Request::from_bytes(&self.request), None)),
             Phase::HttpHead => self.respond(http::status_page(400, "request head cut short")),
-            Phase::Quiet { .. } | Phase::Answering { .. } => Ok(ControlStep::Done),
+            Phase::Quiet { .. } | Phase::Asked { .. } | Phase::Answering { .. } => Ok(ControlStep::Done),
         }
     }
 
     fn http_verdict(&mut self, verdict: Result<http::Wanted, http::Refusal>) -> io::Result<ControlStep> {
         match verdict {
-            Ok(_) => Ok(ControlStep::Request(Some(Request::Stats(Format::Prometheus)))),
+            Ok(wanted) => Ok(self.asked(Some(Request::Stats(Format::Prometheus)), Some(wanted))),
             Err(r) => self.respond(http::refusal_page(r)),
         }
     }
@@ -360,9 +471,8 @@ impl ControlConn {
     /// it goes out as a response (`GET /metrics`: the Prometheus text; `HEAD`: its headers).
     pub fn answer(&mut self, text: String) -> io::Result<ControlStep> {
         let bytes = match self.phase {
-            Phase::HttpHead => {
-                let head_only = matches!(http::parse(&self.request), Ok(http::Wanted::Head));
-                http::metrics_response(text.as_bytes(), head_only)
+            Phase::Asked { http: Some(wanted) } => {
+                http::metrics_response(text.as_bytes(), wanted == http::Wanted::Head)
             }
             _ => text.into_bytes(),
         };
@@ -407,7 +517,7 @@ fn first_line(sent: &[u8]) -> FirstLine {
 /// out, then close.
 mod http {
     /// What a well-formed request asks for.
-    #[derive(Debug, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Wanted {
         Get,
         Head,
@@ -478,6 +588,7 @@ mod http {
             400 => "Bad Request",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            503 => "Service Unavailable",
             _ => "Request Header Fields Too Large",
         };
         let extra = if status == 405 { "Allow: GET, HEAD\r\n" } else { "" };
@@ -582,13 +693,18 @@ pub fn ask(path: &Path, line: &str) -> io::Result<String> {
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
     await_greeting(&mut s)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    let mut out = String::new();
-    match s.read_to_string(&mut out) {
-        Ok(_) => Ok(out),
-        // A refused client is closed at once; a reset says the same as an empty answer.
-        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => Ok(String::new()),
-        Err(e) => Err(e),
+    // An evicted client is told so and closed, maybe before the relay read its request: the
+    // write may then fail (EPIPE) and the read end in a reset, after the notice.
+    let gone = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE));
+    match s.write_all(format!("{line}\n").as_bytes()) {
+        Err(e) if !gone(&e) => return Err(e),
+        _ => {}
+    }
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        // What came before a reset is the answer; none at all says the same as an empty one.
+        Err(e) if !gone(&e) => Err(e),
+        _ => Ok(String::from_utf8_lossy(&out).into_owned()),
     }
 }
 
@@ -616,6 +732,34 @@ mod tests {
         let lines: Vec<u64> = (0..25_000u64).filter_map(|i| r.hit(ms(i / 5))).collect();
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert_eq!(lines.iter().sum::<u64>() + r.suppressed() + lines.len() as u64, 25_000);
+    }
+
+    #[test]
+    fn a_process_holds_at_most_three_slots_and_a_newcomer_evicts_the_biggest_holders_oldest_silent_client() {
+        let h = |pid: i32, evictable: bool, serial: u64| Some(Held { pid, evictable, serial });
+        // A free slot: anyone's, but a fourth for the same process evicts its own oldest.
+        let slots = [h(7, true, 2), h(7, true, 1), None, h(7, false, 0)];
+        assert_eq!(slot_for(&slots, 9), Place::Free(2));
+        assert_eq!(slot_for(&slots, 7), Place::Evict(1), "its own oldest silent one, never its request");
+        let slots = [h(7, false, 2), None, h(7, false, 1), h(7, false, 0)];
+        assert_eq!(slot_for(&slots, 7), Place::Full, "the free slot is left to the others");
+        // A flood from process 7 holds three slots, the operator's process 9 one.
+        let slots = [h(7, true, 0), h(9, true, 1), h(7, true, 2), h(7, false, 3)];
+        assert_eq!(slot_for(&slots, 7), Place::Evict(0), "the flood evicts its own oldest silent client");
+        assert_eq!(slot_for(&slots, 9), Place::Evict(0), "the operator evicts the flood's, not its own");
+        assert_eq!(slot_for(&slots, 5), Place::Evict(0), "a third process: the biggest holder pays");
+        // The flood's silent clients gone: nothing of 9's is taken for 7, who holds more.
+        let slots = [h(7, false, 0), h(9, true, 1), h(7, false, 2), h(7, false, 3)];
+        assert_eq!(slot_for(&slots, 7), Place::Full, "clients that asked are never evicted");
+        assert_eq!(slot_for(&slots, 5), Place::Evict(1), "a third process, holding none, may take 9's");
+        // One slot per process (short-lived processes): the oldest silent one of any.
+        let slots = [h(1, false, 0), h(2, true, 5), h(3, true, 1), h(4, true, 9)];
+        assert_eq!(slot_for(&slots, 8), Place::Evict(2));
+        assert_eq!(slot_for(&slots, 4), Place::Evict(3), "its own, since no one holds more");
+        // Two of process 2's, one of 3's: a newcomer of 3's takes 2's oldest.
+        let slots = [h(2, true, 4), h(2, true, 3), h(3, true, 0), h(1, false, 1)];
+        assert_eq!(slot_for(&slots, 3), Place::Evict(1));
+        assert_eq!(slot_for(&[h(1, false, 0), h(2, false, 1), h(3, false, 2), h(4, false, 3)], 1), Place::Full);
     }
 
     #[test]

@@ -268,6 +268,9 @@ pub fn text(s: &Snapshot) -> String {
             .collect();
         let _ = writeln!(o, "control socket: {} clients turned away ({})", t.control_refused, by.join(", "));
     }
+    if t.control_evicted > 0 {
+        let _ = writeln!(o, "control socket: {} silent clients evicted for newcomers", t.control_evicted);
+    }
     if let Some(tls) = &s.tls {
         let refused: Vec<String> =
             tls.refused.iter().filter(|(_, n)| *n > 0).map(|(r, n)| format!("{n} {r}")).collect();
@@ -394,6 +397,12 @@ pub fn prometheus(s: &Snapshot) -> String {
     for (r, n) in crate::observe::totals::Refusal::ALL.iter().zip(t.control_refusals) {
         let _ = writeln!(o, "kvmi_relay_control_refused_total{{vm=\"{vm}\",reason=\"{}\"}} {n}", r.as_str());
     }
+    let _ = writeln!(
+        o,
+        "# HELP kvmi_relay_control_evicted_total Control-socket clients closed before they asked anything, to serve a newcomer while every slot was taken."
+    );
+    let _ = writeln!(o, "# TYPE kvmi_relay_control_evicted_total counter");
+    let _ = writeln!(o, "kvmi_relay_control_evicted_total{{vm=\"{vm}\"}} {}", t.control_evicted);
     let _ = writeln!(o, "# HELP kvmi_relay_sessions_failed_total Sessions torn down by an error (reset, broken pipe).");
     let _ = writeln!(o, "# TYPE kvmi_relay_sessions_failed_total counter");
     let _ = writeln!(o, "kvmi_relay_sessions_failed_total{{vm=\"{vm}\"}} {}", t.failed);

@@ -31,12 +31,15 @@ pub struct Totals {
     /// Times the relay ran out of fds and left peers waiting in the backlog (episodes, from
     /// the first peer left waiting to the last one taken).
     pub accept_pauses: u64,
-    /// Control-socket clients turned away (another uid, `CONTROL_CONNS_MAX` already served,
-    /// identity unreadable, set-up failed); by reason in `control_refusals`.
+    /// Control-socket clients turned away (another uid, no slot, identity unreadable, set-up
+    /// failed); by reason in `control_refusals`.
     pub control_refused: u64,
     /// Control-socket clients turned away, by reason (indexed as `control::Refusal::ALL`).
     #[serde(serialize_with = "by_refusal")]
     pub control_refusals: [u64; Refusal::ALL.len()],
+    /// Control-socket clients closed, before they had asked anything, to serve a newcomer while
+    /// every slot was taken (`control::eviction_victim`).
+    pub control_evicted: u64,
     /// Times the control socket's accept hit EMFILE/ENFILE (or ENOBUFS/ENOMEM) and paused.
     pub control_accept_pauses: u64,
     /// Times the poll window was suspended: yields kept losing the CPU to another thread for a
@@ -73,7 +76,8 @@ fn by_direction<S: serde::Serializer>(v: &[u64; 2], s: S) -> Result<S::Ok, S::Er
 pub enum Refusal {
     /// Not the relay's own uid nor root.
     Uid,
-    /// `control::CONTROL_CONNS_MAX` clients were being served already.
+    /// No slot for it: all `control::CONTROL_CONNS_MAX` taken (or its process held
+    /// `CONTROL_CONNS_PER_PROCESS_MAX`) by clients it could not evict (`control::slot_for`).
     Busy,
     /// SO_PEERCRED failed: the identity could not be read.
     NoIdentity,
@@ -134,6 +138,7 @@ impl Totals {
             closed = t.closed,
             accept_pauses = t.accept_pauses,
             control_refused = t.control_refused,
+            control_evicted = t.control_evicted,
             control_accept_pauses = t.control_accept_pauses,
             poll_window_suspensions = t.poll_window_suspensions,
             tls_refused = t.tls_refusals.iter().sum::<u64>(),

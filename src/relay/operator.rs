@@ -19,7 +19,10 @@ use super::{CONTROL_CONN_BASE, Relay, session_dir};
 use crate::access::Peer;
 use crate::escape::Escaped;
 use crate::kvmi::session::FiguresByType;
-use crate::observe::control::{Accepted, CONTROL_CONNS_MAX, ControlStep, Format, RateLimit, Refusal, Request};
+use crate::observe::control::{
+    Accepted, CONTROL_CONNS_MAX, CONTROL_CONNS_PER_PROCESS_MAX, ControlConn, ControlStep, Format, Place, RateLimit,
+    Refusal, Request, slot_for,
+};
 use crate::observe::export::{self, ConnSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
 use crate::observe::totals::Totals;
 
@@ -57,6 +60,8 @@ pub(super) struct ControlTurn {
     /// Refusal warnings, one limit per reason (`Refusal::ALL`), and one for listener failures.
     refusal_logs: [RateLimit; Refusal::ALL.len()],
     failure_log: RateLimit,
+    /// Eviction lines (`evict_control`).
+    eviction_log: RateLimit,
 }
 
 impl ControlTurn {
@@ -71,6 +76,7 @@ impl ControlTurn {
             render_at: None,
             refusal_logs: Refusal::ALL.map(|_| RateLimit::new(REFUSAL_LOG_EVERY)),
             failure_log: RateLimit::new(REFUSAL_LOG_EVERY),
+            eviction_log: RateLimit::new(REFUSAL_LOG_EVERY),
         }
     }
 
@@ -155,10 +161,18 @@ impl Relay {
                 }
                 Ok(Accepted::Conn(conn)) => {
                     self.control_fds_back(now);
-                    let Some(i) = self.control_conns.iter().position(Option::is_none) else {
-                        // Dropping it closes it.
-                        self.refuse_control(Refusal::Busy, Some(conn.peer), None, now);
-                        continue;
+                    let held: Vec<_> = self.control_conns.iter().map(|c| c.as_ref().map(|(c, _)| c.held())).collect();
+                    let i = match slot_for(&held, conn.held().pid) {
+                        Place::Free(i) => i,
+                        Place::Evict(i) => {
+                            self.evict_control(i, &conn, now);
+                            i
+                        }
+                        Place::Full => {
+                            // Dropping it closes it.
+                            self.refuse_control(Refusal::Busy, Some(conn.peer), None, now);
+                            continue;
+                        }
                     };
                     let token = Token(CONTROL_CONN_BASE + i);
                     let interest = conn.interest();
@@ -218,6 +232,27 @@ impl Relay {
         }
     }
 
+    /// Closes the client in slot `i` (one that has not asked yet, `slot_for`) to serve
+    /// `newcomer` in its place. Counted; logged at most once a second.
+    fn evict_control(&mut self, i: usize, newcomer: &ControlConn, now: Instant) {
+        let Some((victim, _)) = self.control_conns[i].as_mut() else { return };
+        let phase = victim.evict();
+        let (peer, age_ms) = (victim.peer, now.saturating_duration_since(victim.accepted).as_millis() as u64);
+        self.close_control(i);
+        self.totals.control_evicted += 1;
+        if let Some(suppressed) = self.ctl.eviction_log.hit(now) {
+            warn!(
+                %peer,
+                phase,
+                age_ms,
+                newcomer = %newcomer.peer,
+                max = CONTROL_CONNS_MAX,
+                suppressed,
+                "control socket: evicted a client that had not asked yet, to serve a newcomer"
+            );
+        }
+    }
+
     /// Counts a turned-away control client and logs it, at most once a second per reason.
     fn refuse_control(&mut self, why: Refusal, peer: Option<Peer>, error: Option<io::Error>, now: Instant) {
         self.totals.control_refusal(why);
@@ -229,8 +264,9 @@ impl Relay {
             Refusal::Busy => warn!(
                 %peer,
                 max = CONTROL_CONNS_MAX,
+                per_process = CONTROL_CONNS_PER_PROCESS_MAX,
                 suppressed,
-                "control socket: refused: too many clients at once; closing the newcomer"
+                "control socket: refused: too many clients at once, none of them evictable for this one; closing the newcomer"
             ),
             Refusal::NoIdentity => warn!(
                 error = %Escaped(&error),
