@@ -1,6 +1,6 @@
 //! Peers that misbehave on purpose, against the real binary: a flood of connections over
-//! `--max-conns` while a session runs, and a peer process stopped (SIGSTOP) in the middle of a
-//! transfer. The live session's bytes are checked, not its timing: figures are printed for
+//! `--max-conns` while a session runs, a flood of peers the access policy refuses, and a peer
+//! process stopped (SIGSTOP) in the middle of a transfer. The live session's bytes are checked, not its timing: figures are printed for
 //! the reader, never asserted (the machine may be busy).
 
 mod util;
@@ -81,6 +81,74 @@ fn a_flood_of_connections_over_max_conns_leaves_the_live_session_intact() {
     let next = tcp_from("127.0.0.2", to).unwrap();
     next.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     checked_round_trips(&next, 10, 0);
+}
+
+/// A flood of peers the access policy refuses (their source outside `--allow-ip`): each one is
+/// counted, and the log has a warning a second that says how many it left out, not a line per
+/// peer.
+#[test]
+fn a_flood_of_refused_peers_is_counted_peer_by_peer_and_logged_once_a_second() {
+    let d = tmpdir();
+    let echo = echo_server(d.path());
+    let control = d.path().join("control.sock");
+    let relay = Relay::start(&[
+        "--listen=tcp:127.0.0.1:0",
+        "--allow-ip=10.0.0.0/8",
+        &format!("--connect={echo}"),
+        &format!("--control={}", control.display()),
+    ]);
+    let to = relay.bound_tcp();
+    let t0 = Instant::now();
+    // Four flooders for 2 s: connect and close; the relay accepts each, finds 127.0.0.1 outside
+    // the list and closes it.
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while t0.elapsed() < Duration::from_secs(2) {
+                    if std::net::TcpStream::connect(to).is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let flooded: u64 = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+    let v = settled_stats(&control);
+    let secs = t0.elapsed().as_secs_f64();
+    let accepted = v["totals"]["accepted"].as_u64().unwrap();
+    // A few may never reach accept (a client done before the kernel queued it for the relay).
+    assert!(accepted <= flooded && accepted * 10 >= flooded * 9, "{flooded} peers, {}", v["totals"]);
+    assert_eq!(v["totals"]["refused_access"].as_u64(), Some(accepted), "every one refused: {}", v["totals"]);
+    assert_eq!(v["totals"]["admitted"], 0, "{}", v["totals"]);
+    let log = relay.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") && l.contains(" refused")).collect();
+    let bound = secs.ceil() as usize + 1;
+    assert!(accepted >= 10 * bound as u64, "too few peers ({accepted}) to tell a line per peer from a line a second");
+    assert!(
+        !lines.is_empty() && lines.len() <= bound,
+        "{} refusal warnings for {accepted} refused peers in {secs:.1} s, bound {bound}; the first:\n{}",
+        lines.len(),
+        lines[..3.min(lines.len())].join("\n")
+    );
+    assert!(lines[0].contains("peer=") && lines[0].contains("127.0.0.1"), "the line names the peer: {}", lines[0]);
+    let said: u64 = lines.iter().map(|l| field_u64(l, "suppressed") + 1).sum();
+    assert!(said <= accepted, "the lines account for {said} refusals of {accepted}");
+    eprintln!("{flooded} refused peers in {secs:.1} s: {accepted} accepted and refused, {} warnings", lines.len());
+}
+
+/// The stats once `accepted` has stopped moving (the relay has taken every queued peer).
+fn settled_stats(control: &std::path::Path) -> serde_json::Value {
+    let mut v = stats_json(control);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = stats_json(control);
+        if now["totals"]["accepted"] == v["totals"]["accepted"] {
+            return now;
+        }
+        v = now;
+    }
 }
 
 /// Two flooders for 3 s at `to` from `source` (its own address: the ports a flood leaves in

@@ -7,7 +7,8 @@
 //!   the listener after `ACCEPTS_PER_TURN_MAX` peers, both with the poll timeout at zero until
 //!   they said `WouldBlock` (`Backlog`). Peers are accepted after the turn's data-path work.
 //! - Access is decided (`access::decide`) right after accept, before the far side is dialled
-//!   and before any byte moves; a refused peer is closed at once and counted.
+//!   and before any byte moves; a refused peer is closed at once and counted, and logged at
+//!   most once a second per kind of refusal (`PeerRefusal`, `RateLimit`).
 //! - Per-connection failures end in "log with the connection's identity, close it, count it,
 //!   keep serving"; only start-up errors leave `run`.
 //! - Out of fds a peer waits in the backlog: the loop holds spare fds (`fds::FdReserve`) for
@@ -47,6 +48,7 @@ use crate::observe::control::{CONTROL_CONNS_MAX, ControlConn, ControlServer};
 use crate::observe::export::{Closed, DirSnap, Directions};
 use crate::observe::histlog::HistLog;
 use crate::observe::metrics::{self, DirMetrics, Figures};
+use crate::observe::ratelimit::RateLimit;
 use crate::observe::textfile::MetricsFile;
 use crate::observe::totals::Totals;
 use crate::relay::service::{Notifier, Status};
@@ -71,6 +73,9 @@ const ACCEPT_PAUSE_MS: u64 = 100;
 /// flood of connections then costs each live session at most this many accepts of waiting per
 /// turn, and the rest of the backlog waits for the next turn (which does not sleep).
 const ACCEPTS_PER_TURN_MAX: usize = 16;
+/// At most one warning per kind of refusal in this time (data listener and control socket);
+/// the next carries how many were left out.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 const EVENTS_CAPACITY: usize = 256;
 // The token ranges never overlap: the fixed tokens, the control clients, then the sessions.
 const _: () = assert!(
@@ -79,6 +84,21 @@ const _: () = assert!(
         && CONTROL.0 < CONTROL_CONN_BASE
         && CONTROL_CONN_BASE + CONTROL_CONNS_MAX <= CONN_TOKEN_BASE
 );
+
+/// Why the data listener turned a peer away; each kind has its own `RateLimit`.
+#[derive(Debug, Clone, Copy)]
+enum PeerRefusal {
+    /// Its identity could not be read (counted in `refused_access`).
+    NoIdentity,
+    /// The access policy said no (`refused_access`).
+    Access,
+    /// `--max-conns` sessions were running (`refused_busy`).
+    Busy,
+}
+
+impl PeerRefusal {
+    const COUNT: usize = 3;
+}
 
 struct Slot {
     conn: Conn,
@@ -109,6 +129,9 @@ pub struct Relay {
     pub totals: Totals,
     /// Whether peers may be waiting in the listener's backlog.
     backlog: Backlog,
+    /// Refusal warnings of the data listener, one limit per `PeerRefusal`: a flood of refused
+    /// peers writes a line a second per kind, every peer still counted in `totals`.
+    refusal_logs: [RateLimit; PeerRefusal::COUNT],
     /// Spare fds for the next peer (`fds`), and the episode of running out, while it lasts.
     fds: fds::FdReserve,
     starved: Option<fds::Starvation>,
@@ -256,6 +279,7 @@ impl Relay {
             next_id: 1,
             totals: Totals::default(),
             backlog: Backlog::Pending,
+            refusal_logs: std::array::from_fn(|_| RateLimit::new(REFUSAL_LOG_EVERY)),
             fds: fds::FdReserve::new(),
             starved: None,
             shutdown_deadline: None,
@@ -477,14 +501,18 @@ impl Relay {
                     // That peer alone is closed (dropped here); the listener goes on.
                     self.totals.accepted += 1;
                     self.totals.refused_access += 1;
-                    warn!(name = %self.cfg.name, error = %e, "refused: cannot read the peer's identity");
+                    if let Some(suppressed) = self.refusal_logs[PeerRefusal::NoIdentity as usize].hit(now) {
+                        warn!(name = %self.cfg.name, error = %e, suppressed, "refused: cannot read the peer's identity");
+                    }
                     continue;
                 }
             };
             self.totals.accepted += 1;
             if let Verdict::Deny(why) = access::decide(&self.cfg.policy, &peer) {
                 self.totals.refused_access += 1;
-                warn!(name = %self.cfg.name, %peer, reason = why, "refused");
+                if let Some(suppressed) = self.refusal_logs[PeerRefusal::Access as usize].hit(now) {
+                    warn!(name = %self.cfg.name, %peer, reason = why, suppressed, "refused");
+                }
                 continue;
             }
             let replaces = match self.cfg.replace_after {
@@ -493,12 +521,15 @@ impl Relay {
             };
             if self.live >= self.cfg.max_conns && replaces.is_none() {
                 self.totals.refused_busy += 1;
-                warn!(
-                    name = %self.cfg.name,
-                    %peer,
-                    max_conns = self.cfg.max_conns,
-                    "refused: --max-conns sessions already running"
-                );
+                if let Some(suppressed) = self.refusal_logs[PeerRefusal::Busy as usize].hit(now) {
+                    warn!(
+                        name = %self.cfg.name,
+                        %peer,
+                        max_conns = self.cfg.max_conns,
+                        suppressed,
+                        "refused: --max-conns sessions already running"
+                    );
+                }
                 continue;
             }
             let id = self.next_id;

@@ -20,10 +20,11 @@ use crate::access::Peer;
 use crate::escape::Escaped;
 use crate::kvmi::session::FiguresByType;
 use crate::observe::control::{
-    Accepted, CONTROL_CONNS_MAX, CONTROL_CONNS_PER_PROCESS_MAX, ControlConn, ControlStep, Format, Place, RateLimit,
-    Refusal, Request, slot_for,
+    Accepted, CONTROL_CONNS_MAX, CONTROL_CONNS_PER_PROCESS_MAX, ControlConn, ControlStep, Format, Place, Refusal,
+    Request, slot_for,
 };
 use crate::observe::export::{self, ConnSnap, HistSnap, KvmiSnap, MessageSnap, Snapshot};
+use crate::observe::ratelimit::RateLimit;
 use crate::observe::totals::Totals;
 
 /// Accepts taken from the control socket in one loop turn; the rest wait for the next turn
@@ -38,8 +39,7 @@ const CONTROL_PAUSE_MS: u64 = 100;
 /// scheduler preempted (a busy CPU) would count the wait, and one preempted for 40 ms would
 /// hold the next back for 2 s, past the deadline of every request waiting for it.
 const RENDER_SPACING: u32 = 49;
-/// At most one warning per kind of refusal in this time; the next carries how many were left out.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+use super::REFUSAL_LOG_EVERY;
 
 /// The control socket's share of each loop turn: what is due, what waits for the next turn.
 pub(super) struct ControlTurn {
