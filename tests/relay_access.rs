@@ -1,6 +1,7 @@
 //! Who gets in, against real sockets: SO_PEERCRED on UNIX (a client really running as another
 //! uid), source addresses on TCP (127.0.0.2 vs 127.0.0.3, and the same through a dual-stack
-//! listener as ::ffff:127.0.0.3), --max-conns, and the socket file's mode and group.
+//! listener as ::ffff:127.0.0.3), --max-conns, the socket file's mode and group, and a peer
+//! whose identity cannot be read (SO_PEERCRED failed once by a seccomp filter in the relay).
 
 mod util;
 
@@ -167,4 +168,167 @@ fn socket_file_gets_the_operators_mode_and_group() {
     let relay = Relay::start(&[&format!("--listen=unix:{}", q.display()), "--connect=unix:/nonexistent"]);
     assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o777, 0o660, "default mode is 0660");
     drop(relay);
+}
+
+/// The kernel's SO_PEERCRED answer, failed once on purpose: a seccomp filter installed in the
+/// relay before exec hands every `getsockopt(SOL_SOCKET, SO_PEERCRED)` to this test (a user
+/// notification), which fails the first with ENOTCONN and lets the later ones run.
+mod peercred_once {
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Where the child keeps the notification fd across exec, for the test to take.
+    pub const NOTIFY_FD: RawFd = 200;
+
+    #[repr(C)]
+    struct SeccompData {
+        nr: i32,
+        arch: u32,
+        instruction_pointer: u64,
+        args: [u64; 6],
+    }
+    #[repr(C)]
+    struct Notif {
+        id: u64,
+        pid: u32,
+        flags: u32,
+        data: SeccompData,
+    }
+    #[repr(C)]
+    struct NotifResp {
+        id: u64,
+        val: i64,
+        error: i32,
+        flags: u32,
+    }
+    const NOTIF_RECV: libc::c_ulong = 0xc050_2100; // _IOWR('!', 0, struct seccomp_notif)
+    const NOTIF_SEND: libc::c_ulong = 0xc018_2101; // _IOWR('!', 1, struct seccomp_notif_resp)
+    const RET_USER_NOTIF: u32 = 0x7fc0_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const FLAG_NEW_LISTENER: libc::c_ulong = 1 << 3;
+    const USER_NOTIF_FLAG_CONTINUE: u32 = 1;
+
+    /// The filter: getsockopt with level SOL_SOCKET and optname SO_PEERCRED goes to the
+    /// listener, everything else is allowed. (x86_64 syscall numbers; the test is gated on it.)
+    pub fn program() -> Vec<libc::sock_filter> {
+        let ld = |k: u32| libc::sock_filter { code: 0x20, jt: 0, jf: 0, k }; // BPF_LD|BPF_W|BPF_ABS
+        let jeq = |k: u32, jf: u8| libc::sock_filter { code: 0x15, jt: 0, jf, k }; // BPF_JMP|BPF_JEQ|BPF_K
+        let ret = |k: u32| libc::sock_filter { code: 0x06, jt: 0, jf: 0, k }; // BPF_RET|BPF_K
+        vec![
+            ld(0),                               // nr
+            jeq(libc::SYS_getsockopt as u32, 5), // else allow
+            ld(16 + 8),                          // args[1], low half: level
+            jeq(libc::SOL_SOCKET as u32, 3),     // else allow
+            ld(16 + 16),                         // args[2], low half: optname
+            jeq(libc::SO_PEERCRED as u32, 1),    // else allow
+            ret(RET_USER_NOTIF),
+            ret(RET_ALLOW),
+        ]
+    }
+
+    /// In the forked child before exec: no new privileges, the filter, its listener at
+    /// `NOTIFY_FD` without close-on-exec.
+    ///
+    /// # Safety
+    /// Only async-signal-safe calls (prctl, seccomp, dup2); `prog` was built before the fork.
+    pub unsafe fn install(prog: &[libc::sock_filter]) -> std::io::Result<()> {
+        let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut _ };
+        // SAFETY: plain syscalls on this process; `fprog` points at `prog`, alive for the call.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::syscall(libc::SYS_seccomp, 1 /* SET_MODE_FILTER */, FLAG_NEW_LISTENER, &fprog);
+            if fd < 0 || libc::dup2(fd as RawFd, NOTIFY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the listener from process `pid` and answers its notifications from a thread: the
+    /// first fails with ENOTCONN, the rest run as asked. Returns (failed, let through).
+    pub fn supervise(pid: i32) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+        // SAFETY: pidfd_open and pidfd_getfd return new fds this test owns (or -1).
+        let fd = unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+            assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+            let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, NOTIFY_FD, 0);
+            assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+            libc::close(pidfd as RawFd);
+            OwnedFd::from_raw_fd(fd as RawFd)
+        };
+        let (failed, through) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (f, t) = (failed.clone(), through.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            loop {
+                // SAFETY: `req`/`resp` are zeroed structs of the kernel's layout, owned here; the
+                // ioctls only read or write them.
+                unsafe {
+                    let mut req: Notif = std::mem::zeroed();
+                    if libc::ioctl(fd.as_raw_fd(), NOTIF_RECV, &mut req) != 0 {
+                        return; // the relay is gone
+                    }
+                    let mut resp = NotifResp { id: req.id, val: 0, error: 0, flags: 0 };
+                    if f.load(Ordering::SeqCst) == 0 {
+                        resp.error = -libc::ENOTCONN;
+                        f.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        resp.flags = USER_NOTIF_FLAG_CONTINUE;
+                        t.fetch_add(1, Ordering::SeqCst);
+                    }
+                    libc::ioctl(fd.as_raw_fd(), NOTIF_SEND, &resp);
+                }
+            }
+        });
+        (failed, through)
+    }
+}
+
+/// A peer whose identity cannot be read (SO_PEERCRED fails) is refused alone: logged with the
+/// reason, counted, closed; the next peer is admitted and served.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_peer_whose_identity_cannot_be_read_is_refused_alone_and_the_next_is_served() {
+    use std::sync::atomic::Ordering;
+    let d = tmpdir();
+    let echo = echo_server(d.path());
+    let listen = Endpoint::Unix(d.path().join("relay.sock"));
+    let prog = peercred_once::program();
+    let mut cmd = Command::new(BIN);
+    cmd.args([format!("--listen={listen}"), format!("--connect={echo}")]);
+    // SAFETY: `install` makes only async-signal-safe calls; `prog` lives in the parent, copied
+    // into the child by the fork.
+    unsafe {
+        cmd.pre_exec(move || peercred_once::install(&prog));
+    }
+    let relay = Relay::start_with(&mut cmd);
+    let (failed, through) = peercred_once::supervise(relay.pid());
+
+    let mut first = net::connect(&listen).unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1];
+    let got = first.read(&mut buf);
+    assert!(matches!(got, Ok(0)) || got.is_err(), "the first peer is closed: {got:?}");
+    assert_eq!(failed.load(Ordering::SeqCst), 1, "the relay asked for the first peer's identity:\n{}", relay.log());
+
+    let next = net::connect(&listen).unwrap();
+    next.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    checked_round_trips(&next, 100, 0);
+    drop(next);
+    assert!(through.load(Ordering::SeqCst) >= 1);
+
+    let (status, log) = relay.stop();
+    assert!(status.success(), "{log}");
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("refused: cannot read the peer's identity")).collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(refused[0].contains("Transport endpoint is not connected"), "the line names the reason: {}", refused[0]);
+    let stopped = log.lines().find(|l| l.contains(" stopped ")).expect("a stopped line");
+    assert_eq!(
+        (field_u64(stopped, "accepted"), field_u64(stopped, "refused_access"), field_u64(stopped, "admitted")),
+        (2, 1, 1),
+        "{stopped}"
+    );
 }
