@@ -130,12 +130,8 @@ fn fcntl_check_open(fd: RawFd) -> io::Result<()> {
 /// CPU time the calling thread has used (CLOCK_THREAD_CPUTIME_ID): what a piece of work cost it,
 /// without the time it waited for a CPU. None if the clock cannot be read.
 pub fn thread_cpu_time() -> Option<std::time::Duration> {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec owned by this frame; the call only writes it. No fd.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return None;
-    }
-    Some(std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
+    Some(std::time::Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32))
 }
 
 /// Counts this process's open fds (for leak tests and the stats).
