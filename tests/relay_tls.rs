@@ -131,6 +131,107 @@ fn tls_chain_carries_bulk_both_ways_intact_and_ends_with_close_notify() {
     assert!(log_b.contains("end=\"finished\""), "B ends cleanly (close_notify, not a truncation): {log_b}");
 }
 
+/// Every handshake that passed is timed on its side: N sessions through the chain show N
+/// connect-side handshakes in A's stats and N listen-side ones in B's, in JSON and Prometheus;
+/// a refused handshake is counted by reason, not timed; `stats reset` zeroes the times.
+#[test]
+fn passed_handshakes_are_timed_per_side_in_stats() {
+    const SESSIONS: u64 = 6;
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let a_files = files(dir.path(), "a", &pki, &pki.leaf("relay-a", &["relay-a.example"]));
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    let (control_a, control_b) = (dir.path().join("a.control"), dir.path().join("b.control"));
+    // Room for every session: one may still be closing when the next arrives.
+    let max = format!("--max-conns={SESSIONS}");
+    let b = relay_b(&b_files, &sink_path, &[format!("--control={}", control_b.display()), max.clone()]);
+    let entry = dir.path().join("vmi-sock");
+    let a = relay_a(&a_files, &entry, b.bound_tcp(), &[format!("--control={}", control_a.display()), max]);
+    sink.set_nonblocking(true).unwrap();
+
+    let began = std::time::Instant::now();
+    for i in 0..SESSIONS {
+        let client = UnixStream::connect(&entry).unwrap();
+        // B dials the sink only after its handshake passed; A forwards only after its own.
+        let server = accept_within(&sink, Duration::from_secs(10), &[&a, &b]);
+        let msg = format!("session {i}");
+        (&client).write_all(msg.as_bytes()).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        (&server).read_exact(&mut got).unwrap();
+        assert_eq!(got, msg.as_bytes(), "session {i} relays");
+    }
+    let elapsed_ns = began.elapsed().as_nanos() as f64;
+    // A plaintext peer at B: refused, so not timed.
+    let mut plain = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
+    let _ = plain.write_all(&[0u8; 96]);
+    let mut b = b;
+    b.wait_log("reason=\"not_tls\"", Duration::from_secs(10));
+
+    for (control, side, relay) in [(&control_a, "connect", "A"), (&control_b, "listen", "B")] {
+        let v = util::stats_json(control);
+        let passed = v["tls"]["handshakes"].as_array().unwrap_or_else(|| panic!("{relay}: no tls.handshakes: {v}"));
+        assert_eq!(passed.len(), 1, "{relay} speaks TLS on one side only: {v}");
+        assert_eq!(passed[0]["side"], side, "{relay}: {v}");
+        let t = &passed[0]["time_ns"];
+        assert_eq!(t["count"].as_u64(), Some(SESSIONS), "{relay}: one timed handshake per session: {v}");
+        let (min, max) = (t["min"].as_u64().unwrap(), t["max"].as_u64().unwrap());
+        let mean = t["mean"].as_f64().unwrap();
+        // A handshake signs and checks a signature: far more than 10 µs of work, however
+        // fast the machine. None can have taken longer than the sessions the test timed
+        // around it (the same monotonic clock; 2 % for the histograms' rounding).
+        assert!(min >= 10_000 && min <= t["p50"].as_u64().unwrap() && mean > 0.0, "{relay}: {t}");
+        assert!(max as f64 <= elapsed_ns * 1.02, "{relay}: max {max} ns in a run of {elapsed_ns} ns");
+        assert!(
+            mean * SESSIONS as f64 <= elapsed_ns * 1.02,
+            "{relay}: sum {} ns in {elapsed_ns} ns",
+            mean * SESSIONS as f64
+        );
+
+        let prom = kvmi_relay::observe::control::ask(control, "stats prometheus").unwrap();
+        util::promtool_check(&prom);
+        let count = prom
+            .lines()
+            .find(|l| {
+                l.starts_with("kvmi_relay_tls_handshake_seconds_count{") && l.contains(&format!("side=\"{side}\""))
+            })
+            .unwrap_or_else(|| panic!("{relay}: no handshake count: {prom}"));
+        assert!(count.ends_with(&format!(" {SESSIONS}")), "{relay}: {count}");
+        let other = if side == "listen" { "connect" } else { "listen" };
+        assert!(!prom.contains(&format!("side=\"{other}\"")), "{relay} has no TLS on its {other} side: {prom}");
+    }
+    let v = util::stats_json(&control_b);
+    let refused = v["tls"]["refused"].as_array().unwrap();
+    assert!(refused.contains(&serde_json::json!(["not_tls", 1])), "the refusal is counted by reason: {v}");
+
+    assert_eq!(kvmi_relay::observe::control::ask(&control_b, "reset").unwrap(), "reset\n");
+    let v = util::stats_json(&control_b);
+    assert_eq!(v["tls"]["handshakes"][0]["time_ns"]["count"], 0, "reset zeroes the times: {v}");
+    drop(plain);
+}
+
+/// The next connection on a non-blocking `sink`, as a blocking stream; panics with the relays'
+/// logs when none comes within `patience`.
+fn accept_within(sink: &UnixListener, patience: Duration, relays: &[&Relay]) -> UnixStream {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match sink.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = relays.iter().map(|r| r.log()).collect();
+            panic!("no connection reached the sink within {patience:?}; the relays' logs:\n{}", logs.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Runs the chain with a wrong party and checks that the introspector's side never saw a
 /// connection, and that `refuser`'s log names `reason`.
 fn refused(

@@ -12,7 +12,8 @@
 //! A TLS side (`--tls-*` on a tcp: endpoint) adds a `Handshaking` phase with its own deadline:
 //! on the listen side right after admission (nothing is dialled before the peer's certificate
 //! and pins passed), on the connect side once connected (nothing is read from the listen side
-//! before the server's passed). A failed or timed-out handshake is `TlsRefused`.
+//! before the server's passed). A failed or timed-out handshake is `TlsRefused`; one that passed
+//! leaves its time, from the phase's start to the peer verified, for the loop to take.
 //!
 //! A connection never touches the poller: it says which readiness it wants on each socket
 //! (`interest`), takes the readiness that happened (`on_ready`) and moves bytes (`advance`);
@@ -93,9 +94,10 @@ enum Phase {
         deadline: Instant,
     },
     /// TLS on `side`: the handshake runs; the other side is not read (and, on the listen side,
-    /// not dialled yet).
+    /// not dialled yet). `began`: the loop's wake-up that entered the phase.
     Handshaking {
         side: usize,
+        began: Instant,
         deadline: Instant,
     },
     Relaying,
@@ -203,6 +205,9 @@ pub struct Conn {
     greet: bool,
     /// What each TLS peer presented once its handshake passed (subject, SANs, SPKI), escaped.
     pub tls_peer: [Option<String>; 2],
+    /// How long each side's TLS handshake took, from the phase's start to the peer verified,
+    /// once it passed and until the event loop takes it for the totals (`take_handshake_time`).
+    handshake_time: [Option<Duration>; 2],
 }
 
 impl Conn {
@@ -228,7 +233,7 @@ impl Conn {
         let tls_timeout = tls_cfg.map_or(Duration::ZERO, |t| t.handshake_timeout);
         let mut socks = vec![accepted];
         let phase = if listen_tls.is_some() {
-            Phase::Handshaking { side: LISTEN_SIDE, deadline: now + tls_timeout }
+            Phase::Handshaking { side: LISTEN_SIDE, began: now, deadline: now + tls_timeout }
         } else if greet {
             Phase::Greeting { deadline: now + Duration::from_millis(KVMI_HANDSHAKE_TIMEOUT_MS), got: Vec::new() }
         } else {
@@ -277,6 +282,7 @@ impl Conn {
             tls_timeout,
             greet,
             tls_peer: [None, None],
+            handshake_time: [None, None],
             phase,
             opened: now,
             metrics: [DirMetrics::new(cfg.hist_log.is_some()), DirMetrics::new(cfg.hist_log.is_some())],
@@ -314,6 +320,12 @@ impl Conn {
     /// Whether the listen side's TLS handshake runs (nothing dialled yet).
     pub fn is_tls_handshaking(&self) -> bool {
         matches!(self.phase, Phase::Handshaking { side: LISTEN_SIDE, .. })
+    }
+
+    /// The time `side`'s TLS handshake took, once, after it passed (the totals' histogram takes
+    /// it right after `advance`).
+    pub fn take_handshake_time(&mut self, side: usize) -> Option<Duration> {
+        self.handshake_time[side].take()
     }
 
     /// Whether the connection is still reading the VM's handshake (nothing dialled yet).
@@ -394,8 +406,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Runs the handshake on `side`; Ok(true) once it passed (what the peer presented is kept).
-    fn handshake(&mut self, side: usize, now: Instant, deadline: Instant) -> Result<bool, End> {
+    /// Runs the handshake on `side`; Ok(true) once it passed (what the peer presented and the
+    /// time since `began` are kept).
+    fn handshake(&mut self, side: usize, now: Instant, began: Instant, deadline: Instant) -> Result<bool, End> {
         let t = self.tls[side].as_ref().expect("a handshaking side has a TLS session");
         let refused = |reason: crate::tls::Reason, detail: String, presented: Option<String>| End::TlsRefused {
             side,
@@ -405,6 +418,8 @@ impl Conn {
         };
         match t.handshake(&self.socks[side]) {
             Ok(true) => {
+                let took = Instant::now().saturating_duration_since(began);
+                self.handshake_time[side] = Some(took);
                 self.tls_peer[side] = t
                     .peer_certificate()
                     .and_then(|der| crate::tls::Presented::from_der(&der).ok())
@@ -413,6 +428,7 @@ impl Conn {
                 tracing::info!(
                     side = who,
                     presented = self.tls_peer[side].as_deref().unwrap_or("-"),
+                    handshake_us = took.as_micros() as u64,
                     "tls: peer verified"
                 );
                 Ok(true)
@@ -474,11 +490,11 @@ impl Conn {
         if let Phase::Closing { eof } = &mut self.phase {
             return read_to_end_dropping(&self.socks, eof);
         }
-        if let Phase::Handshaking { side, deadline } = self.phase {
+        if let Phase::Handshaking { side, began, deadline } = self.phase {
             if draining {
                 return Step::Close(End::Drained);
             }
-            match self.handshake(side, now, deadline) {
+            match self.handshake(side, now, began, deadline) {
                 Err(end) => return Step::Close(end),
                 Ok(false) => return Step::Continue { more: false },
                 Ok(true) if side == LISTEN_SIDE && self.greet => {
@@ -541,7 +557,7 @@ impl Conn {
                         Err(e) => return Step::Close(End::DialFailed(io::Error::other(e.to_string()))),
                     }
                     let deadline = now + self.tls_timeout;
-                    self.phase = Phase::Handshaking { side: CONNECT_SIDE, deadline };
+                    self.phase = Phase::Handshaking { side: CONNECT_SIDE, began: now, deadline };
                     if draining {
                         return Step::Close(End::Drained);
                     }

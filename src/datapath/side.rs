@@ -5,6 +5,8 @@
 pub const LISTEN_SIDE: usize = 0;
 /// Socket index of the dialled peer (the connect side).
 pub const CONNECT_SIDE: usize = 1;
+/// Side names, as `stats` and Prometheus label the sides (`side="listen"`).
+pub const SIDE_NAMES: [&str; 2] = ["listen", "connect"];
 /// Direction names: pump `d` moves bytes from socket `d` to socket `1 - d`.
 /// In every KVMi deployment the listen side faces the hypervisor, so l2c is hypervisor →
 /// monitor and c2l is monitor → hypervisor.

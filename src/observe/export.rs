@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::datapath::pump::DirStats;
-use crate::datapath::side::DIRECTION_NAMES;
+use crate::datapath::side::{DIRECTION_NAMES, SIDE_NAMES};
 use crate::escape::Escaped;
 use crate::observe::totals::Totals;
 
@@ -37,7 +37,8 @@ pub struct Snapshot {
     /// `--kvmi`: the VM and the figures per message type (every session since start or reset).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kvmi: Option<KvmiSnap>,
-    /// `--tls-*`: the own certificate's expiry and the refused handshakes by reason.
+    /// `--tls-*`: the own certificate's expiry, the refused handshakes by reason and the time
+    /// of those that passed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSnap>,
 }
@@ -50,6 +51,32 @@ pub struct TlsSnap {
     pub cert_not_after: String,
     /// Every reason, refused handshakes since start (or the last reset).
     pub refused: Vec<(String, u64)>,
+    /// Each side that speaks TLS, listen first: the handshakes that passed since start (or the
+    /// last reset) and how long they took.
+    pub handshakes: Vec<HandshakeSnap>,
+}
+
+/// One TLS side's handshakes that passed: from the start of the handshake phase to the peer
+/// verified (docs/DESIGN.md, "Latency figures").
+#[derive(Debug, Clone, Serialize)]
+pub struct HandshakeSnap {
+    /// `listen` or `connect` (`SIDE_NAMES`).
+    pub side: &'static str,
+    pub time_ns: HistSnap,
+}
+
+impl HandshakeSnap {
+    /// One per side that speaks TLS (`tls[side]`), from the totals' histograms (None: no
+    /// handshake has passed since start or reset).
+    pub fn of(tls: [bool; 2], times: Option<&[Histogram<u64>; 2]>) -> Vec<HandshakeSnap> {
+        (0..2)
+            .filter(|&side| tls[side])
+            .map(|side| HandshakeSnap {
+                side: SIDE_NAMES[side],
+                time_ns: times.map_or_else(HistSnap::default, |h| HistSnap::of_time(&h[side])),
+            })
+            .collect()
+    }
 }
 
 /// `--kvmi`: which VM the sessions carried and what each message type cost.
@@ -276,6 +303,9 @@ pub fn text(s: &Snapshot) -> String {
             tls.refused.iter().filter(|(_, n)| *n > 0).map(|(r, n)| format!("{n} {r}")).collect();
         let refused = if refused.is_empty() { "none".to_string() } else { refused.join(", ") };
         let _ = writeln!(o, "tls: own certificate valid until {}; refused handshakes: {refused}", tls.cert_not_after);
+        let passed: Vec<String> =
+            tls.handshakes.iter().map(|h| format!("{} side {}", h.side, pcts_us(&h.time_ns))).collect();
+        let _ = writeln!(o, "tls handshakes in µs as p50/p90/p99/p99.9/max (count): {}", passed.join("; "));
     }
     let _ = writeln!(o, "latency in µs as p50/p90/p99/p99.9/max (count)");
     let _ = writeln!(
@@ -431,13 +461,7 @@ pub fn prometheus(s: &Snapshot) -> String {
     for d in &s.all_sessions {
         for (figure, h) in [("transit", &d.transit_ns), ("turnaround", &d.turnaround_ns)] {
             let labels = format!("vm=\"{vm}\",direction=\"{}\",figure=\"{figure}\"", d.direction);
-            for (i, le) in PROMETHEUS_BUCKETS_S.iter().enumerate() {
-                let n = h.buckets.get(i).copied().unwrap_or(0);
-                let _ = writeln!(o, "kvmi_relay_latency_seconds_bucket{{{labels},le=\"{le:e}\"}} {n}");
-            }
-            let _ = writeln!(o, "kvmi_relay_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(o, "kvmi_relay_latency_seconds_sum{{{labels}}} {:e}", h.mean * h.count as f64 / 1e9);
-            let _ = writeln!(o, "kvmi_relay_latency_seconds_count{{{labels}}} {}", h.count);
+            histogram_samples(&mut o, "kvmi_relay_latency_seconds", &labels, h);
         }
     }
     if let Some(tls) = &s.tls {
@@ -451,6 +475,15 @@ pub fn prometheus(s: &Snapshot) -> String {
         let _ = writeln!(o, "# TYPE kvmi_relay_tls_refused_total counter");
         for (reason, n) in &tls.refused {
             let _ = writeln!(o, "kvmi_relay_tls_refused_total{{vm=\"{vm}\",reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP kvmi_relay_tls_handshake_seconds TLS handshakes that passed, per side: from the start of the handshake to the peer verified."
+        );
+        let _ = writeln!(o, "# TYPE kvmi_relay_tls_handshake_seconds histogram");
+        for h in &tls.handshakes {
+            let labels = format!("vm=\"{vm}\",side=\"{}\"", h.side);
+            histogram_samples(&mut o, "kvmi_relay_tls_handshake_seconds", &labels, &h.time_ns);
         }
     }
     if let Some(k) = &s.kvmi {
@@ -497,16 +530,20 @@ fn kvmi_prometheus(o: &mut String, vm: &str, t: &Totals, k: &KvmiSnap) {
     );
     let _ = writeln!(o, "# TYPE kvmi_relay_kvmi_latency_seconds histogram");
     for m in &k.messages {
-        let labels = per(m);
-        let h = &m.latency_ns;
-        for (i, le) in PROMETHEUS_BUCKETS_S.iter().enumerate() {
-            let n = h.buckets.get(i).copied().unwrap_or(0);
-            let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_bucket{{{labels},le=\"{le:e}\"}} {n}");
-        }
-        let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_sum{{{labels}}} {:e}", h.mean * h.count as f64 / 1e9);
-        let _ = writeln!(o, "kvmi_relay_kvmi_latency_seconds_count{{{labels}}} {}", h.count);
+        histogram_samples(o, "kvmi_relay_kvmi_latency_seconds", &per(m), &m.latency_ns);
     }
+}
+
+/// One series of a histogram family in seconds from a nanosecond `HistSnap`: its cumulative
+/// buckets at `PROMETHEUS_BUCKETS_S`, `+Inf`, sum and count.
+fn histogram_samples(o: &mut String, family: &str, labels: &str, h: &HistSnap) {
+    for (i, le) in PROMETHEUS_BUCKETS_S.iter().enumerate() {
+        let n = h.buckets.get(i).copied().unwrap_or(0);
+        let _ = writeln!(o, "{family}_bucket{{{labels},le=\"{le:e}\"}} {n}");
+    }
+    let _ = writeln!(o, "{family}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(o, "{family}_sum{{{labels}}} {:e}", h.mean * h.count as f64 / 1e9);
+    let _ = writeln!(o, "{family}_count{{{labels}}} {}", h.count);
 }
 
 /// Checks text against the exposition-format grammar as far as a scraper relies on it: metric
@@ -759,6 +796,48 @@ mod tests {
         // Without --kvmi none of it.
         assert!(!prometheus(&sample()).contains("kvmi_relay_kvmi_"));
         assert!(json(&sample()).find("\"kvmi\"").is_none());
+    }
+
+    #[test]
+    fn tls_handshake_times_appear_in_every_format() {
+        let mut times = [time_histogram(), time_histogram()];
+        for v in [900_000, 1_100_000, 30_000_000] {
+            times[0].record(v).unwrap();
+        }
+        let s = Snapshot {
+            tls: Some(TlsSnap {
+                cert_not_after_unix: 4_070_908_800,
+                cert_not_after: "2099-01-01 00:00:00 UTC".into(),
+                refused: vec![("not_tls".into(), 1)],
+                // A listener speaking TLS, dialling plain: no connect side.
+                handshakes: HandshakeSnap::of([true, false], Some(&times)),
+            }),
+            ..sample()
+        };
+        let t = text(&s);
+        let line = t.lines().find(|l| l.starts_with("tls handshakes in µs")).unwrap_or_else(|| panic!("{t}"));
+        assert!(line.ends_with(": listen side 1105.9/30015.5/30015.5/30015.5/30015.5 (3)"), "{line}");
+        assert!(!t.contains("connect side"), "{t}");
+        let v: serde_json::Value = serde_json::from_str(&json(&s)).unwrap();
+        assert_eq!(v["tls"]["handshakes"][0]["side"], "listen");
+        assert_eq!(v["tls"]["handshakes"][0]["time_ns"]["count"], 3);
+        assert_eq!(v["tls"]["handshakes"].as_array().unwrap().len(), 1);
+        let p = prometheus(&s);
+        lint_prometheus(&p).unwrap();
+        let series = "kvmi_relay_tls_handshake_seconds_bucket{vm=\"one-\\\"7\\\"\",side=\"listen\"";
+        assert!(p.contains(&format!("{series},le=\"1e-3\"}} 1")), "{p}");
+        assert!(p.contains(&format!("{series},le=\"5e-2\"}} 3")), "{p}");
+        assert!(p.contains("kvmi_relay_tls_handshake_seconds_count{vm=\"one-\\\"7\\\"\",side=\"listen\"} 3"), "{p}");
+        assert!(!p.contains("side=\"connect\""), "{p}");
+        // Before any handshake passed: the family is there, at zero.
+        let none = Snapshot {
+            tls: Some(TlsSnap { handshakes: HandshakeSnap::of([true, true], None), ..TlsSnap::default() }),
+            ..sample()
+        };
+        let p = prometheus(&none);
+        lint_prometheus(&p).unwrap();
+        assert!(p.contains("kvmi_relay_tls_handshake_seconds_count{vm=\"one-\\\"7\\\"\",side=\"connect\"} 0"), "{p}");
+        assert!(text(&none).contains("listen side -; connect side -"), "{}", text(&none));
     }
 
     #[test]

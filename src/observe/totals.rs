@@ -3,12 +3,18 @@
 //! service status, SIGUSR1 and the `stopped` line read them.
 //!
 //! Invariant: a closed session's bytes are added here when it closes; whoever reports totals
-//! while sessions are live adds theirs to a copy (`Relay::totals_now`), never to these.
+//! while sessions are live adds theirs to a copy (`Relay::totals_now`), never to these. A TLS
+//! handshake's time is added when it passes, whatever becomes of its session.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 use crate::datapath::side::DIRECTION_NAMES;
+use crate::observe::metrics::time_histogram;
 
 /// Counters over the relay's whole life (since start or the last `stats --reset`).
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Totals {
     pub accepted: u64,
     pub admitted: u64,
@@ -58,6 +64,12 @@ pub struct Totals {
     /// them in its `tls` part.
     #[serde(skip)]
     pub tls_refusals: [u64; crate::tls::Reason::ALL.len()],
+    /// TLS handshakes that passed, per side (`LISTEN_SIDE`, `CONNECT_SIDE`): nanoseconds from
+    /// the start of the handshake phase to the peer verified. Made by the first one, so a relay
+    /// without TLS never holds the two histograms (~70 KiB); the snapshot shows them in its
+    /// `tls` part.
+    #[serde(skip)]
+    pub tls_handshakes: Option<Box<[Histogram<u64>; 2]>>,
 }
 
 /// `[l2c, c2l]` as `{"l2c": .., "c2l": ..}`.
@@ -120,6 +132,12 @@ impl Totals {
         self.control_refusals[why.index()] += 1;
     }
 
+    /// One TLS handshake on `side` passed after `took`.
+    pub fn tls_handshake(&mut self, side: usize, took: Duration) {
+        let h = self.tls_handshakes.get_or_insert_with(|| Box::new([time_histogram(), time_histogram()]));
+        h[side].saturating_record(took.as_nanos() as u64);
+    }
+
     /// One line of `key=value` counters with `live` sessions running (`stopped`, SIGUSR1).
     pub fn log(&self, live: usize, message: &str) {
         let t = self;
@@ -142,6 +160,7 @@ impl Totals {
             control_accept_pauses = t.control_accept_pauses,
             poll_window_suspensions = t.poll_window_suspensions,
             tls_refused = t.tls_refusals.iter().sum::<u64>(),
+            tls_handshakes = t.tls_handshakes.as_ref().map_or(0, |h| h[0].len() + h[1].len()),
             l2c_bytes = t.bytes[0],
             l2c_splice_bytes = t.splice_bytes[0],
             l2c_copy_bytes = t.copy_bytes[0],

@@ -635,6 +635,11 @@ impl Relay {
             let _entered = s.span.enter();
             s.conn.advance(now, draining)
         };
+        for side in [LISTEN_SIDE, CONNECT_SIDE] {
+            if let Some(took) = s.conn.take_handshake_time(side) {
+                self.totals.tls_handshake(side, took);
+            }
+        }
         match step {
             Step::Continue { more } => {
                 if let Err(e) = self.sync_interest(slot) {
@@ -900,7 +905,7 @@ impl Relay {
     /// The life counters, with the bytes of the closed and the live sessions: what `stats` and
     /// the totals line show.
     fn totals_now(&self) -> Totals {
-        let mut t = self.totals;
+        let mut t = self.totals.clone();
         let mut add = |d: usize, stats: &DirStats| {
             t.bytes[d] += stats.bytes;
             t.splice_bytes[d] += stats.splice_bytes;

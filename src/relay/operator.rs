@@ -439,6 +439,10 @@ impl Relay {
                     .zip(self.totals.tls_refusals)
                     .map(|(r, n)| (r.as_str().to_string(), n))
                     .collect(),
+                handshakes: crate::observe::export::HandshakeSnap::of(
+                    [t.settings.roles.listen, t.settings.roles.dial],
+                    self.totals.tls_handshakes.as_deref(),
+                ),
             }),
         }
     }
