@@ -211,6 +211,69 @@ fn passed_handshakes_are_timed_per_side_in_stats() {
     drop(plain);
 }
 
+/// A TLS peer that sends its last bytes and close_notify together and keeps TCP open until it
+/// hears the relay's close_notify (OpenSSL's SSL_shutdown does this): the end still travels.
+/// The relay used to take the bytes as a short read (the queue empty) and wait for an edge
+/// that never came, so the far side never saw its end of stream.
+#[test]
+fn a_close_notify_that_comes_with_the_last_bytes_ends_the_stream() {
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let sink_path = dir.path().join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let b = relay_b(&b_files, &sink_path, &[]);
+    let peer = pki.leaf("client", &["client.example"]);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&pki.ca_pem) {
+        roots.add(c).unwrap();
+    }
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(peer.key_pem.as_bytes()).unwrap();
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![peer.cert_der.clone()], key)
+        .unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    let far = accept_within(&sink, Duration::from_secs(10), &[&b]);
+    // Both in one write: the relay finds them in one read.
+    conn.writer().write_all(b"the last bytes").unwrap();
+    conn.send_close_notify();
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp).unwrap();
+    }
+    far.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let read = (&far).read_to_end(&mut got);
+    assert!(read.is_ok(), "no end of stream after {:?}: {read:?}\n{}", String::from_utf8_lossy(&got), b.log());
+    assert_eq!(got, b"the last bytes");
+    // And the relay's close_notify comes back once the far side ends too.
+    far.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut buf = [0u8; 16];
+    loop {
+        match conn.reader().read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => panic!("unexpected {n} bytes"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                conn.read_tls(&mut tcp).expect("the relay's close_notify");
+                conn.process_new_packets().unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// The next connection on a non-blocking `sink`, as a blocking stream; panics with the relays'
 /// logs when none comes within `patience`.
 fn accept_within(sink: &UnixListener, patience: Duration, relays: &[&Relay]) -> UnixStream {
@@ -230,6 +293,168 @@ fn accept_within(sink: &UnixListener, patience: Duration, relays: &[&Relay]) -> 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// One TLS peer of the key-update test, driven without blocking so that it reads and writes at
+/// once (a relay that stops reading while its destination is full would deadlock a peer that
+/// blocks on writing): sends `send` as plaintext, asking for a key update (`refresh_traffic_keys`:
+/// KeyUpdate with update_requested, so both directions' keys roll) before the bytes at each of
+/// `updates_at`, then close_notify; returns what it read up to the relay's close_notify.
+fn key_update_peer(
+    mut conn: rustls::Connection,
+    tcp: std::net::TcpStream,
+    send: Vec<u8>,
+    mut updates_at: Vec<usize>,
+    who: &'static str,
+) -> std::thread::JoinHandle<(Vec<u8>, usize)> {
+    use nix::poll::{PollFd, PollFlags, poll};
+    use std::os::fd::AsFd;
+    std::thread::spawn(move || {
+        tcp.set_nonblocking(true).unwrap();
+        let mut io = &tcp;
+        let (mut sent, mut updated, mut shut, mut got, mut ended) = (0, 0, false, Vec::new(), false);
+        let mut tcp_eof = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            // Poll only after a round that moved nothing: no spinning beside the relay.
+            let mut progressed = false;
+            if !conn.is_handshaking() && !conn.wants_write() {
+                if updates_at.first().is_some_and(|&at| sent >= at) {
+                    updates_at.remove(0);
+                    conn.refresh_traffic_keys().unwrap_or_else(|e| panic!("{who}: refresh_traffic_keys: {e}"));
+                    updated += 1;
+                }
+                let end = updates_at.first().map_or(send.len(), |&at| at.min(send.len()));
+                if sent < end {
+                    let n = conn.writer().write(&send[sent..end.min(sent + (16 << 10))]).unwrap();
+                    sent += n;
+                    progressed |= n > 0;
+                } else if sent == send.len() && !shut {
+                    conn.send_close_notify();
+                    shut = true;
+                }
+            }
+            while conn.wants_write() {
+                match conn.write_tls(&mut io) {
+                    Ok(n) => progressed |= n > 0,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{who}: write: {e}"),
+                }
+            }
+            if shut && !conn.wants_write() && ended {
+                return (got, updated);
+            }
+            match if tcp_eof { Ok(0) } else { conn.read_tls(&mut io) } {
+                Ok(0) => {
+                    assert!(ended, "{who}: TCP closed before close_notify ({} bytes read)", got.len());
+                    tcp_eof = true;
+                }
+                Ok(_) => {
+                    progressed = true;
+                    conn.process_new_packets().unwrap_or_else(|e| panic!("{who}: TLS error: {e}"));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{who}: read: {e}"),
+            }
+            loop {
+                match conn.reader().read(&mut buf) {
+                    Ok(0) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{who}: {e} after {} bytes", got.len()),
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "{who}: stuck: sent {sent}, read {}", got.len());
+            if !progressed {
+                let mut events = if tcp_eof { PollFlags::empty() } else { PollFlags::POLLIN };
+                if conn.wants_write() {
+                    events |= PollFlags::POLLOUT;
+                }
+                let mut fds = [PollFd::new(tcp.as_fd(), events)];
+                let _ = poll(&mut fds, 100u16);
+            }
+        }
+    })
+}
+
+/// A TLS 1.3 KeyUpdate in the middle of the stream, asked for by the relay's peers on both of
+/// its TLS sides (its client asks the relay as server, its server asks the relay as client),
+/// each several times while bulk flows both ways: every byte arrives, in order, and the session
+/// ends cleanly.
+#[test]
+fn key_updates_mid_stream_keep_both_directions_intact() {
+    const BYTES: usize = 16 << 20;
+    let dir = tmpdir();
+    let pki = Pki::new();
+    let relay_files = files(dir.path(), "relay", &pki, &pki.leaf("relay", &["127.0.0.1"]));
+    let peer_leaf = pki.leaf("peer", &["127.0.0.1", "peer.example"]);
+    let far = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut args = vec![
+        "--listen=tcp:127.0.0.1:0".to_string(),
+        "--allow-ip=127.0.0.1".into(),
+        format!("--connect=tcp:{}", far.local_addr().unwrap()),
+    ];
+    args.extend(tls_args(&relay_files));
+    let mut relay = start(args);
+
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&pki.ca_pem) {
+        roots.add(c).unwrap();
+    }
+    let roots = std::sync::Arc::new(roots);
+    let key = || rustls::pki_types::PrivateKeyDer::from_pem_slice(peer_leaf.key_pem.as_bytes()).unwrap();
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client_cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(vec![peer_leaf.cert_der.clone()], key())
+        .unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build().unwrap();
+    let server_cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![peer_leaf.cert_der.clone()], key())
+        .unwrap();
+
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let client = rustls::ClientConnection::new(std::sync::Arc::new(client_cfg), name).unwrap();
+    let near = std::net::TcpStream::connect(relay.bound_tcp()).unwrap();
+    let (up, down) = (stream(11, BYTES), stream(12, BYTES));
+    // Right after the handshake (before any data), then a third and two thirds of the way.
+    let at = vec![0, BYTES / 3, 2 * BYTES / 3];
+    let at_client = key_update_peer(client.into(), near, up.clone(), at.clone(), "client");
+    // The relay dials once the client's handshake with it passed.
+    let (far_tcp, _) = far.accept().unwrap();
+    let server = rustls::ServerConnection::new(std::sync::Arc::new(server_cfg)).unwrap();
+    let at_server = key_update_peer(server.into(), far_tcp, down.clone(), at, "server");
+    let (got_up, server_updates) =
+        at_server.join().unwrap_or_else(|_| panic!("server peer failed; relay: {}", relay.log()));
+    let (got_down, client_updates) =
+        at_client.join().unwrap_or_else(|_| panic!("client peer failed; relay: {}", relay.log()));
+    assert_eq!((client_updates, server_updates), (3, 3), "each peer asked for its key updates");
+    assert!(
+        got_up.len() == up.len() && got_up == up,
+        "client → server: {} of {} bytes, or changed",
+        got_up.len(),
+        up.len()
+    );
+    assert!(
+        got_down.len() == down.len() && got_down == down,
+        "server → client: {} of {} bytes, or changed",
+        got_down.len(),
+        down.len()
+    );
+    let log = relay.wait_log(" closed ", Duration::from_secs(10));
+    assert!(log.contains("end=\"finished\""), "{log}");
 }
 
 /// Runs the chain with a wrong party and checks that the introspector's side never saw a

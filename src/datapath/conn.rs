@@ -616,6 +616,16 @@ impl Conn {
                 }
             };
             more |= run.more;
+            let ended_unseen = self.pumps[d].source_open();
+            if ended_unseen && self.tls[d].as_ref().is_some_and(TlsStream::peer_ended) {
+                // The peer's close_notify came with its last records: that short read was not
+                // the queue running dry, and no edge will bring the end. Read again, as for a
+                // peer the socket reported closed (once: from then on short reads do not stop
+                // the pump reading).
+                self.pumps[d].source_closing();
+                self.pumps[d].source_ready();
+                more = true;
+            }
             if run.started {
                 // Bytes found in the same turn the other direction finished forwarding arrived
                 // after `now`: time them from when they were found instead.

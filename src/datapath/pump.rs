@@ -237,6 +237,11 @@ impl Pump {
         self.flow == Flow::Finished
     }
 
+    /// The source has neither said EOF nor been reported read-closed.
+    pub fn source_open(&self) -> bool {
+        self.flow == Flow::Open
+    }
+
     /// The source has said EOF.
     pub fn src_eof(&self) -> bool {
         matches!(self.flow, Flow::Ended | Flow::Finished)

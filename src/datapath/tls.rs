@@ -15,6 +15,10 @@
 //!   interest and calls `flush` until it is gone, and no session closes with records queued.
 //! - A half-close is `close_notify`, then `shutdown(SHUT_WR)` once it is out. An end of stream
 //!   without `close_notify` from the peer is an error (a truncation), not an EOF.
+//! - The peer's `close_notify` can arrive with its last records; `recv` then returns those
+//!   bytes short, and no edge will come for the end that follows (a peer that waits for our
+//!   `close_notify` before it closes TCP sends nothing more). `peer_ended` says so: the
+//!   connection reads that source again as if the socket had reported its peer's end.
 //! - Never spliced: the strategy of a direction touching a TLS socket is copy.
 
 use std::cell::{Cell, RefCell};
@@ -32,6 +36,8 @@ pub struct TlsStream {
     conn: RefCell<rustls::Connection>,
     /// `close_notify` was queued; the socket is half-closed once it is out.
     shut_pending: Cell<bool>,
+    /// The peer's `close_notify` was reached in the plaintext (`recv` said or will say EOF).
+    peer_ended: Cell<bool>,
 }
 
 /// Why a handshake failed: rustls' error (the reason and what the peer presented are in it),
@@ -55,7 +61,7 @@ impl TlsStream {
     }
 
     fn wrap(conn: rustls::Connection) -> TlsStream {
-        TlsStream { conn: RefCell::new(conn), shut_pending: Cell::new(false) }
+        TlsStream { conn: RefCell::new(conn), shut_pending: Cell::new(false), peer_ended: Cell::new(false) }
     }
 
     /// Moves the handshake on as far as the socket allows: Ok(true) once it is complete and
@@ -91,6 +97,11 @@ impl TlsStream {
         c.peer_certificates().and_then(|certs| certs.first()).map(|d| d.as_ref().to_vec())
     }
 
+    /// The peer's `close_notify` was reached after everything it sent before it.
+    pub fn peer_ended(&self) -> bool {
+        self.peer_ended.get()
+    }
+
     /// Records are queued for the socket (write interest wanted).
     pub fn wants_write(&self) -> bool {
         self.conn.borrow().wants_write()
@@ -119,7 +130,11 @@ impl TlsStream {
         let mut filled = 0;
         while filled < buf.len() {
             match c.reader().read(&mut buf[filled..]) {
-                Ok(0) => return Ok(filled), // close_notify: the end of the stream, after `filled`
+                Ok(0) => {
+                    // close_notify: the end of the stream, after `filled`.
+                    self.peer_ended.set(true);
+                    return Ok(filled);
+                }
                 Ok(n) => {
                     filled += n;
                     continue;
