@@ -522,9 +522,227 @@ case_hook() {
     reap
 }
 
+# The same hook called by a real libvirtd (libvirt 9.0, qemu driver), not by hand. The guest has
+# libvirt-daemon, its qemu driver, libvirt-clients and qemu-system-x86 but not
+# libvirt-daemon-system: no units, no polkit, no networks. So libvirtd is a transient service
+# started here, after unit-install put the hook in /etc/libvirt/hooks/qemu.d (libvirtd looks for
+# its hooks when it starts), with KillMode=process as Debian's libvirtd.service has (a restart
+# leaves the domains' QEMU running), and a qemu.conf for this bare system: QEMU as root, without
+# cgroups, namespaces or a security driver, its console log written by libvirtd itself (no
+# virtlogd). The domains are type 'qemu' (TCG inside this TCG guest), 32 MiB, no disk, no
+# network; they boot into SeaBIOS and sit there. Stock QEMU has no KVMi, so QEMU never dials the
+# relay's socket and no introspection session happens: these cases are about what libvirtd makes
+# the hook do (hook-kvmi-session covers the session through the same units).
+LVD_CASES="libvirtd-starts-and-stops-the-relay libvirtd-reconnect-writes-the-missing-file libvirtd-save-restore-restarts-the-relay
+libvirtd-bad-metadata-refuses-start"
+LVD_UUID=6b766d69-2d72-656c-6179-2d6c76643121
+LVD_INST='lvd\x2d1'
+LVD_CONF=/run/kvmi-relay/lvd-1.conf
+LVD_SOCK="/run/kvmi/$LVD_INST.sock"
+VIRSH="timeout 300 virsh -q -c qemu:///system"
+# lvd_xml NAME EXTRA-ATTRIBUTES: a domain for this guest, with <kvmi:relay> left to the hook's
+# defaults (allow-uid libvirt-qemu, policy read-only).
+lvd_xml() {
+    cat <<EOF
+<domain type='qemu'>
+  <name>$1</name>
+  <uuid>$LVD_UUID</uuid>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <metadata>
+    <kvmi:relay xmlns:kvmi="urn:kvmi-relay:libvirt:1" flavor="unix" directory="/srv/vmi/$1"$2/>
+  </metadata>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+}
+# ms: milliseconds since the epoch.
+ms() { echo $(($(date +%s%N) / 1000000)); }
+# lvd_running: lvd-1 runs, its file is the one prepare writes for it (comment line aside), its
+# socket unit is active and its socket there; each miss is a bad().
+lvd_running() {
+    state=$($VIRSH domstate lvd-1 2>&1)
+    [ "$state" = running ] || bad "domain lvd-1 is '$state'"
+    cat >/tmp/lvd-want.conf <<EOF
+KVMI_RELAY_NAME=lvd-1
+KVMI_RELAY_LISTEN='unix:/run/kvmi/lvd\x2d1.sock'
+KVMI_RELAY_ALLOW_UID=libvirt-qemu
+KVMI_RELAY_SOCKET_GROUP=kvm
+KVMI_RELAY_CONNECT=unix:/srv/vmi/lvd-1/vmi-sock
+KVMI_RELAY_KVMI=true
+KVMI_RELAY_KVMI_VM_UUID=$LVD_UUID
+KVMI_RELAY_KVMI_VM_NAME=lvd-1
+KVMI_RELAY_KVMI_POLICY=read-only
+EOF
+    if [ -f $LVD_CONF ]; then
+        grep -v '^#' $LVD_CONF | diff /tmp/lvd-want.conf - >/tmp/lvd-conf.diff ||
+            bad "$LVD_CONF is not the expected file: $(tr '\n' ' ' </tmp/lvd-conf.diff)"
+    else
+        bad "no $LVD_CONF"
+    fi
+    for _i in $(seq 100); do systemctl is-active -q "kvmi-relay@$LVD_INST.socket" && break; sleep 0.1; done
+    st=$(systemctl is-active "kvmi-relay@$LVD_INST.socket")
+    [ "$st" = active ] || bad "kvmi-relay@$LVD_INST.socket is $st"
+    [ -S "$LVD_SOCK" ] || bad "no $LVD_SOCK"
+}
+# lvd_stopped: both units inactive, the file and the socket gone.
+lvd_stopped() {
+    for _i in $(seq 100); do
+        systemctl is-active -q "kvmi-relay@$LVD_INST.socket" "kvmi-relay@$LVD_INST.service" || break
+        sleep 0.1
+    done
+    for u in socket service; do
+        st=$(systemctl is-active "kvmi-relay@$LVD_INST.$u")
+        [ "$st" = inactive ] || bad "kvmi-relay@$LVD_INST.$u is $st"
+    done
+    [ -e $LVD_CONF ] && bad "$LVD_CONF left"
+    [ -e "$LVD_SOCK" ] && bad "$LVD_SOCK left"
+}
+# lvd_end: end() with libvirtd's and the domain's logs on failure.
+lvd_end() {
+    end kvmi-libvirtd.service "kvmi-relay@$LVD_INST.socket" "kvmi-relay@$LVD_INST.service"
+    if [ -n "$CASE_WHY" ]; then
+        echo "guest: ==> /var/log/libvirt/qemu/lvd-1.log (last 10 lines)"
+        tail -n 10 /var/log/libvirt/qemu/lvd-1.log 2>&1 | sed 's/^/guest:   /'
+    fi
+}
+case_libvirtd() {
+    _any=""
+    for c in $LVD_CASES; do want "$c" && _any=1; done
+    [ -n "$_any" ] || return
+    if ! command -v libvirtd >/dev/null || ! command -v virsh >/dev/null; then
+        for c in $LVD_CASES; do want "$c" && notrun "$c" "no libvirtd or virsh in the guest (systemd-image.sh's debootstrap)"; done
+        return
+    fi
+    if [ ! -x "$HOOK" ]; then
+        for c in $LVD_CASES; do want "$c" && notrun "$c" "no installed $HOOK (unit-install copies the staged make install)"; done
+        return
+    fi
+    cat >/etc/libvirt/qemu.conf <<'EOF'
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+stdio_handler = "file"
+EOF
+    printf '%s\n' 'auth_unix_rw = "none"' 'auth_unix_ro = "none"' >/etc/libvirt/libvirtd.conf
+    # libvirtd resolves its built-in QEMU user before it reads qemu.conf (libvirt-daemon-system
+    # would have made it); it is also the hook's allow-uid default, which the domains leave to it.
+    id -u libvirt-qemu >/dev/null 2>&1 ||
+        useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+    lvd_xml lvd-1 "" >/tmp/lvd-1.xml
+    lvd_t0=$(ms)
+
+    if want libvirtd-starts-and-stops-the-relay; then
+        begin libvirtd-starts-and-stops-the-relay
+        id -u libvirt-qemu >/dev/null 2>&1 || bad "no user libvirt-qemu (useradd failed)"
+        t0=$(ms)
+        # Type=notify: systemd-run returns once libvirtd said READY=1 (its sockets are open).
+        timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd \
+            >/tmp/lvd-run.out 2>&1 || bad "libvirtd did not start: $(head -3 /tmp/lvd-run.out)"
+        t1=$(ms)
+        $VIRSH define /tmp/lvd-1.xml >/tmp/lvd-def.out 2>&1 || bad "virsh define failed: $(head -3 /tmp/lvd-def.out)"
+        # virsh start returns once QEMU runs; libvirtd ran the prepare hook before spawning it.
+        $VIRSH start lvd-1 >/tmp/lvd-start.out 2>&1 || bad "virsh start failed: $(head -3 /tmp/lvd-start.out)"
+        t2=$(ms)
+        lvd_running
+        # virsh destroy returns once QEMU is gone and libvirtd ran the release hook.
+        $VIRSH destroy lvd-1 >/tmp/lvd-destroy.out 2>&1 || bad "virsh destroy failed: $(head -3 /tmp/lvd-destroy.out)"
+        t3=$(ms)
+        lvd_stopped
+        DETAIL="libvirtd $(libvirtd --version | awk '{print $NF}') up in $((t1 - t0)) ms; virsh define + start $((t2 - t1)) ms (the first start probes QEMU): prepare wrote $LVD_CONF as expected, socket unit active; virsh destroy $((t3 - t2)) ms: release stopped both units, file and socket gone; stock QEMU, no KVMi session"
+        lvd_end
+    fi
+
+    # Installing the hook while domains run, then restarting libvirtd: libvirtd reconnects to each
+    # running domain and calls `reconnect begin`, which finds no file and writes it as prepare
+    # would, without touching the domain. Here the file and the socket unit are taken away from
+    # a domain that has them, which leaves the host in that state.
+    if want libvirtd-reconnect-writes-the-missing-file; then
+        begin libvirtd-reconnect-writes-the-missing-file
+        systemctl is-active -q kvmi-libvirtd.service ||
+            timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd >/dev/null 2>&1
+        $VIRSH define /tmp/lvd-1.xml >/dev/null 2>&1
+        $VIRSH start lvd-1 >/tmp/lvd-start.out 2>&1 || bad "virsh start failed: $(head -3 /tmp/lvd-start.out)"
+        pid0=$(cat /run/libvirt/qemu/lvd-1.pid 2>/dev/null)
+        systemctl stop "kvmi-relay@$LVD_INST.socket"
+        rm -f $LVD_CONF
+        t0=$(ms)
+        timeout 120 systemctl restart kvmi-libvirtd.service || bad "systemctl restart kvmi-libvirtd failed"
+        # libvirtd reconnects (and runs the hook) in the background after READY=1: wait for the file.
+        for _i in $(seq 300); do [ -f $LVD_CONF ] && break; sleep 0.1; done
+        t1=$(ms)
+        lvd_running
+        pid1=$(cat /run/libvirt/qemu/lvd-1.pid 2>/dev/null)
+        [ -n "$pid0" ] && [ "$pid0" = "$pid1" ] && [ -d "/proc/$pid0" ] || bad "QEMU did not survive the restart (pid '$pid0' → '$pid1')"
+        DETAIL="libvirtd restarted, reconnect wrote $LVD_CONF and started the socket unit in $((t1 - t0)) ms; QEMU pid $pid0 still running"
+        $VIRSH destroy lvd-1 >/dev/null 2>&1 || bad "virsh destroy failed"
+        lvd_stopped
+        lvd_end
+    fi
+
+    # virsh save stops the domain (release); virsh restore gives the saved XML to the hook's
+    # `restore begin` filter, takes back what it prints, and starts the domain with prepare first,
+    # as any start.
+    if want libvirtd-save-restore-restarts-the-relay; then
+        begin libvirtd-save-restore-restarts-the-relay
+        systemctl is-active -q kvmi-libvirtd.service ||
+            timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd >/dev/null 2>&1
+        $VIRSH define /tmp/lvd-1.xml >/dev/null 2>&1
+        $VIRSH start lvd-1 >/tmp/lvd-start.out 2>&1 || bad "virsh start failed: $(head -3 /tmp/lvd-start.out)"
+        lvd_running
+        rm -f /tmp/lvd-1.save
+        t0=$(ms)
+        $VIRSH save lvd-1 /tmp/lvd-1.save >/tmp/lvd-save.out 2>&1 || bad "virsh save failed: $(head -3 /tmp/lvd-save.out)"
+        t1=$(ms)
+        lvd_stopped
+        $VIRSH restore /tmp/lvd-1.save >/tmp/lvd-restore.out 2>&1 || bad "virsh restore failed: $(head -3 /tmp/lvd-restore.out)"
+        t2=$(ms)
+        lvd_running
+        DETAIL="virsh save $((t1 - t0)) ms ($(du -k /tmp/lvd-1.save 2>/dev/null | cut -f1) KiB): release stopped both units; virsh restore $((t2 - t1)) ms: prepare wrote the same file, socket unit active"
+        $VIRSH destroy lvd-1 >/dev/null 2>&1 || bad "virsh destroy failed"
+        lvd_stopped
+        rm -f /tmp/lvd-1.save
+        lvd_end
+    fi
+
+    # A bad value: libvirt refuses the start, and its error ends with the hook's line.
+    if want libvirtd-bad-metadata-refuses-start; then
+        begin libvirtd-bad-metadata-refuses-start
+        systemctl is-active -q kvmi-libvirtd.service ||
+            timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd >/dev/null 2>&1
+        $VIRSH undefine lvd-1 >/dev/null 2>&1
+        lvd_xml lvd-1 ' port="7"' >/tmp/lvd-bad.xml
+        $VIRSH define /tmp/lvd-bad.xml >/tmp/lvd-def.out 2>&1 || bad "virsh define failed: $(head -3 /tmp/lvd-def.out)"
+        if $VIRSH start lvd-1 >/tmp/lvd-bad.out 2>&1; then
+            bad "virsh start started a domain whose metadata the hook refuses"
+        fi
+        grep -q "kvmi-relay hook: domain 'lvd-1': attribute port='7': does not belong to flavor unix; the VM is not started\$" /tmp/lvd-bad.out ||
+            bad "virsh's error does not carry the hook's line: $(tr '\n' ' ' </tmp/lvd-bad.out)"
+        state=$($VIRSH domstate lvd-1 2>&1)
+        [ "$state" = "shut off" ] || bad "domain lvd-1 is '$state' after the refused start"
+        lvd_stopped
+        DETAIL="virsh start fails: $(grep . /tmp/lvd-bad.out | tr '\n' ' ')"
+        lvd_end
+    fi
+    $VIRSH destroy lvd-1 >/dev/null 2>&1
+    $VIRSH undefine lvd-1 >/dev/null 2>&1
+    systemctl stop kvmi-libvirtd.service 2>/dev/null
+    # What these cases add to the guest's run (from libvirtd's start to its stop).
+    echo "FIGURE libvirtd_cases_ms $(($(ms) - lvd_t0))"
+}
+
 # --- driver ----------------------------------------------------------------------------------
 
-ALL="sd-pid1-is-systemd sd-transient-relay-vsock deb-install deb-session deb-remove-purge-leaves-nothing $UNIT_CASES $HOOK_CASES"
+ALL="sd-pid1-is-systemd sd-transient-relay-vsock deb-install deb-session deb-remove-purge-leaves-nothing $UNIT_CASES $HOOK_CASES $LVD_CASES"
 WANT=${*:-$ALL}
 want() { for w in $WANT; do [ "$w" = "$1" ] && return 0; done; return 1; }
 
@@ -535,6 +753,7 @@ case_deb
 case_units
 case_container
 case_hook
+case_libvirtd
 reap
 log "cases failed: $FAILED"
 [ $FAILED = 0 ]
