@@ -54,6 +54,16 @@ fn relay_b(f: &Files, sink: &Path, extra: &[String]) -> Relay {
 }
 
 /// Relay A: `entry` (a UNIX path) → TLS to `b`, with `extra` flags.
+/// Relay B (certificate for 127.0.0.1) in `dir`, dialling a UNIX introspector socket there
+/// that the test holds (non-blocking: `accept` says whether B dialled).
+fn relay_b_with_sink(dir: &Path, pki: &Pki, extra: &[String]) -> (Relay, UnixListener) {
+    let b_files = files(dir, "b", pki, &pki.leaf("relay-b", &["127.0.0.1"]));
+    let sink_path = dir.join("introspector.sock");
+    let sink = UnixListener::bind(&sink_path).unwrap();
+    sink.set_nonblocking(true).unwrap();
+    (relay_b(&b_files, &sink_path, extra), sink)
+}
+
 fn relay_a(f: &Files, entry: &Path, b: std::net::SocketAddr, extra: &[String]) -> Relay {
     let mut args = vec![format!("--listen=unix:{}", entry.display()), format!("--connect=tcp:{b}")];
     args.extend(tls_args(f));
@@ -217,28 +227,9 @@ fn passed_handshakes_are_timed_per_side_in_stats() {
 fn a_close_notify_that_comes_with_the_last_bytes_ends_the_stream() {
     let dir = tmpdir();
     let pki = Pki::new();
-    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
-    let sink_path = dir.path().join("introspector.sock");
-    let sink = UnixListener::bind(&sink_path).unwrap();
-    sink.set_nonblocking(true).unwrap();
-    let b = relay_b(&b_files, &sink_path, &[]);
+    let (b, sink) = relay_b_with_sink(dir.path(), &pki, &[]);
     let peer = pki.leaf("client", &["client.example"]);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile_certs(&pki.ca_pem) {
-        roots.add(c).unwrap();
-    }
-    use rustls::pki_types::pem::PemObject;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(peer.key_pem.as_bytes()).unwrap();
-    #[allow(deprecated)]
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![peer.cert_der.clone()], key)
-        .unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut conn = test_client(&pki, Some(&peer));
     let mut tcp = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     while conn.is_handshaking() {
@@ -400,31 +391,19 @@ fn key_updates_mid_stream_keep_both_directions_intact() {
     let mut relay = start(args);
 
     use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile_certs(&pki.ca_pem) {
-        roots.add(c).unwrap();
-    }
-    let roots = std::sync::Arc::new(roots);
-    let key = || rustls::pki_types::PrivateKeyDer::from_pem_slice(peer_leaf.key_pem.as_bytes()).unwrap();
-    #[allow(deprecated)]
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let client_cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(vec![peer_leaf.cert_der.clone()], key())
-        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(peer_leaf.key_pem.as_bytes()).unwrap();
     let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build().unwrap();
-    let server_cfg = rustls::ServerConfig::builder_with_provider(provider)
+        rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots(&pki)), provider())
+            .build()
+            .unwrap();
+    let server_cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![peer_leaf.cert_der.clone()], key())
+        .with_single_cert(vec![peer_leaf.cert_der.clone()], key)
         .unwrap();
 
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let client = rustls::ClientConnection::new(std::sync::Arc::new(client_cfg), name).unwrap();
+    let client = test_client(&pki, Some(&peer_leaf));
     let near = std::net::TcpStream::connect(relay.bound_tcp()).unwrap();
     let (up, down) = (stream(11, BYTES), stream(12, BYTES));
     // Right after the handshake (before any data), then a third and two thirds of the way.
@@ -530,12 +509,8 @@ fn a_client_with_the_wrong_spki_pin_is_refused_by_the_listener() {
 fn a_plaintext_client_at_a_tls_listener_is_refused_before_dialling() {
     let dir = tmpdir();
     let pki = Pki::new();
-    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
-    let sink_path = dir.path().join("introspector.sock");
-    let sink = UnixListener::bind(&sink_path).unwrap();
-    sink.set_nonblocking(true).unwrap();
     let control = dir.path().join("control.sock");
-    let mut b = relay_b(&b_files, &sink_path, &[format!("--control={}", control.display())]);
+    let (mut b, sink) = relay_b_with_sink(dir.path(), &pki, &[format!("--control={}", control.display())]);
     let mut c = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
     let _ = c.write_all(&[0u8; 96]);
     let log = b.wait_log("tls: handshake refused", Duration::from_secs(10));
@@ -557,11 +532,7 @@ fn a_plaintext_client_at_a_tls_listener_is_refused_before_dialling() {
 fn a_silent_peer_at_a_tls_listener_is_closed_at_the_handshake_timeout() {
     let dir = tmpdir();
     let pki = Pki::new();
-    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
-    let sink_path = dir.path().join("introspector.sock");
-    let sink = UnixListener::bind(&sink_path).unwrap();
-    sink.set_nonblocking(true).unwrap();
-    let mut b = relay_b(&b_files, &sink_path, &["--tls-handshake-timeout-ms=300".into()]);
+    let (mut b, sink) = relay_b_with_sink(dir.path(), &pki, &["--tls-handshake-timeout-ms=300".into()]);
     let c = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
     let log = b.wait_log("tls: handshake refused", Duration::from_secs(5));
     assert!(log.contains("reason=\"handshake_timeout\""), "{log}");
@@ -575,24 +546,8 @@ fn a_silent_peer_at_a_tls_listener_is_closed_at_the_handshake_timeout() {
 fn a_client_without_a_certificate_is_refused_before_dialling() {
     let dir = tmpdir();
     let pki = Pki::new();
-    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
-    let sink_path = dir.path().join("introspector.sock");
-    let sink = UnixListener::bind(&sink_path).unwrap();
-    sink.set_nonblocking(true).unwrap();
-    let mut b = relay_b(&b_files, &sink_path, &[]);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile_certs(&pki.ca_pem) {
-        roots.add(c).unwrap();
-    }
-    #[allow(deprecated)]
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let (mut b, sink) = relay_b_with_sink(dir.path(), &pki, &[]);
+    let mut conn = test_client(&pki, None);
     let mut tcp = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut s = rustls::Stream::new(&mut conn, &mut tcp);
@@ -608,32 +563,13 @@ fn a_client_without_a_certificate_is_refused_before_dialling() {
 fn an_expired_client_certificate_is_refused_before_dialling() {
     let dir = tmpdir();
     let pki = Pki::new();
-    let b_files = files(dir.path(), "b", &pki, &pki.leaf("relay-b", &["127.0.0.1"]));
-    let sink_path = dir.path().join("introspector.sock");
-    let sink = UnixListener::bind(&sink_path).unwrap();
-    sink.set_nonblocking(true).unwrap();
-    let mut b = relay_b(&b_files, &sink_path, &[]);
+    let (mut b, sink) = relay_b_with_sink(dir.path(), &pki, &[]);
     // A relay would refuse to start with it: the client here is rustls in the test.
     let expired = pki.leaf_with("old-client", &["old.example"], |p| {
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     });
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile_certs(&pki.ca_pem) {
-        roots.add(c).unwrap();
-    }
-    use rustls::pki_types::pem::PemObject;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(expired.key_pem.as_bytes()).unwrap();
-    #[allow(deprecated)]
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![expired.cert_der.clone()], key)
-        .unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut conn = test_client(&pki, Some(&expired));
     let mut tcp = std::net::TcpStream::connect(b.bound_tcp()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut s = rustls::Stream::new(&mut conn, &mut tcp);
@@ -649,6 +585,39 @@ fn an_expired_client_certificate_is_refused_before_dialling() {
 fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(Result::unwrap).collect()
+}
+
+/// The PKI's CA as a rustls root store.
+fn roots(pki: &Pki) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&pki.ca_pem) {
+        roots.add(c).unwrap();
+    }
+    roots
+}
+
+#[allow(deprecated)]
+fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The test's own TLS 1.3 client toward 127.0.0.1, trusting the PKI's CA, presenting `cert`
+/// (None: no client certificate).
+fn test_client(pki: &Pki, cert: Option<&Leaf>) -> rustls::ClientConnection {
+    use rustls::pki_types::pem::PemObject;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(pki));
+    let cfg = match cert {
+        Some(leaf) => {
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(vec![leaf.cert_der.clone()], key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap()
 }
 
 #[test]

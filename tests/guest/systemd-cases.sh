@@ -605,6 +605,17 @@ lvd_stopped() {
     [ -e $LVD_CONF ] && bad "$LVD_CONF left"
     [ -e "$LVD_SOCK" ] && bad "$LVD_SOCK left"
 }
+# lvd_up: libvirtd running (a case before this one may have started it, or not).
+lvd_up() {
+    systemctl is-active -q kvmi-libvirtd.service ||
+        timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd >/dev/null 2>&1
+}
+# lvd_start: libvirtd running, lvd-1 defined and started (its prepare hook has run).
+lvd_start() {
+    lvd_up
+    $VIRSH define /tmp/lvd-1.xml >/dev/null 2>&1
+    $VIRSH start lvd-1 >/tmp/lvd-start.out 2>&1 || bad "virsh start failed: $(head -3 /tmp/lvd-start.out)"
+}
 # lvd_end: end() with libvirtd's and the domain's logs on failure.
 lvd_end() {
     end kvmi-libvirtd.service "kvmi-relay@$LVD_INST.socket" "kvmi-relay@$LVD_INST.service"
@@ -670,10 +681,7 @@ EOF
     # a domain that has them, which leaves the host in that state.
     if want libvirtd-reconnect-writes-the-missing-file; then
         begin libvirtd-reconnect-writes-the-missing-file
-        systemctl is-active -q kvmi-libvirtd.service ||
-            timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd >/dev/null 2>&1
-        $VIRSH define /tmp/lvd-1.xml >/dev/null 2>&1
-        $VIRSH start lvd-1 >/tmp/lvd-start.out 2>&1 || bad "virsh start failed: $(head -3 /tmp/lvd-start.out)"
+        lvd_start
         pid0=$(cat /run/libvirt/qemu/lvd-1.pid 2>/dev/null)
         systemctl stop "kvmi-relay@$LVD_INST.socket"
         rm -f $LVD_CONF
@@ -696,10 +704,7 @@ EOF
     # as any start.
     if want libvirtd-save-restore-restarts-the-relay; then
         begin libvirtd-save-restore-restarts-the-relay
-        systemctl is-active -q kvmi-libvirtd.service ||
-            timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd >/dev/null 2>&1
-        $VIRSH define /tmp/lvd-1.xml >/dev/null 2>&1
-        $VIRSH start lvd-1 >/tmp/lvd-start.out 2>&1 || bad "virsh start failed: $(head -3 /tmp/lvd-start.out)"
+        lvd_start
         lvd_running
         rm -f /tmp/lvd-1.save
         t0=$(ms)
@@ -719,8 +724,7 @@ EOF
     # A bad value: libvirt refuses the start, and its error ends with the hook's line.
     if want libvirtd-bad-metadata-refuses-start; then
         begin libvirtd-bad-metadata-refuses-start
-        systemctl is-active -q kvmi-libvirtd.service ||
-            timeout 120 systemd-run -q --unit=kvmi-libvirtd -p Type=notify -p KillMode=process /usr/sbin/libvirtd >/dev/null 2>&1
+        lvd_up
         $VIRSH undefine lvd-1 >/dev/null 2>&1
         lvd_xml lvd-1 ' port="7"' >/tmp/lvd-bad.xml
         $VIRSH define /tmp/lvd-bad.xml >/tmp/lvd-def.out 2>&1 || bad "virsh define failed: $(head -3 /tmp/lvd-def.out)"
