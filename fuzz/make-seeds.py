@@ -145,5 +145,6 @@ for i, t in enumerate(CONFIGS):
 
 GREETING = b"kvmi-relay control 1\n"
 for i, t in enumerate([GREETING + b'{"connections":[],"totals":{"sessions":0}}\n', GREETING + b"error: unknown request\n",
-                       GREETING, qemu(), b"HTTP/1.1 200 OK\r\n\r\n", b"kvmi-relay control 2\n", b""]):
+                       GREETING, qemu(), b"HTTP/1.1 200 OK\r\n\r\n", b"kvmi-relay control 2\n", b"",
+                       GREETING + b"error: unknown request\xff\xff\xff\n"]):
     write("control_client", f"seed-{i}", t)

@@ -667,7 +667,10 @@ pub fn ask(path: &Path, line: &str) -> io::Result<String> {
     match s.read_to_end(&mut out) {
         // What came before a reset is the answer; none at all says the same as an empty one.
         Err(e) if !gone(&e) => Err(e),
-        _ => Ok(String::from_utf8_lossy(&out).into_owned()),
+        _ => String::from_utf8(out).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            io::Error::new(io::ErrorKind::InvalidData, format!("the answer is not text: invalid UTF-8 at byte {at}"))
+        }),
     }
 }
 
