@@ -331,158 +331,12 @@ impl TryFrom<RelayArgs> for Config {
         let allow_any_cid = switch(&mut p, names("allow_any_cid"), &a.allow_any_cid);
         let kvmi_on = switch(&mut p, names("kvmi"), &a.kvmi);
 
-        let listen = match a.listen.as_deref() {
-            None => {
-                problem!(p, listen, "missing: say where to listen (unix:PATH, tcp:IP:PORT, vsock:PORT)");
-                None
-            }
-            Some(text) => match Endpoint::parse(text) {
-                Ok(ep) => Some(ep),
-                Err(e) => {
-                    problem!(p, listen, "{e}");
-                    None
-                }
-            },
-        };
-        if let Some(Endpoint::Unix(path)) = &listen {
-            let parent = parent_of(path);
-            if !parent.is_dir() {
-                problem!(p, listen, "parent directory {} of the socket does not exist", parent.display());
-            } else if path.exists() && !is_socket(path) {
-                problem!(p, listen, "{} exists and is not a socket; refusing to replace it", path.display());
-            }
-        }
+        let listen = listen_endpoint(&mut p, &a);
+        let connect = connect_endpoint(&mut p, &a);
 
-        let connect = match a.connect.as_deref() {
-            None => {
-                problem!(p, connect, "missing: say where to dial (unix:PATH, tcp:IP:PORT, vsock:CID:PORT)");
-                None
-            }
-            Some(text) => match Endpoint::parse(text) {
-                Ok(Endpoint::Vsock { cid: VSOCK_CID_ANY, .. }) => {
-                    problem!(p, connect, "'{text}' has no CID; dialling vsock needs vsock:CID:PORT");
-                    None
-                }
-                Ok(Endpoint::Tcp(addr)) if addr.ip().is_unspecified() || addr.port() == 0 => {
-                    problem!(p, connect, "'{text}' is not an address a peer can be dialled at");
-                    None
-                }
-                Ok(ep) => Some(ep),
-                Err(e) => {
-                    problem!(p, connect, "{e}");
-                    None
-                }
-            },
-        };
+        let policy = access_policy(&mut p, &a, listen.as_ref(), allow_any_ip, allow_any_cid);
 
-        let mut policy = Policy::default();
-        for u in items(&a.allow_uid) {
-            match resolve_uid(u) {
-                Ok(uid) => policy.uids.push(uid),
-                Err(e) => problem!(p, allow_uid, "{e}"),
-            }
-        }
-        for g in items(&a.allow_gid) {
-            match resolve_gid(g) {
-                Ok(gid) => policy.gids.push(gid),
-                Err(e) => problem!(p, allow_gid, "{e}"),
-            }
-        }
-        for n in items(&a.allow_ip) {
-            match access::parse_rule(n) {
-                Some(net) => policy.nets.push(net),
-                None => problem!(p, allow_ip, "'{n}' is not a CIDR like 192.0.2.0/24 or 2001:db8::/32"),
-            }
-        }
-        for c in items(&a.allow_cid) {
-            match c.parse::<u32>() {
-                Ok(cid) => policy.cids.push(cid),
-                Err(_) => problem!(p, allow_cid, "'{c}' is not a vsock CID"),
-            }
-        }
-        policy.any_ip = allow_any_ip == Some(true);
-        policy.any_cid = allow_any_cid == Some(true);
-
-        // Allow-lists only mean something for the listener they guard; a rule for another kind
-        // is a mistake the operator should hear about, not a silent no-op.
-        let kind = listen.as_ref().map(Endpoint::kind);
-        if let Some(kind) = kind {
-            if kind != "unix" {
-                if !a.allow_uid.is_empty() {
-                    problem!(p, allow_uid, "only applies to a unix listener, not {kind}");
-                }
-                if !a.allow_gid.is_empty() {
-                    problem!(p, allow_gid, "only applies to a unix listener, not {kind}");
-                }
-                if a.socket_group.is_some() {
-                    problem!(p, socket_group, "only applies to a unix listener, not {kind}");
-                }
-            }
-            if kind != "tcp" {
-                if !a.allow_ip.is_empty() {
-                    problem!(p, allow_ip, "only applies to a tcp listener, not {kind}");
-                }
-                if policy.any_ip {
-                    problem!(p, allow_any_ip, "only applies to a tcp listener, not {kind}");
-                }
-            }
-            if kind != "vsock" {
-                if !a.allow_cid.is_empty() {
-                    problem!(p, allow_cid, "only applies to a vsock listener, not {kind}");
-                }
-                if policy.any_cid {
-                    problem!(p, allow_any_cid, "only applies to a vsock listener, not {kind}");
-                }
-            }
-            // "Given" rather than "parsed": a rule that failed to parse was already reported.
-            let ip_given = items(&a.allow_ip).next().is_some();
-            let cid_given = items(&a.allow_cid).next().is_some();
-            match kind {
-                "tcp" if !ip_given && allow_any_ip == Some(false) => problem!(
-                    p,
-                    allow_ip,
-                    "a tcp listener needs an allow-list (--allow-ip CIDR), or --allow-any-ip to admit every address"
-                ),
-                "tcp" if ip_given && policy.any_ip => {
-                    problem!(p, allow_any_ip, "contradicts --allow-ip; give one or the other")
-                }
-                "vsock" if !cid_given && allow_any_cid == Some(false) => problem!(
-                    p,
-                    allow_cid,
-                    "a vsock listener needs an allow-list (--allow-cid CID), or --allow-any-cid to admit every CID"
-                ),
-                "vsock" if cid_given && policy.any_cid => {
-                    problem!(p, allow_any_cid, "contradicts --allow-cid; give one or the other")
-                }
-                "unix" if policy.uids.is_empty() && policy.gids.is_empty() => {
-                    policy.uids.push(Uid::effective().as_raw());
-                }
-                _ => {}
-            }
-        }
-
-        let socket_mode = match u32::from_str_radix(a.socket_mode.trim().trim_start_matches("0o"), 8) {
-            Ok(m) if m > 0o777 => {
-                problem!(p, socket_mode, "'{}' has bits outside 0777", a.socket_mode);
-                0
-            }
-            Ok(m) if m & 0o002 != 0 => {
-                problem!(p, socket_mode, "'{}' is world-writable; anyone could introspect the VM", a.socket_mode);
-                0
-            }
-            Ok(m) => m,
-            Err(_) => {
-                problem!(p, socket_mode, "'{}' is not an octal mode like 0660", a.socket_mode);
-                0
-            }
-        };
-        let socket_gid = a.socket_group.as_deref().and_then(|g| match resolve_gid(g.trim()) {
-            Ok(gid) => Some(gid),
-            Err(e) => {
-                problem!(p, socket_group, "{e}");
-                None
-            }
-        });
+        let (socket_mode, socket_gid) = socket_permissions(&mut p, &a);
 
         let max_conns = number::<usize>(&mut p, names("max_conns"), &a.max_conns).unwrap_or(1);
         if max_conns == 0 {
@@ -539,50 +393,7 @@ impl TryFrom<RelayArgs> for Config {
             }
         }
 
-        let control = a.control.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
-        if let Some(c) = &control {
-            match parent_of(c) {
-                _ if c.is_relative() => problem!(p, control, "'{}' is relative; give an absolute path", c.display()),
-                _ if c.as_os_str().len() > UNIX_PATH_MAX_BYTES => problem!(
-                    p,
-                    control,
-                    "'{}' is {} bytes, longer than the {UNIX_PATH_MAX_BYTES} a UNIX socket address holds",
-                    c.display(),
-                    c.as_os_str().len()
-                ),
-                _ if c.as_os_str().as_encoded_bytes().ends_with(b"/") => {
-                    problem!(p, control, "'{}' ends in '/': it names a directory, not a socket file", c.display())
-                }
-                d if !d.is_dir() => problem!(p, control, "parent directory {} does not exist", d.display()),
-                _ if c.exists() && !is_socket(c) => {
-                    problem!(p, control, "{} exists and is not a socket; refusing to replace it", c.display())
-                }
-                _ if matches!(&listen, Some(Endpoint::Unix(l)) if l == c) => {
-                    problem!(p, control, "is the same path as --listen")
-                }
-                _ => {}
-            }
-        }
-        let hist_log = a.hist_log.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
-        if let Some(h) = &hist_log {
-            let d = parent_of(h);
-            if h.is_relative() {
-                problem!(p, hist_log, "'{}' is relative; give an absolute path", h.display());
-            } else if !d.is_dir() {
-                problem!(p, hist_log, "parent directory {} does not exist", d.display());
-            } else if h.is_dir() || h.as_os_str().as_encoded_bytes().ends_with(b"/") {
-                problem!(p, hist_log, "{} is a directory; name the log file in it", h.display());
-            }
-        }
-        let metrics_textfile =
-            a.metrics_textfile.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
-        if let Some(d) = &metrics_textfile {
-            if d.is_relative() {
-                problem!(p, metrics_textfile, "'{}' is relative; give an absolute path", d.display());
-            } else if !d.is_dir() {
-                problem!(p, metrics_textfile, "{} is not a directory", d.display());
-            }
-        }
+        let (control, hist_log, metrics_textfile) = observer_paths(&mut p, &a, listen.as_ref());
         let hist_interval = match a.hist_interval.trim().parse::<f64>() {
             Ok(s) if (0.01..=86_400.0).contains(&s) => Duration::from_secs_f64(s),
             _ => {
@@ -637,6 +448,236 @@ impl TryFrom<RelayArgs> for Config {
             tls,
         })
     }
+}
+
+/// `--listen`: the endpoint, and for a UNIX socket a parent directory that exists and no
+/// file in its place that is not a socket.
+fn listen_endpoint(p: &mut Problems, a: &RelayArgs) -> Option<Endpoint> {
+    let listen = match a.listen.as_deref() {
+        None => {
+            problem!(p, listen, "missing: say where to listen (unix:PATH, tcp:IP:PORT, vsock:PORT)");
+            None
+        }
+        Some(text) => match Endpoint::parse(text) {
+            Ok(ep) => Some(ep),
+            Err(e) => {
+                problem!(p, listen, "{e}");
+                None
+            }
+        },
+    };
+    if let Some(Endpoint::Unix(path)) = &listen {
+        let parent = parent_of(path);
+        if !parent.is_dir() {
+            problem!(p, listen, "parent directory {} of the socket does not exist", parent.display());
+        } else if path.exists() && !is_socket(path) {
+            problem!(p, listen, "{} exists and is not a socket; refusing to replace it", path.display());
+        }
+    }
+    listen
+}
+
+/// `--connect`: an endpoint a peer can be dialled at (a vsock CID, a TCP address and port).
+fn connect_endpoint(p: &mut Problems, a: &RelayArgs) -> Option<Endpoint> {
+    match a.connect.as_deref() {
+        None => {
+            problem!(p, connect, "missing: say where to dial (unix:PATH, tcp:IP:PORT, vsock:CID:PORT)");
+            None
+        }
+        Some(text) => match Endpoint::parse(text) {
+            Ok(Endpoint::Vsock { cid: VSOCK_CID_ANY, .. }) => {
+                problem!(p, connect, "'{text}' has no CID; dialling vsock needs vsock:CID:PORT");
+                None
+            }
+            Ok(Endpoint::Tcp(addr)) if addr.ip().is_unspecified() || addr.port() == 0 => {
+                problem!(p, connect, "'{text}' is not an address a peer can be dialled at");
+                None
+            }
+            Ok(ep) => Some(ep),
+            Err(e) => {
+                problem!(p, connect, "{e}");
+                None
+            }
+        },
+    }
+}
+
+/// The allow-lists (`--allow-uid/-gid/-ip/-cid`, `--allow-any-ip/-cid`), parsed and judged
+/// against the listener they guard.
+fn access_policy(
+    p: &mut Problems,
+    a: &RelayArgs,
+    listen: Option<&Endpoint>,
+    allow_any_ip: Option<bool>,
+    allow_any_cid: Option<bool>,
+) -> Policy {
+    let mut policy = Policy::default();
+    for u in items(&a.allow_uid) {
+        match resolve_uid(u) {
+            Ok(uid) => policy.uids.push(uid),
+            Err(e) => problem!(p, allow_uid, "{e}"),
+        }
+    }
+    for g in items(&a.allow_gid) {
+        match resolve_gid(g) {
+            Ok(gid) => policy.gids.push(gid),
+            Err(e) => problem!(p, allow_gid, "{e}"),
+        }
+    }
+    for n in items(&a.allow_ip) {
+        match access::parse_rule(n) {
+            Some(net) => policy.nets.push(net),
+            None => problem!(p, allow_ip, "'{n}' is not a CIDR like 192.0.2.0/24 or 2001:db8::/32"),
+        }
+    }
+    for c in items(&a.allow_cid) {
+        match c.parse::<u32>() {
+            Ok(cid) => policy.cids.push(cid),
+            Err(_) => problem!(p, allow_cid, "'{c}' is not a vsock CID"),
+        }
+    }
+    policy.any_ip = allow_any_ip == Some(true);
+    policy.any_cid = allow_any_cid == Some(true);
+
+    // Allow-lists only mean something for the listener they guard; a rule for another kind
+    // is a mistake the operator should hear about, not a silent no-op.
+    let kind = listen.map(Endpoint::kind);
+    if let Some(kind) = kind {
+        if kind != "unix" {
+            if !a.allow_uid.is_empty() {
+                problem!(p, allow_uid, "only applies to a unix listener, not {kind}");
+            }
+            if !a.allow_gid.is_empty() {
+                problem!(p, allow_gid, "only applies to a unix listener, not {kind}");
+            }
+            if a.socket_group.is_some() {
+                problem!(p, socket_group, "only applies to a unix listener, not {kind}");
+            }
+        }
+        if kind != "tcp" {
+            if !a.allow_ip.is_empty() {
+                problem!(p, allow_ip, "only applies to a tcp listener, not {kind}");
+            }
+            if policy.any_ip {
+                problem!(p, allow_any_ip, "only applies to a tcp listener, not {kind}");
+            }
+        }
+        if kind != "vsock" {
+            if !a.allow_cid.is_empty() {
+                problem!(p, allow_cid, "only applies to a vsock listener, not {kind}");
+            }
+            if policy.any_cid {
+                problem!(p, allow_any_cid, "only applies to a vsock listener, not {kind}");
+            }
+        }
+        // "Given" rather than "parsed": a rule that failed to parse was already reported.
+        let ip_given = items(&a.allow_ip).next().is_some();
+        let cid_given = items(&a.allow_cid).next().is_some();
+        match kind {
+            "tcp" if !ip_given && allow_any_ip == Some(false) => problem!(
+                p,
+                allow_ip,
+                "a tcp listener needs an allow-list (--allow-ip CIDR), or --allow-any-ip to admit every address"
+            ),
+            "tcp" if ip_given && policy.any_ip => {
+                problem!(p, allow_any_ip, "contradicts --allow-ip; give one or the other")
+            }
+            "vsock" if !cid_given && allow_any_cid == Some(false) => problem!(
+                p,
+                allow_cid,
+                "a vsock listener needs an allow-list (--allow-cid CID), or --allow-any-cid to admit every CID"
+            ),
+            "vsock" if cid_given && policy.any_cid => {
+                problem!(p, allow_any_cid, "contradicts --allow-cid; give one or the other")
+            }
+            "unix" if policy.uids.is_empty() && policy.gids.is_empty() => {
+                policy.uids.push(Uid::effective().as_raw());
+            }
+            _ => {}
+        }
+    }
+    policy
+}
+
+/// `--socket-mode` and `--socket-group`: the UNIX socket's mode (never world-writable) and group.
+fn socket_permissions(p: &mut Problems, a: &RelayArgs) -> (u32, Option<u32>) {
+    let socket_mode = match u32::from_str_radix(a.socket_mode.trim().trim_start_matches("0o"), 8) {
+        Ok(m) if m > 0o777 => {
+            problem!(p, socket_mode, "'{}' has bits outside 0777", a.socket_mode);
+            0
+        }
+        Ok(m) if m & 0o002 != 0 => {
+            problem!(p, socket_mode, "'{}' is world-writable; anyone could introspect the VM", a.socket_mode);
+            0
+        }
+        Ok(m) => m,
+        Err(_) => {
+            problem!(p, socket_mode, "'{}' is not an octal mode like 0660", a.socket_mode);
+            0
+        }
+    };
+    let socket_gid = a.socket_group.as_deref().and_then(|g| match resolve_gid(g.trim()) {
+        Ok(gid) => Some(gid),
+        Err(e) => {
+            problem!(p, socket_group, "{e}");
+            None
+        }
+    });
+    (socket_mode, socket_gid)
+}
+
+/// What the relay creates for its observers: `--control` (a socket path that fits and replaces
+/// no other file), `--hist-log` (a file in an existing directory), `--metrics-textfile` (a
+/// directory). All absolute.
+fn observer_paths(
+    p: &mut Problems,
+    a: &RelayArgs,
+    listen: Option<&Endpoint>,
+) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
+    let control = a.control.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
+    if let Some(c) = &control {
+        match parent_of(c) {
+            _ if c.is_relative() => problem!(p, control, "'{}' is relative; give an absolute path", c.display()),
+            _ if c.as_os_str().len() > UNIX_PATH_MAX_BYTES => problem!(
+                p,
+                control,
+                "'{}' is {} bytes, longer than the {UNIX_PATH_MAX_BYTES} a UNIX socket address holds",
+                c.display(),
+                c.as_os_str().len()
+            ),
+            _ if c.as_os_str().as_encoded_bytes().ends_with(b"/") => {
+                problem!(p, control, "'{}' ends in '/': it names a directory, not a socket file", c.display())
+            }
+            d if !d.is_dir() => problem!(p, control, "parent directory {} does not exist", d.display()),
+            _ if c.exists() && !is_socket(c) => {
+                problem!(p, control, "{} exists and is not a socket; refusing to replace it", c.display())
+            }
+            _ if matches!(listen, Some(Endpoint::Unix(l)) if l == c) => {
+                problem!(p, control, "is the same path as --listen")
+            }
+            _ => {}
+        }
+    }
+    let hist_log = a.hist_log.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
+    if let Some(h) = &hist_log {
+        let d = parent_of(h);
+        if h.is_relative() {
+            problem!(p, hist_log, "'{}' is relative; give an absolute path", h.display());
+        } else if !d.is_dir() {
+            problem!(p, hist_log, "parent directory {} does not exist", d.display());
+        } else if h.is_dir() || h.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            problem!(p, hist_log, "{} is a directory; name the log file in it", h.display());
+        }
+    }
+    let metrics_textfile = a.metrics_textfile.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(PathBuf::from);
+    if let Some(d) = &metrics_textfile {
+        if d.is_relative() {
+            problem!(p, metrics_textfile, "'{}' is relative; give an absolute path", d.display());
+        } else if !d.is_dir() {
+            problem!(p, metrics_textfile, "{} is not a directory", d.display());
+        }
+    }
+    (control, hist_log, metrics_textfile)
 }
 
 /// `--tls-*`: which TCP ends speak TLS, the pins, and the files loaded and checked as of now.
