@@ -10,7 +10,7 @@ BIN := target/dist/kvmi-relay
 TOOLS := target/dist/kvmi-relay-tools
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo quick test deps fmt clippy unit fuzz man install uninstall deb lintian bench bench-pinned bench-loaded bench-fleet bench-quick bench-lint
+.PHONY: all build demo quick test deps fmt clippy unit fuzz man install uninstall deb lintian bench bench-pinned bench-loaded bench-tls bench-fleet bench-quick bench-lint
 
 all: build
 
@@ -24,7 +24,8 @@ build:
 # openssl: the TLS interop test's standard client and server (tests/relay_tls.rs).
 # libxml2-utils: xmllint, which the libvirt hook parses the domain XML with (tests/libvirt_hook.rs);
 # curl: the control socket's HTTP GET /metrics (tests/relay_stats.rs).
-DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core prometheus openssl libxml2-utils curl
+# stunnel4: a TLS contender of the bench's chain (bench-quick runs every contender).
+DEB_PACKAGES := socat iproute2 procps systemd fonts-dejavu-core prometheus openssl libxml2-utils curl stunnel4
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -78,8 +79,8 @@ fuzz:
 # interleaved in one run. The harness is its own package under benches/harness, so that its
 # plotting and JSON crates stay out of the relay's lock file; it drives $(BIN).
 BENCH_CARGO = $(CARGO) run --release --locked --quiet --manifest-path benches/harness/Cargo.toml --target-dir target/bench-harness --
-# socat and systemd-socket-proxyd are contenders; the plot's labels use DejaVu Sans.
-BENCH_PACKAGES := socat systemd fonts-dejavu-core
+# socat, stunnel4 and systemd-socket-proxyd are contenders; the plot's labels use DejaVu Sans.
+BENCH_PACKAGES := socat stunnel4 systemd fonts-dejavu-core
 bench: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
 	$(BENCH_CARGO) --relay $(BIN)
@@ -101,6 +102,16 @@ bench-loaded: build
 	$(BENCH_CARGO) --relay $(BIN) --load $$(nproc) --rounds 20 --workload pingpong-64B --workload passive-vmi \
 	  --workload active-vmi --contender direct --contender kvmi-relay --contender 'kvmi-relay pw=0' --contender socat \
 	  --out target/bench/loaded
+
+# The network flavor with mutual TLS (docs/BENCHMARKS.md, "Mutual TLS between the relays"):
+# the chain only, kvmi-relay's TLS chain beside its plain chain, socat's OPENSSL chain and
+# stunnel4 (verification on in each), plain socat and the direct path, interleaved; the
+# session set-up table shows the handshakes. Output in target/bench/tls/. About a minute.
+bench-tls: build
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
+	$(BENCH_CARGO) --relay $(BIN) --topology chain --contender direct --contender kvmi-relay \
+	  --contender 'kvmi-relay tls' --contender socat --contender 'socat nodelay' --contender 'socat openssl' \
+	  --contender stunnel --out target/bench/tls
 
 # Many instances at once (docs/BENCHMARKS.md, "Many instances"): N = 1, 32 and 128 relays, as
 # many socats and the direct path, UNIX → TCP; each N idle for 10 s, then 3 rounds of N

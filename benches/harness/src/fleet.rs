@@ -124,7 +124,7 @@ struct Deployed<'a> {
 /// Runs every `--fleet` size; returns the idle and busy rows.
 pub fn run(fo: &FleetOpts, all: &[Contender], relay_bin: &Path, base: &Path) -> Result<(Vec<Idle>, Vec<Busy>), String> {
     for c in all {
-        if !matches!(c.kind, Kind::Direct | Kind::Relay { .. } | Kind::Socat { .. }) {
+        if c.tls || !matches!(c.kind, Kind::Direct | Kind::Relay { .. } | Kind::Socat { .. }) {
             return Err(format!("--fleet: {} cannot run as a fleet (direct, kvmi-relay and socat can)", c.name));
         }
     }
@@ -172,7 +172,7 @@ pub fn run(fo: &FleetOpts, all: &[Contender], relay_bin: &Path, base: &Path) -> 
                     _ => Vec::new(),
                 };
                 let log = dir.join(format!("{slug}-{i}.log"));
-                let hop = procs::spawn_hop_with_env(&c.kind, relay_bin, &front, server, &log, &env)
+                let hop = procs::spawn_hop_with_env(&c.kind, relay_bin, &front, server, &log, None, &env)
                     .map_err(|e| format!("--fleet {n}: {} instance {i}: {e}", c.name))?;
                 d.hops.push(hop);
                 d.dials.push(front);

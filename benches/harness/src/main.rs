@@ -13,6 +13,7 @@
 
 mod copyloop;
 mod fleet;
+mod pki;
 mod plot;
 mod procs;
 mod report;
@@ -135,6 +136,8 @@ pub struct Row {
     /// sessions' wall time: what the contender and its peers left the neighbours.
     pub load_cpu_s: f64,
     pub wall_s: f64,
+    /// Each session's set-up: the client's connect to the server's accept.
+    pub setups: Vec<Duration>,
 }
 
 pub struct Startup {
@@ -301,6 +304,7 @@ pub fn contenders(opts: &Opts) -> Result<Vec<Contender>, String> {
             kind: Kind::Relay { flags: flags.clone(), bin: bin.clone() },
             bulk: true,
             kvmi: flags.iter().any(|f| f == "--kvmi" || f.starts_with("--kvmi=")),
+            tls: false,
         });
     }
     if opts.fleet.is_some() && opts.only.is_empty() {
@@ -327,9 +331,13 @@ fn standard_contenders() -> Vec<Contender> {
         kind: Kind::Relay { flags: flags.iter().map(|s| s.to_string()).collect(), bin: None },
         bulk,
         kvmi: flags.contains(&"--kvmi"),
+        tls: false,
     };
+    let other = |name: &str, kind: Kind| Contender { name: name.into(), kind, bulk: true, kvmi: false, tls: false };
+    // The chain's middle link as mutual TLS 1.3, verification on in every one of them.
+    let tls = |name: &str, kind: Kind| Contender { tls: true, ..other(name, kind) };
     let mut v = vec![
-        Contender { name: "direct".into(), kind: Kind::Direct, bulk: true, kvmi: false },
+        other("direct", Kind::Direct),
         relay("kvmi-relay", &[], true),
         relay("kvmi-relay pw=0", &["--poll-window-us=0"], false),
         relay("kvmi-relay pw=100", &["--poll-window-us=100"], false),
@@ -341,14 +349,20 @@ fn standard_contenders() -> Vec<Contender> {
         // per-type figures. The fake introspector's event trigger is not a KVMi command: pass it.
         relay("kvmi-relay kvmi", &["--kvmi", "--kvmi-unknown=pass"], false),
         relay("kvmi-relay kvmi ro", &["--kvmi", "--kvmi-unknown=pass", "--kvmi-policy=read-only"], false),
-        Contender { name: report::COPY_LOOP.into(), kind: Kind::CopyLoop, bulk: true, kvmi: false },
-        Contender { name: "socat".into(), kind: Kind::Socat { nodelay: false }, bulk: true, kvmi: false },
-        Contender { name: "socat nodelay".into(), kind: Kind::Socat { nodelay: true }, bulk: true, kvmi: false },
+        other(report::COPY_LOOP, Kind::CopyLoop),
+        other(report::SOCAT, Kind::Socat { nodelay: false }),
+        other("socat nodelay", Kind::Socat { nodelay: true }),
+        tls(report::RELAY_TLS, Kind::Relay { flags: Vec::new(), bin: None }),
+        // With nodelay: a TLS record written behind another one still unacknowledged would
+        // otherwise wait for the peer's delayed ACK (Nagle), which is socat's setting, not TLS's.
+        tls(report::SOCAT_TLS, Kind::Socat { nodelay: true }),
     ];
-    if Path::new(procs::PROXYD).exists() {
-        v.push(Contender { name: "proxyd".into(), kind: Kind::Proxyd, bulk: true, kvmi: false });
-    } else {
-        eprintln!("note: {} not found, systemd-socket-proxyd left out", procs::PROXYD);
+    for (path, c) in [(procs::PROXYD, other("proxyd", Kind::Proxyd)), (procs::STUNNEL, tls("stunnel", Kind::Stunnel))] {
+        if Path::new(path).exists() {
+            v.push(c);
+        } else {
+            eprintln!("note: {path} not found, {} left out", c.name);
+        }
     }
     v
 }
@@ -369,6 +383,7 @@ fn deploy(
     server: &Endpoint,
     dir: &Path,
     opts: &Opts,
+    pki: Option<&pki::Files>,
 ) -> Result<(Vec<Hop>, Endpoint), String> {
     if c.kind == Kind::Direct {
         return Ok((Vec::new(), server.clone()));
@@ -376,7 +391,9 @@ fn deploy(
     let slug: String = c.name.chars().map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' }).collect();
     let front = Endpoint::Unix(dir.join(format!("{slug}.sock")));
     let spawn = |listen: &Endpoint, connect: &Endpoint, tag: &str| {
-        let hop = procs::spawn_hop(&c.kind, &opts.relay_bin, listen, connect, &dir.join(format!("{slug}-{tag}.log")))?;
+        let tls = if c.tls { Some(pki.ok_or("no certificates made for a TLS contender")?) } else { None };
+        let log = dir.join(format!("{slug}-{tag}.log"));
+        let hop = procs::spawn_hop(&c.kind, &opts.relay_bin, listen, connect, &log, tls)?;
         if opts.pin == Some(Placement::HopsApart) {
             // Every thread it has now; children it forks later (socat) inherit from them.
             procs::pin_process(hop.child.id(), 1)?;
@@ -400,6 +417,7 @@ fn run_topology(
     opts: &Opts,
     dir: &Path,
     load: &procs::Load,
+    pki: Option<&pki::Files>,
     rows: &mut Vec<Row>,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -409,8 +427,9 @@ fn run_topology(
     };
     let listener = net::listen(&server).map_err(|e| format!("listen {server}: {e}"))?;
     let mut deployed = Vec::new();
-    for c in all {
-        let (hops, dial) = deploy(c, t, &server, dir, opts).map_err(|e| format!("{} on {}: {e}", c.name, t.name()))?;
+    for c in all.iter().filter(|c| c.serves(t)) {
+        let (hops, dial) =
+            deploy(c, t, &server, dir, opts, pki).map_err(|e| format!("{} on {}: {e}", c.name, t.name()))?;
         deployed.push((c, hops, dial));
     }
     for w in Workload::ALL.into_iter().filter(|w| opts.workloads.is_empty() || opts.workloads.contains(w)) {
@@ -434,6 +453,7 @@ fn run_topology(
                 runs: 0,
                 load_cpu_s: 0.0,
                 wall_s: 0.0,
+                setups: Vec::new(),
             })
             .collect();
         let started = Instant::now();
@@ -456,15 +476,16 @@ fn run_topology(
                 let (wall, load1, wait1) = (wall0.elapsed(), load.cpu_seconds(), procs::total_sched_wait(hops));
                 procs::settle(hops);
                 let row = &mut merged[k];
-                if !matches!(c.kind, Kind::Socat { .. }) {
-                    // socat's forks exit and take their schedstat with them: only its parent's
-                    // accepts would be left.
+                if !matches!(c.kind, Kind::Socat { .. } | Kind::Stunnel) {
+                    // socat's forks and stunnel's threads exit and take their schedstat with
+                    // them: only the parent's accepts would be left.
                     row.wait_s += wait1.0 - wait0.0;
                     row.runs += wait1.1 - wait0.1;
                 }
                 row.load_cpu_s += load1 - load0;
                 row.wall_s += wall.as_secs_f64();
                 row.ops += o.ops;
+                row.setups.push(o.setup);
                 row.elapsed += o.elapsed;
                 row.sessions += 1;
                 row.rss_kib = row.rss_kib.max(o.peak_rss_kib);
@@ -540,8 +561,12 @@ fn run(opts: &Opts) -> Result<(), String> {
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut result = Ok(());
+    let pki = match all.iter().any(|c| c.tls) && topologies.contains(&Topology::Chain) {
+        true => Some(pki::make(&base.join("pki"))?),
+        false => None,
+    };
     for t in topologies {
-        result = run_topology(t, &all, opts, &base.join(t.name()), &load, &mut rows);
+        result = run_topology(t, &all, opts, &base.join(t.name()), &load, pki.as_ref(), &mut rows);
         if result.is_err() {
             break;
         }
@@ -681,5 +706,24 @@ mod tests {
         assert!(err.contains("kvmi-relay mine"), "{err}");
         let all = contenders(&opts(vec![v("mine")])).unwrap();
         assert_eq!(all.iter().filter(|c| c.name == "kvmi-relay mine").count(), 1);
+    }
+
+    /// The TLS contenders' link is the chain's TCP middle: they serve the chain and nothing else,
+    /// the plain ones every topology; a fleet refuses them.
+    #[test]
+    fn tls_contenders_serve_the_chain_only() {
+        let all = contenders(&opts(Vec::new())).unwrap();
+        let tls: Vec<&str> = all.iter().filter(|c| c.tls).map(|c| c.name.as_str()).collect();
+        assert!(tls.contains(&report::RELAY_TLS) && tls.contains(&report::SOCAT_TLS), "{tls:?}");
+        for c in &all {
+            assert!(c.serves(Topology::Chain), "{}", c.name);
+            for t in [Topology::UnixUnix, Topology::UnixTcp] {
+                assert_eq!(c.serves(t), !c.tls, "{} on {}", c.name, t.name());
+            }
+        }
+        let fo = fleet::FleetOpts { sizes: vec![1], idle_s: 1, reads: 1, rounds: 1, seed: 0 };
+        let relay_tls: Vec<Contender> = all.into_iter().filter(|c| c.name == report::RELAY_TLS).collect();
+        let err = fleet::run(&fo, &relay_tls, Path::new("kvmi-relay"), Path::new("/nonexistent")).err().unwrap();
+        assert!(err.contains("cannot run as a fleet"), "{err}");
     }
 }

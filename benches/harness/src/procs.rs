@@ -18,7 +18,10 @@ use kvmi_relay::net::endpoint::Endpoint;
 use kvmi_relay_tools::peers::net;
 use socket2::Socket;
 
+use crate::pki::Files;
+
 pub const PROXYD: &str = "/lib/systemd/systemd-socket-proxyd";
+pub const STUNNEL: &str = "/usr/bin/stunnel4";
 /// Longest wait for a contender to listen before the bench gives up on it.
 const READY_TIMEOUT_MS: u64 = 5000;
 
@@ -36,6 +39,9 @@ pub enum Kind {
     CopyLoop,
     /// systemd-socket-proxyd, handed its listening socket as systemd would (LISTEN_FDS).
     Proxyd,
+    /// stunnel4 (Debian's), one process per hop from a config file: TLS on its TCP side only,
+    /// so it runs in the chain with `Tls` files and nowhere else.
+    Stunnel,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +53,9 @@ pub struct Contender {
     /// Speaks KVMi (`--kvmi`): takes part in the KVMi workloads only (passive and active VMI);
     /// ping-pong and bulk bytes are not KVMi and such a relay refuses them at the handshake.
     pub kvmi: bool,
+    /// The link between its hops is mutual TLS 1.3 with verification on both sides: it runs in
+    /// the chain only, where that link is TCP (kvmi-relay's `--tls-*`, socat's OPENSSL, stunnel).
+    pub tls: bool,
 }
 
 impl Contender {
@@ -54,11 +63,19 @@ impl Contender {
     pub fn runs(&self, w: crate::work::Workload) -> bool {
         (!w.is_bulk() || self.bulk) && (!self.kvmi || w.is_kvmi())
     }
+
+    /// Whether this contender runs in topology `t`.
+    pub fn serves(&self, t: crate::Topology) -> bool {
+        !self.tls || t == crate::Topology::Chain
+    }
 }
 
 /// One running hop process.
 pub struct Hop {
     pub child: Child,
+    /// Serves each connection on a thread that exits with it (stunnel): its CPU survives only
+    /// in the process's totals (clock ticks), not in the live threads' schedstat.
+    threads_exit: bool,
     /// Kept open in the bench only so proxyd's inherited copy is the one that matters.
     _listener: Option<Socket>,
 }
@@ -85,15 +102,17 @@ pub fn pin_process(pid: u32, cpu: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts one hop of `kind` listening on `listen` and dialling `connect`.
+/// Starts one hop of `kind` listening on `listen` and dialling `connect`; with `tls`, its TCP
+/// side (the one of the two that is TCP) speaks mutual TLS with those files.
 pub fn spawn_hop(
     kind: &Kind,
     relay_bin: &Path,
     listen: &Endpoint,
     connect: &Endpoint,
     log: &Path,
+    tls: Option<&Files>,
 ) -> Result<Hop, String> {
-    spawn_hop_with_env(kind, relay_bin, listen, connect, log, &[])
+    spawn_hop_with_env(kind, relay_bin, listen, connect, log, tls, &[])
 }
 
 /// `spawn_hop` with extra environment variables (the fleet's relays get what their unit sets).
@@ -103,8 +122,16 @@ pub fn spawn_hop_with_env(
     listen: &Endpoint,
     connect: &Endpoint,
     log: &Path,
+    tls: Option<&Files>,
     env: &[(String, String)],
 ) -> Result<Hop, String> {
+    if tls.is_some() && !matches!(kind, Kind::Relay { .. } | Kind::Socat { .. } | Kind::Stunnel) {
+        return Err(format!("{kind:?} has no TLS form"));
+    }
+    let tcp_sides = [listen, connect].iter().filter(|e| matches!(e, Endpoint::Tcp(_))).count();
+    if tls.is_some() && tcp_sides != 1 {
+        return Err(format!("a TLS hop needs one TCP side, not {tcp_sides} ({listen} → {connect})"));
+    }
     let err = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let mut listener = None;
     let mut cmd = match kind {
@@ -119,25 +146,39 @@ pub fn spawn_hop_with_env(
             if matches!(listen, Endpoint::Tcp(_)) {
                 c.arg("--allow-ip=127.0.0.1/32");
             }
+            if let Some(f) = tls {
+                c.arg(format!("--tls-cert={}", f.cert.display()))
+                    .arg(format!("--tls-key={}", f.key.display()))
+                    .arg(format!("--tls-ca={}", f.ca.display()));
+            }
             c.args(flags.iter().filter(|f| !f.starts_with('@')));
             c
         }
         Kind::Socat { nodelay } => {
             let nd = if *nodelay { ",nodelay" } else { "" };
-            let l = match listen {
-                Endpoint::Unix(p) => format!("UNIX-LISTEN:{},unlink-early,fork", p.display()),
-                Endpoint::Tcp(a) => format!("TCP-LISTEN:{},bind={},reuseaddr,fork{nd}", a.port(), a.ip()),
-                Endpoint::Vsock { .. } => return Err("no vsock on the host".into()),
+            // OPENSSL with verify=1: the listener requires and checks the client's certificate,
+            // the dialler checks the server's against the CA and the dialled address.
+            let ossl = tls.map(|f| {
+                format!(",cert={},key={},cafile={},verify=1", f.cert.display(), f.key.display(), f.ca.display())
+            });
+            let l = match (listen, &ossl) {
+                (Endpoint::Unix(p), _) => format!("UNIX-LISTEN:{},unlink-early,fork", p.display()),
+                (Endpoint::Tcp(a), None) => format!("TCP-LISTEN:{},bind={},reuseaddr,fork{nd}", a.port(), a.ip()),
+                (Endpoint::Tcp(a), Some(o)) => {
+                    format!("OPENSSL-LISTEN:{},bind={},reuseaddr,fork{nd}{o}", a.port(), a.ip())
+                }
+                (Endpoint::Vsock { .. }, _) => return Err("no vsock on the host".into()),
             };
             // KVMIveggur wrote `TCP:ip:port,fork,end-close`. The `fork` there makes socat 1.7.4
             // re-dial the monitor again and again after a session ends (each new connection sees
             // the finished UNIX side at EOF and closes, and the child dials once more) until a
             // connect fails: a stream of empty connections that would be taken for the next
             // session here. The bytes move in the same transfer loop without it, so it is left out.
-            let c = match connect {
-                Endpoint::Unix(p) => format!("UNIX-CONNECT:{}", p.display()),
-                Endpoint::Tcp(a) => format!("TCP:{}:{},end-close{nd}", a.ip(), a.port()),
-                Endpoint::Vsock { .. } => return Err("no vsock on the host".into()),
+            let c = match (connect, &ossl) {
+                (Endpoint::Unix(p), _) => format!("UNIX-CONNECT:{}", p.display()),
+                (Endpoint::Tcp(a), None) => format!("TCP:{}:{},end-close{nd}", a.ip(), a.port()),
+                (Endpoint::Tcp(a), Some(o)) => format!("OPENSSL:{}:{}{nd}{o}", a.ip(), a.port()),
+                (Endpoint::Vsock { .. }, _) => return Err("no vsock on the host".into()),
             };
             let mut cmd = Command::new("socat");
             cmd.arg(l).arg(c);
@@ -172,6 +213,15 @@ pub fn spawn_hop_with_env(
             listener = Some(sock);
             c
         }
+        Kind::Stunnel => {
+            let f = tls.ok_or("stunnel runs only with TLS files")?;
+            let conf = log.with_extension("conf");
+            std::fs::write(&conf, stunnel_conf(listen, connect, f)?)
+                .map_err(|e| format!("write {}: {e}", conf.display()))?;
+            let mut c = Command::new(STUNNEL);
+            c.arg(&conf);
+            c
+        }
     };
     die_with_harness(&mut cmd);
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
@@ -181,7 +231,7 @@ pub fn spawn_hop_with_env(
         .stderr(err)
         .spawn()
         .map_err(|e| format!("start {kind:?}: {e}"))?;
-    let mut hop = Hop { child, _listener: listener };
+    let mut hop = Hop { child, threads_exit: *kind == Kind::Stunnel, _listener: listener };
     wait_listening(listen, &mut hop.child)?;
     if let Kind::Relay { flags, .. } = kind {
         for f in flags.iter().filter(|f| f.starts_with('@')) {
@@ -189,6 +239,33 @@ pub fn spawn_hop_with_env(
         }
     }
     Ok(hop)
+}
+
+/// One stunnel hop: in the foreground (so the Hop's kill ends it), TLS 1.3 only, the peer's
+/// chain verified both ways and, on the dialling side, the dialled address checked against the
+/// server's certificate; TCP_NODELAY on both sockets, as Debian's example configuration sets it.
+fn stunnel_conf(listen: &Endpoint, connect: &Endpoint, f: &Files) -> Result<String, String> {
+    let addr = |e: &Endpoint| match e {
+        Endpoint::Unix(p) => Ok(p.display().to_string()),
+        Endpoint::Tcp(a) => Ok(a.to_string()),
+        Endpoint::Vsock { .. } => Err("no vsock on the host".to_string()),
+    };
+    let client = matches!(connect, Endpoint::Tcp(_));
+    let mut conf = format!(
+        "foreground = yes\npid =\ndebug = warning\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\n[hop]\n\
+         client = {}\naccept = {}\nconnect = {}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\n\
+         sslVersionMin = TLSv1.3\n",
+        if client { "yes" } else { "no" },
+        addr(listen)?,
+        addr(connect)?,
+        f.cert.display(),
+        f.key.display(),
+        f.ca.display()
+    );
+    if let Endpoint::Tcp(a) = connect {
+        conf.push_str(&format!("checkIP = {}\n", a.ip()));
+    }
+    Ok(conf)
 }
 
 /// The scheduling attributes a unit (or the relay itself) could give, set from outside on every
@@ -402,7 +479,18 @@ pub fn total_sched_wait(hops: &[Hop]) -> (f64, u64) {
 }
 
 pub fn total_cpu_seconds(hops: &[Hop]) -> f64 {
-    hops.iter().map(|h| cpu_seconds(h.child.id())).sum()
+    hops.iter().map(|h| if h.threads_exit { cpu_seconds_ticks(h.child.id()) } else { cpu_seconds(h.child.id()) }).sum()
+}
+
+/// CPU seconds of `pid` from /proc/PID/stat alone (utime, stime, cutime, cstime): in clock
+/// ticks, but with the threads that have exited.
+pub fn cpu_seconds_ticks(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14–17 → indices 11–14 of `rest`.
+    let ticks: u64 = (11..15).filter_map(|i| f.get(i)?.parse::<u64>().ok()).sum();
+    ticks as f64 / clock_ticks_per_s()
 }
 
 /// Time from spawning `kind` until a UNIX connect to its listener succeeds, `reps` times.
@@ -435,7 +523,7 @@ pub fn startup_times(kind: &Kind, relay_bin: &Path, dir: &Path, reps: usize) -> 
         };
         let t0 = Instant::now();
         let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().map_err(|e| e.to_string())?;
-        let mut hop = Hop { child, _listener: None };
+        let mut hop = Hop { child, threads_exit: false, _listener: None };
         let took = loop {
             if net::connect(&listen).is_ok() {
                 break t0.elapsed();

@@ -13,6 +13,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// The contender every ratio "×socat" compares against: socat exactly as KVMIveggur ran it.
 pub const SOCAT: &str = "socat";
 pub const RELAY: &str = "kvmi-relay";
+/// The chain with mutual TLS between its relays, and socat's OPENSSL chain beside it.
+pub const RELAY_TLS: &str = "kvmi-relay tls";
+pub const SOCAT_TLS: &str = "socat openssl";
 pub const DIRECT: &str = "direct";
 /// The blocking read/write loop contender (copyloop.rs).
 pub const COPY_LOOP: &str = "copy loop";
@@ -22,6 +25,8 @@ pub const KVMI_RELAY: &str = "kvmi-relay kvmi";
 const KVMI_ADDED_P50_US: f64 = 1.0;
 const KVMI_CPU_RATIO: f64 = 1.10;
 const RSS_TARGET_KIB: u64 = 4096;
+/// What TLS may add to the plain chain's p50 round trip, µs.
+const TLS_ADDED_P50_US: f64 = 20.0;
 const STARTUP_TARGET_MS: f64 = 10.0;
 
 pub struct Machine {
@@ -125,12 +130,33 @@ fn ms(d: &Duration) -> f64 {
 fn median(v: &[Duration]) -> Duration {
     let mut s = v.to_vec();
     s.sort();
-    s.get(s.len() / 2).copied().unwrap_or_default()
+    quantile(&s, 0.5)
+}
+
+/// The `q` quantile of `sorted` (nearest rank below).
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    let i = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).copied().unwrap_or_default()
 }
 
 impl Report<'_> {
     fn find(&self, t: Topology, w: Workload, contender: &str) -> Option<&Row> {
         self.rows.iter().find(|r| r.topology == t && r.workload == w && r.contender == contender)
+    }
+
+    /// Every session's set-up per topology and contender, all workloads together, sorted.
+    fn setups(&self) -> Vec<(Topology, &str, Vec<Duration>)> {
+        let mut out: Vec<(Topology, &str, Vec<Duration>)> = Vec::new();
+        for r in self.rows {
+            match out.iter_mut().find(|(t, c, _)| *t == r.topology && *c == r.contender) {
+                Some((_, _, v)) => v.extend(&r.setups),
+                None => out.push((r.topology, &r.contender, r.setups.clone())),
+            }
+        }
+        for (_, _, v) in &mut out {
+            v.sort();
+        }
+        out
     }
 
     fn added(&self, r: &Row, q: f64) -> Option<f64> {
@@ -155,7 +181,7 @@ impl Report<'_> {
              (bulk: {}), contenders in an order shuffled every round (seed {seed}: `--seed {seed}` repeats it)\n- times are µs unless named; `+p50` = contender − direct \
              at the same percentile, same run; CPU = the relay processes' user+system time (children included), \
              RSS = the largest peak RSS (VmHWM, reset before each session) of one serving process; CPU is exact (schedstat) for kvmi-relay, the copy loop and proxyd, \
-             in 10 ms clock ticks for socat's exited forks\n- placement: {placement}\n- background load: {load}\n",
+             in 10 ms clock ticks for socat's exited forks and stunnel's exited threads\n- placement: {placement}\n- background load: {load}\n",
             m.cpus,
             m.cpu,
             m.kernel,
@@ -260,6 +286,25 @@ impl Report<'_> {
                 s.times.len(),
                 ms(&median(&s.times)),
                 ms(&max)
+            );
+        }
+        md.push('\n');
+        let _ = writeln!(
+            md,
+            "### Session set-up: the client's connect → the server's accept\n\n\
+             Every hop accepts and dials on the way; where the chain's link is TLS, the handshake is in it.\n"
+        );
+        let _ =
+            writeln!(md, "| topology | contender | sessions | p50 ms | p90 ms | max ms |\n|---|---|--:|--:|--:|--:|");
+        for (t, c, setups) in self.setups() {
+            let _ = writeln!(
+                md,
+                "| {} | {c} | {} | {:.3} | {:.3} | {:.3} |",
+                t.name(),
+                setups.len(),
+                ms(&quantile(&setups, 0.5)),
+                ms(&quantile(&setups, 0.9)),
+                ms(setups.last().unwrap_or(&Duration::ZERO))
             );
         }
         md.push('\n');
@@ -374,6 +419,41 @@ impl Report<'_> {
     pub fn targets(&self) -> Vec<Target> {
         let mut out = self.targets_for(RELAY);
         out.extend(self.kvmi_targets());
+        out.extend(self.tls_targets());
+        out
+    }
+
+    /// The TLS chain against socat's OPENSSL chain and against the relay's plain chain, same
+    /// run: passive VMI ≥ 2× socat's reads/s, TLS adds ≤ 20 µs to the plain chain's p50 round
+    /// trip (ping-pong and passive VMI), bulk one way ≥ 1.5× socat's.
+    pub fn tls_targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        let chain = |w: Workload, c: &str| self.find(Topology::Chain, w, c);
+        if let (Some(r), Some(s)) = (chain(Workload::Passive, RELAY_TLS), chain(Workload::Passive, SOCAT_TLS)) {
+            let x = r.rate() / s.rate();
+            out.push(Target {
+                what: "TLS chain: passive VMI ≥ 2× socat's OPENSSL chain's reads/s".into(),
+                met: x >= 2.0,
+                evidence: format!("{:.0} vs {:.0} reads/s = {x:.2}×", r.rate(), s.rate()),
+            });
+        }
+        for w in [Workload::PingPong, Workload::Passive] {
+            let (Some(t), Some(p)) = (chain(w, RELAY_TLS), chain(w, RELAY)) else { continue };
+            let (Some(th), Some(ph)) = (t.rtt.as_ref(), p.rtt.as_ref()) else { continue };
+            let added = us(th, 0.5) - us(ph, 0.5);
+            out.push(Target {
+                what: format!("TLS adds ≤ {TLS_ADDED_P50_US} µs to the chain's p50 round trip ({})", w.name()),
+                met: added <= TLS_ADDED_P50_US,
+                evidence: format!("{:.1} vs {:.1} µs plain = {added:+.1} µs", us(th, 0.5), us(ph, 0.5)),
+            });
+        }
+        if let (Some(r), Some(s)) = (chain(Workload::BulkOne, RELAY_TLS), chain(Workload::BulkOne, SOCAT_TLS)) {
+            out.push(Target {
+                what: "TLS chain: bulk one way ≥ 1.5× socat's OPENSSL chain".into(),
+                met: r.rate() >= 1.5 * s.rate(),
+                evidence: format!("{:.2} vs {:.2} GiB/s = {:.2}×", r.gib_s(), s.gib_s(), r.rate() / s.rate()),
+            });
+        }
         out
     }
 
@@ -449,6 +529,7 @@ impl Report<'_> {
                 "session_p50_median_us": r.session_p50_spread().map(|s| s.1),
                 "session_p50_max_us": r.session_p50_spread().map(|s| s.2),
                 "session_p50_us": r.session_p50_us,
+                "setup_ms": r.setups.iter().map(ms).collect::<Vec<_>>(),
             });
             let cell = |k: &str| match &rec[k] {
                 serde_json::Value::Null => String::new(),

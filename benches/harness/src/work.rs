@@ -74,6 +74,9 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Peak RSS (VmHWM) of the serving process(es) during the session, read before it closes.
     pub peak_rss_kib: u64,
+    /// From the client's connect to the server's accept: every hop's accept and dial on the way,
+    /// and the TLS handshake where the chain's link is TLS (each hop dials on accept).
+    pub setup: Duration,
 }
 
 fn timeouts(s: &Socket) -> Result<(), String> {
@@ -87,27 +90,33 @@ enum Served {
     Bytes(u64),
 }
 
-fn serve(w: Workload, sizes: Sizes, listener: Socket) -> Result<Served, String> {
+/// Serves one session; returns when it accepted, and what it served.
+fn serve(w: Workload, sizes: Sizes, listener: Socket) -> Result<(Instant, Served), String> {
     // A client that fails before its relay dials must not leave this thread in accept forever.
     listener.set_read_timeout(Some(Duration::from_secs(IO_TIMEOUT_S))).map_err(|e| format!("accept timeout: {e}"))?;
     let mut s = net::accept(&listener).map_err(|e| format!("accept: {e}"))?;
+    let accepted = Instant::now();
     timeouts(&s)?;
+    serve_accepted(w, sizes, &mut s).map(|served| (accepted, served))
+}
+
+fn serve_accepted(w: Workload, sizes: Sizes, s: &mut Socket) -> Result<Served, String> {
     match w {
-        Workload::PingPong => echo(&s, sizes.round_trips * PINGPONG_BYTES as u64).map(|()| Served::Nothing),
+        Workload::PingPong => echo(s, sizes.round_trips * PINGPONG_BYTES as u64).map(|()| Served::Nothing),
         Workload::Passive | Workload::Active => {
             let (reads, events) = if w == Workload::Passive { (sizes.reads, 0) } else { (0, sizes.events) };
-            kvmi::run_introspector(&mut s, reads, events)
+            kvmi::run_introspector(s, reads, events)
                 .map(|r| Served::Introspector(Box::new(r)))
                 .map_err(|e| format!("fake introspector: {e}"))
         }
         Workload::BulkOne => {
-            let n = take(&s, sizes.bulk_bytes)?;
+            let n = take(s, sizes.bulk_bytes)?;
             // One byte back says "all here": the client's clock stops on it.
-            (&s).write_all(b"!").map_err(|e| format!("ack: {e}"))?;
+            (&*s).write_all(b"!").map_err(|e| format!("ack: {e}"))?;
             Ok(Served::Bytes(n))
         }
         Workload::BulkBoth => {
-            let n = both_ways(&s, sizes.bulk_bytes)?;
+            let n = both_ways(s, sizes.bulk_bytes)?;
             Ok(Served::Bytes(n))
         }
     }
@@ -186,11 +195,12 @@ pub fn session(
     let server = std::thread::spawn(move || serve(w, sizes, l));
     let client = client(w, sizes, dial, sample_rss);
     let served = server.join().map_err(|_| "server thread panicked".to_string())?;
-    let (mut out, served) = match (client, served) {
+    let ((dialled, mut out), (accepted, served)) = match (client, served) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) => return Err(format!("client: {e}")),
         (_, Err(e)) => return Err(format!("server: {e}")),
     };
+    out.setup = accepted.saturating_duration_since(dialled);
     match (w, served) {
         (Workload::Passive, Served::Introspector(r)) => {
             out.ops = r.reads;
@@ -214,10 +224,17 @@ pub fn session(
     Ok(out)
 }
 
-fn client(w: Workload, sizes: Sizes, dial: &Endpoint, sample_rss: &dyn Fn() -> u64) -> Result<Outcome, String> {
+/// The client's side of one session; returns when it began to dial, and what it measured.
+fn client(
+    w: Workload,
+    sizes: Sizes,
+    dial: &Endpoint,
+    sample_rss: &dyn Fn() -> u64,
+) -> Result<(Instant, Outcome), String> {
+    let dialled = Instant::now();
     let mut sock = net::connect_retrying(dial, Duration::from_secs(5)).map_err(|e| format!("dial {dial}: {e}"))?;
     timeouts(&sock)?;
-    let mut out = Outcome { rtt: None, ops: 0, elapsed: Duration::ZERO, peak_rss_kib: 0 };
+    let mut out = Outcome { rtt: None, ops: 0, elapsed: Duration::ZERO, peak_rss_kib: 0, setup: Duration::ZERO };
     match w {
         Workload::PingPong => {
             let t = Instant::now();
@@ -255,5 +272,5 @@ fn client(w: Workload, sizes: Sizes, dial: &Endpoint, sample_rss: &dyn Fn() -> u
             out.ops = 2 * sizes.bulk_bytes;
         }
     }
-    Ok(out)
+    Ok((dialled, out))
 }
