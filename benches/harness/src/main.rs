@@ -180,9 +180,10 @@ struct Args {
     /// Only these contenders, by name (repeatable) [default: all].
     #[arg(long = "contender", value_name = "NAME")]
     only: Vec<String>,
-    /// A relay contender `kvmi-relay NAME` with extra flags (repeatable). `@nice=N`, `@fifo=PRIO`
-    /// and `@slice-us=N` are not relay flags: the harness sets that scheduling on the relay's
-    /// threads (what `Nice=`, `CPUSchedulingPolicy=fifo` or an EEVDF custom slice would give).
+    /// A relay contender `kvmi-relay NAME` with extra flags (repeatable). `@nice=N`, `@fifo=PRIO`,
+    /// `@slice-us=N` and `@cpu=N` are not relay flags: the harness sets that scheduling on the
+    /// relay's threads (what `Nice=`, `CPUSchedulingPolicy=fifo`, an EEVDF custom slice or
+    /// `CPUAffinity=N` would give).
     #[arg(long = "variant", value_name = "NAME=--flag=v,--flag2=v", value_parser = parse_variant)]
     variants: Vec<(String, Vec<String>)>,
     /// Another build of the relay, `kvmi-relay NAME` (repeatable): an A/B in one run.

@@ -271,10 +271,16 @@ fn stunnel_conf(listen: &Endpoint, connect: &Endpoint, f: &Files) -> Result<Stri
 /// The scheduling attributes a unit (or the relay itself) could give, set from outside on every
 /// thread of `pid`: `@nice=N` (`Nice=`), `@fifo=PRIO` (`CPUSchedulingPolicy=fifo`,
 /// `CPUSchedulingPriority=`), `@slice-us=N` (EEVDF's custom slice, `sched_setattr` with
-/// `sched_runtime` on a normal task; Linux 6.12 and later clamp it to 0.1–100 ms).
+/// `sched_runtime` on a normal task; Linux 6.12 and later clamp it to 0.1–100 ms), `@cpu=N`
+/// (`CPUAffinity=N`: the relay's threads pinned to CPU N).
 pub fn set_scheduling(pid: u32, flag: &str) -> Result<(), String> {
     let (what, value) = flag[1..].split_once('=').ok_or_else(|| format!("{flag}: expected @WHAT=N"))?;
     let v: i64 = value.parse().map_err(|e| format!("{flag}: {e}"))?;
+    if what == "cpu" {
+        // CPUAffinity= in the unit: every instance's relay on one (housekeeping) CPU.
+        let cpu = usize::try_from(v).map_err(|_| format!("{flag}: not a CPU number"))?;
+        return pin_process(pid, cpu);
+    }
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("{flag}: threads of {pid}: {e}"))?;
     for t in tasks.flatten() {
         let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
@@ -286,7 +292,7 @@ pub fn set_scheduling(pid: u32, flag: &str) -> Result<(), String> {
                 attr.priority = v as u32;
             }
             "slice-us" => attr.runtime_ns = (v as u64) * 1000,
-            _ => return Err(format!("{flag}: one of @nice=, @fifo=, @slice-us=")),
+            _ => return Err(format!("{flag}: one of @nice=, @fifo=, @slice-us=, @cpu=")),
         }
         // SAFETY: sched_setattr reads `attr`, a live, fully initialised struct of the size it is
         // told; it touches no memory of ours beyond that.
@@ -579,5 +585,27 @@ impl Drop for Load {
 pub fn hog() -> ! {
     loop {
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `@cpu=N` pins every thread of a live process, as `CPUAffinity=N` would; a word that is not
+    /// one of the attributes is refused by name.
+    #[test]
+    fn at_cpu_pins_a_process_and_unknown_attributes_are_refused() {
+        let mut child = Command::new("sleep").arg("30").spawn().expect("start sleep");
+        let pid = child.id();
+        let result = set_scheduling(pid, "@cpu=0");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let bad = set_scheduling(pid, "@cpus=0");
+        let _ = child.kill();
+        let _ = child.wait();
+        result.expect("@cpu=0");
+        let allowed = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap_or_default();
+        assert_eq!(allowed.split_whitespace().nth(1), Some("0"), "{allowed}");
+        assert!(bad.expect_err("@cpus accepted").contains("@cpu="));
     }
 }
