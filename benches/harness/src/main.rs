@@ -562,10 +562,8 @@ fn run(opts: &Opts) -> Result<(), String> {
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut result = Ok(());
-    let pki = match all.iter().any(|c| c.tls) && topologies.contains(&Topology::Chain) {
-        true => Some(pki::make(&base.join("pki"))?),
-        false => None,
-    };
+    let tls_run = all.iter().any(|c| c.tls) && topologies.contains(&Topology::Chain);
+    let pki = if tls_run { Some(pki::make(&base.join("pki"))?) } else { None };
     for t in topologies {
         result = run_topology(t, &all, opts, &base.join(t.name()), &load, pki.as_ref(), &mut rows);
         if result.is_err() {

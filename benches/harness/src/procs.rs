@@ -405,13 +405,19 @@ pub fn cpu_seconds(pid: u32) -> f64 {
                 .sum()
         })
         .unwrap_or(0);
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // cutime and cstime: the reaped children's CPU.
+    own_ns as f64 / 1e9 + stat_ticks(pid, 16..18) as f64 / clock_ticks_per_s()
+}
+
+/// The sum of /proc/PID/stat's fields `fields` (numbered from 1 as in proc(5)), in clock ticks;
+/// 0 for a process that is gone.
+fn stat_ticks(pid: u32, fields: std::ops::Range<usize>) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
     // The command name may hold spaces; the fields after its closing paren are well formed.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0.0 };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0 };
+    // `rest` starts at field 3 (state).
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); cutime, cstime are fields 16, 17 → indices 13, 14.
-    let child_ticks: u64 = (13..15).filter_map(|i| f.get(i)?.parse::<u64>().ok()).sum();
-    own_ns as f64 / 1e9 + child_ticks as f64 / clock_ticks_per_s()
+    fields.filter_map(|n| f.get(n - 3)?.parse::<u64>().ok()).sum()
 }
 
 fn clock_ticks_per_s() -> f64 {
@@ -491,12 +497,8 @@ pub fn total_cpu_seconds(hops: &[Hop]) -> f64 {
 /// CPU seconds of `pid` from /proc/PID/stat alone (utime, stime, cutime, cstime): in clock
 /// ticks, but with the threads that have exited.
 pub fn cpu_seconds_ticks(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime, stime, cutime, cstime are fields 14–17 → indices 11–14 of `rest`.
-    let ticks: u64 = (11..15).filter_map(|i| f.get(i)?.parse::<u64>().ok()).sum();
-    ticks as f64 / clock_ticks_per_s()
+    // utime, stime, cutime, cstime.
+    stat_ticks(pid, 14..18) as f64 / clock_ticks_per_s()
 }
 
 /// Time from spawning `kind` until a UNIX connect to its listener succeeds, `reps` times.

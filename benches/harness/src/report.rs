@@ -339,12 +339,12 @@ impl Report<'_> {
         }
         let chain = |w: Workload, c: &str| self.find(Topology::Chain, w, c);
         if let (Some(r), Some(s)) = (chain(Workload::Passive, relay), chain(Workload::Passive, SOCAT)) {
-            let x = r.rate() / s.rate();
-            out.push(Target {
-                what: "passive VMI through the two-relay chain ≥ 2× socat chain's ops/s".into(),
-                met: x >= 2.0,
-                evidence: format!("{:.0} vs {:.0} reads/s = {x:.2}×", r.rate(), s.rate()),
-            });
+            out.push(Target::rate_at_least(
+                "passive VMI through the two-relay chain ≥ 2× socat chain's ops/s",
+                r,
+                s,
+                2.0,
+            ));
         }
         if let (Some(r), Some(s), Some(d)) =
             (chain(Workload::Active, relay), chain(Workload::Active, SOCAT), chain(Workload::Active, DIRECT))
@@ -360,11 +360,7 @@ impl Report<'_> {
         }
         let bulk = |c: &str| self.find(Topology::UnixTcp, Workload::BulkOne, c);
         if let (Some(r), Some(s), Some(d)) = (bulk(relay), bulk(SOCAT), bulk(DIRECT)) {
-            out.push(Target {
-                what: "bulk one way UNIX→TCP ≥ 1.5× socat".into(),
-                met: r.rate() >= 1.5 * s.rate(),
-                evidence: format!("{:.2} vs {:.2} GiB/s = {:.2}×", r.gib_s(), s.gib_s(), r.rate() / s.rate()),
-            });
+            out.push(Target::rate_at_least("bulk one way UNIX→TCP ≥ 1.5× socat", r, s, 1.5));
             out.push(Target {
                 what: "bulk one way UNIX→TCP ≥ 70 % of direct".into(),
                 met: r.rate() >= 0.7 * d.rate(),
@@ -430,29 +426,15 @@ impl Report<'_> {
         let mut out = Vec::new();
         let chain = |w: Workload, c: &str| self.find(Topology::Chain, w, c);
         if let (Some(r), Some(s)) = (chain(Workload::Passive, RELAY_TLS), chain(Workload::Passive, SOCAT_TLS)) {
-            let x = r.rate() / s.rate();
-            out.push(Target {
-                what: "TLS chain: passive VMI ≥ 2× socat's OPENSSL chain's reads/s".into(),
-                met: x >= 2.0,
-                evidence: format!("{:.0} vs {:.0} reads/s = {x:.2}×", r.rate(), s.rate()),
-            });
+            out.push(Target::rate_at_least("TLS chain: passive VMI ≥ 2× socat's OPENSSL chain's reads/s", r, s, 2.0));
         }
         for w in [Workload::PingPong, Workload::Passive] {
             let (Some(t), Some(p)) = (chain(w, RELAY_TLS), chain(w, RELAY)) else { continue };
-            let (Some(th), Some(ph)) = (t.rtt.as_ref(), p.rtt.as_ref()) else { continue };
-            let added = us(th, 0.5) - us(ph, 0.5);
-            out.push(Target {
-                what: format!("TLS adds ≤ {TLS_ADDED_P50_US} µs to the chain's p50 round trip ({})", w.name()),
-                met: added <= TLS_ADDED_P50_US,
-                evidence: format!("{:.1} vs {:.1} µs plain = {added:+.1} µs", us(th, 0.5), us(ph, 0.5)),
-            });
+            let what = format!("TLS adds ≤ {TLS_ADDED_P50_US} µs to the chain's p50 round trip ({})", w.name());
+            out.extend(Target::p50_adds_at_most(what, t, p, TLS_ADDED_P50_US, " plain"));
         }
         if let (Some(r), Some(s)) = (chain(Workload::BulkOne, RELAY_TLS), chain(Workload::BulkOne, SOCAT_TLS)) {
-            out.push(Target {
-                what: "TLS chain: bulk one way ≥ 1.5× socat's OPENSSL chain".into(),
-                met: r.rate() >= 1.5 * s.rate(),
-                evidence: format!("{:.2} vs {:.2} GiB/s = {:.2}×", r.gib_s(), s.gib_s(), r.rate() / s.rate()),
-            });
+            out.push(Target::rate_at_least("TLS chain: bulk one way ≥ 1.5× socat's OPENSSL chain", r, s, 1.5));
         }
         out
     }
@@ -464,17 +446,10 @@ impl Report<'_> {
         for t in Topology::ALL {
             for w in [Workload::Passive, Workload::Active] {
                 let (Some(k), Some(r)) = (self.find(t, w, KVMI_RELAY), self.find(t, w, RELAY)) else { continue };
-                let (Some(kh), Some(rh)) = (k.rtt.as_ref(), r.rtt.as_ref()) else { continue };
-                let added = us(kh, 0.5) - us(rh, 0.5);
-                out.push(Target {
-                    what: format!(
-                        "--kvmi adds ≤ {KVMI_ADDED_P50_US} µs to the p50 round trip ({} / {})",
-                        t.name(),
-                        w.name()
-                    ),
-                    met: added <= KVMI_ADDED_P50_US,
-                    evidence: format!("{:.1} vs {:.1} µs = {added:+.1} µs", us(kh, 0.5), us(rh, 0.5)),
-                });
+                let what =
+                    format!("--kvmi adds ≤ {KVMI_ADDED_P50_US} µs to the p50 round trip ({} / {})", t.name(), w.name());
+                let Some(latency) = Target::p50_adds_at_most(what, k, r, KVMI_ADDED_P50_US, "") else { continue };
+                out.push(latency);
                 let (kc, rc) = (k.cpu_us_per_op(), r.cpu_us_per_op());
                 out.push(Target {
                     what: format!(
@@ -603,6 +578,30 @@ pub struct Target {
     pub what: String,
     pub met: bool,
     pub evidence: String,
+}
+
+impl Target {
+    /// `r` moves at least `factor` × what `s` moves in the same run (reads/s, or GiB/s for bulk).
+    fn rate_at_least(what: impl Into<String>, r: &Row, s: &Row, factor: f64) -> Target {
+        let x = r.rate() / s.rate();
+        let evidence = if r.workload.is_bulk() {
+            format!("{:.2} vs {:.2} GiB/s = {x:.2}×", r.gib_s(), s.gib_s())
+        } else {
+            format!("{:.0} vs {:.0} reads/s = {x:.2}×", r.rate(), s.rate())
+        };
+        Target { what: what.into(), met: x >= factor, evidence }
+    }
+
+    /// `r`'s p50 round trip is at most `limit_us` above `base`'s (None without histograms).
+    fn p50_adds_at_most(what: String, r: &Row, base: &Row, limit_us: f64, base_name: &str) -> Option<Target> {
+        let (rp, bp) = (us(r.rtt.as_ref()?, 0.5), us(base.rtt.as_ref()?, 0.5));
+        let added = rp - bp;
+        Some(Target {
+            what,
+            met: added <= limit_us,
+            evidence: format!("{rp:.1} vs {bp:.1} µs{base_name} = {added:+.1} µs"),
+        })
+    }
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
