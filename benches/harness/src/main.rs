@@ -120,6 +120,9 @@ pub struct Row {
     /// Each session's own p50 RTT in µs, in the order run: the merged histogram hides whether
     /// sessions agreed or fell into two regimes (docs/BENCHMARKS.md, "Why latency is bimodal").
     pub session_p50_us: Vec<f64>,
+    /// Each session's CPU µs per operation (the contender's processes, from just before the
+    /// session until it settled), in the same order: what the paired CPU figures compare.
+    pub session_cpu_us_per_op: Vec<f64>,
     pub ops: u64,
     pub elapsed: Duration,
     pub sessions: u32,
@@ -350,6 +353,9 @@ fn standard_contenders() -> Vec<Contender> {
         // per-type figures. The fake introspector's event trigger is not a KVMi command: pass it.
         relay("kvmi-relay kvmi", &["--kvmi", "--kvmi-unknown=pass"], false),
         relay("kvmi-relay kvmi ro", &["--kvmi", "--kvmi-unknown=pass", "--kvmi-policy=read-only"], false),
+        // The transparent relay a second time, in the KVMi workloads: what two runs of one
+        // binary differ by in the same rounds, the yardstick for what `--kvmi` adds.
+        Contender { kvmi: true, ..relay(report::RELAY_AGAIN, &[], false) },
         other(report::COPY_LOOP, Kind::CopyLoop),
         other(report::SOCAT, Kind::Socat { nodelay: false }),
         other("socat nodelay", Kind::Socat { nodelay: true }),
@@ -445,6 +451,7 @@ fn run_topology(
                 contender: deployed[i].0.name.clone(),
                 rtt: None,
                 session_p50_us: Vec::new(),
+                session_cpu_us_per_op: Vec::new(),
                 ops: 0,
                 elapsed: Duration::ZERO,
                 sessions: 0,
@@ -472,10 +479,12 @@ fn run_topology(
                 procs::reset_peak_rss(hops)?;
                 let sample = || procs::serving_peak_rss_kib(hops);
                 let (wait0, load0, wall0) = (procs::total_sched_wait(hops), load.cpu_seconds(), Instant::now());
+                let cpu0 = procs::total_cpu_seconds(hops);
                 let o = work::session(w, opts.sizes, &listener, dial, &sample)
                     .map_err(|e| format!("{} / {} / {}: {e}", t.name(), w.name(), c.name))?;
                 let (wall, load1, wait1) = (wall0.elapsed(), load.cpu_seconds(), procs::total_sched_wait(hops));
                 procs::settle(hops);
+                let session_cpu_s = procs::total_cpu_seconds(hops) - cpu0;
                 let row = &mut merged[k];
                 if !matches!(c.kind, Kind::Socat { .. } | Kind::Stunnel) {
                     // socat's forks and stunnel's threads exit and take their schedstat with
@@ -492,6 +501,7 @@ fn run_topology(
                 row.rss_kib = row.rss_kib.max(o.peak_rss_kib);
                 if let Some(h) = o.rtt {
                     row.session_p50_us.push(us(&h, 0.5));
+                    row.session_cpu_us_per_op.push(1e6 * session_cpu_s / o.ops.max(1) as f64);
                     match &mut row.rtt {
                         Some(m) => m.add(&h).map_err(|e| format!("merge histograms: {e}"))?,
                         None => row.rtt = Some(h),

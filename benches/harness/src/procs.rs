@@ -50,8 +50,9 @@ pub struct Contender {
     pub kind: Kind,
     /// Takes part in the bulk workloads too (the poll-window variants only matter for latency).
     pub bulk: bool,
-    /// Speaks KVMi (`--kvmi`): takes part in the KVMi workloads only (passive and active VMI);
-    /// ping-pong and bulk bytes are not KVMi and such a relay refuses them at the handshake.
+    /// Takes part in the KVMi workloads only (passive and active VMI): a relay with `--kvmi`
+    /// (ping-pong and bulk bytes are not KVMi and it refuses them at the handshake), or the
+    /// transparent relay's second run that is its yardstick.
     pub kvmi: bool,
     /// The link between its hops is mutual TLS 1.3 with verification on both sides: it runs in
     /// the chain only, where that link is TCP (kvmi-relay's `--tls-*`, socat's OPENSSL, stunnel).

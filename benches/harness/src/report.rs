@@ -21,6 +21,9 @@ pub const DIRECT: &str = "direct";
 pub const COPY_LOOP: &str = "copy loop";
 /// The KVMi-aware relay (`--kvmi`), judged against the transparent `kvmi-relay`.
 pub const KVMI_RELAY: &str = "kvmi-relay kvmi";
+/// The transparent relay again, in the KVMi workloads: the same binary and flags as `kvmi-relay`,
+/// so what it differs by from `kvmi-relay` is the run's own noise.
+pub const RELAY_AGAIN: &str = "kvmi-relay again";
 /// What `--kvmi` may add to the transparent relay's p50 round trip, µs, and to its CPU per op.
 const KVMI_ADDED_P50_US: f64 = 1.0;
 const KVMI_CPU_RATIO: f64 = 1.10;
@@ -441,15 +444,46 @@ impl Report<'_> {
 
     /// `--kvmi` against the transparent relay, same topology and workload, same run: at most
     /// 1 µs more at the p50 round trip and 10 % more CPU per operation (passive and active VMI).
+    /// Both are judged round by round (`paired`): a one-µs difference cannot be read from two
+    /// merged p50s whose sessions fall into a ~20 and a ~50 µs regime in different proportions,
+    /// nor 10 % from CPU totals that move by half between two runs of one binary. The same
+    /// figure for `kvmi-relay again` against `kvmi-relay` stands beside each: the run's noise.
     pub fn kvmi_targets(&self) -> Vec<Target> {
         let mut out = Vec::new();
+        let seed = self.opts.seed;
         for t in Topology::ALL {
             for w in [Workload::Passive, Workload::Active] {
                 let (Some(k), Some(r)) = (self.find(t, w, KVMI_RELAY), self.find(t, w, RELAY)) else { continue };
-                let what =
-                    format!("--kvmi adds ≤ {KVMI_ADDED_P50_US} µs to the p50 round trip ({} / {})", t.name(), w.name());
-                let Some(latency) = Target::p50_adds_at_most(what, k, r, KVMI_ADDED_P50_US, "") else { continue };
-                out.push(latency);
+                let again = self.find(t, w, RELAY_AGAIN);
+                let (Some(k50), Some(r50)) = (k.rtt.as_ref().map(|h| us(h, 0.5)), r.rtt.as_ref().map(|h| us(h, 0.5)))
+                else {
+                    continue;
+                };
+                let Some(lat) = paired(&k.session_p50_us, &r.session_p50_us, seed, |a, b| a - b) else { continue };
+                let control = again
+                    .and_then(|a| paired(&a.session_p50_us, &r.session_p50_us, seed, |a, b| a - b))
+                    .map_or(String::new(), |c| format!("; {RELAY_AGAIN}: {}", c.show(" µs")));
+                out.push(Target {
+                    what: format!(
+                        "--kvmi adds ≤ {KVMI_ADDED_P50_US} µs to the p50 round trip ({} / {})",
+                        t.name(),
+                        w.name()
+                    ),
+                    met: lat.median <= KVMI_ADDED_P50_US,
+                    evidence: format!(
+                        "{}, the median over {} rounds of the difference of the two sessions' p50s{control}; \
+                         merged p50s {k50:.1} vs {r50:.1} µs = {:+.1} µs",
+                        lat.show(" µs"),
+                        lat.rounds,
+                        k50 - r50
+                    ),
+                });
+                let Some(cpu) = paired(&k.session_cpu_us_per_op, &r.session_cpu_us_per_op, seed, pct_more) else {
+                    continue;
+                };
+                let control = again
+                    .and_then(|a| paired(&a.session_cpu_us_per_op, &r.session_cpu_us_per_op, seed, pct_more))
+                    .map_or(String::new(), |c| format!("; {RELAY_AGAIN}: {}", c.show(" %")));
                 let (kc, rc) = (k.cpu_us_per_op(), r.cpu_us_per_op());
                 out.push(Target {
                     what: format!(
@@ -457,8 +491,12 @@ impl Report<'_> {
                         t.name(),
                         w.name()
                     ),
-                    met: kc <= KVMI_CPU_RATIO * rc,
-                    evidence: format!("{kc:.2} vs {rc:.2} CPU µs/op = {:+.1} %", 100.0 * (kc / rc - 1.0)),
+                    met: cpu.median <= 100.0 * (KVMI_CPU_RATIO - 1.0),
+                    evidence: format!(
+                        "{}, the median over the rounds of the two sessions' ratio{control}; all rounds {kc:.2} vs {rc:.2} CPU µs/op = {:+.1} %",
+                        cpu.show(" %"),
+                        100.0 * (kc / rc - 1.0)
+                    ),
                 });
             }
         }
@@ -504,6 +542,7 @@ impl Report<'_> {
                 "session_p50_median_us": r.session_p50_spread().map(|s| s.1),
                 "session_p50_max_us": r.session_p50_spread().map(|s| s.2),
                 "session_p50_us": r.session_p50_us,
+                "session_cpu_us_per_op": r.session_cpu_us_per_op,
                 "setup_ms": r.setups.iter().map(ms).collect::<Vec<_>>(),
             });
             let cell = |k: &str| match &rec[k] {
@@ -604,6 +643,60 @@ impl Target {
     }
 }
 
+/// How much more `a` is than `b`, %.
+fn pct_more(a: f64, b: f64) -> f64 {
+    100.0 * (a / b - 1.0)
+}
+
+/// One contender against another, round by round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Paired {
+    pub rounds: usize,
+    /// Median over the rounds of `cmp(this session's figure, the other's)`.
+    pub median: f64,
+    /// 95 % interval of that median: the 2.5th and 97.5th percentiles of the medians of 2000
+    /// resamplings of the rounds (seeded, so a run's figure can be repeated).
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Paired {
+    /// "+0.4 µs (95 %: +0.2 to +0.7)".
+    fn show(&self, unit: &str) -> String {
+        format!("{:+.1}{unit} (95 %: {:+.1} to {:+.1})", self.median, self.low, self.high)
+    }
+}
+
+/// Round i's session of `a` against round i's of `b` (`cmp`: a difference, a ratio): every round
+/// runs each contender once, so a pair shares the round's moment (what the machine was doing),
+/// and a mix of fast and slow sessions weighs on the median of the pairs only as far as it
+/// differs between the two, where it moves a merged p50 by the whole gap between the regimes
+/// once the mix crosses a half. Pairs with a figure that is not finite are left out; None with
+/// fewer than 2 pairs.
+pub fn paired(a: &[f64], b: &[f64], seed: u64, cmp: impl Fn(f64, f64) -> f64) -> Option<Paired> {
+    let d: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| cmp(x, y)).filter(|v| v.is_finite()).collect();
+    if d.len() < 2 {
+        return None;
+    }
+    let median_of = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    };
+    let median = median_of(&mut d.clone());
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed_ba5e);
+    let mut sample = Vec::with_capacity(d.len());
+    let mut medians: Vec<f64> = (0..2000)
+        .map(|_| {
+            sample.clear();
+            sample.extend((0..d.len()).map(|_| d[rng.usize(..d.len())]));
+            median_of(&mut sample)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    Some(Paired { rounds: d.len(), median, low: medians[50], high: medians[1949] })
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or(String::new(), |x| format!("{x:.digits$}"))
 }
@@ -614,4 +707,46 @@ fn opt_signed(v: Option<f64>) -> String {
 
 fn rss(r: &Row) -> String {
     if r.contender == DIRECT { String::new() } else { r.rss_kib.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions in two regimes, 20 and 50 µs, the second contender 0.5 µs slower in both and
+    /// slow in 21 of 40 rounds against the first's 19: the merged p50 of the second sits in the
+    /// slow regime, the first's in the fast one, a 30 µs "difference"; the paired median is 0.5.
+    #[test]
+    fn paired_median_reads_the_cost_through_a_regime_mix() {
+        let regime = |slow: usize, extra: f64| -> Vec<f64> {
+            (0..40).map(|i| if i < slow { 50.0 } else { 20.0 } + extra + (i % 5) as f64 * 0.01).collect()
+        };
+        let (a, b) = (regime(21, 0.5), regime(19, 0.0));
+        let merged_median = |v: &[f64]| {
+            let mut s = v.to_vec();
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        };
+        assert!(merged_median(&a) - merged_median(&b) > 29.0);
+        let d = paired(&a, &b, 7, |x, y| x - y).expect("40 rounds");
+        assert_eq!(d.rounds, 40);
+        assert!((d.median - 0.5).abs() < 0.05, "{d:?}");
+        assert!(d.low <= d.median && d.median <= d.high, "{d:?}");
+    }
+
+    #[test]
+    fn paired_interval_widens_with_noise_and_repeats_with_the_seed() {
+        let b: Vec<f64> = (0..60).map(|i| 20.0 + (i % 7) as f64).collect();
+        let quiet: Vec<f64> = b.iter().map(|x| x + 1.0).collect();
+        let noisy: Vec<f64> = b.iter().enumerate().map(|(i, x)| x + 1.0 + ((i * 37) % 11) as f64 - 5.0).collect();
+        let diff = |x: f64, y: f64| x - y;
+        let (q, n) = (paired(&quiet, &b, 1, diff).unwrap(), paired(&noisy, &b, 1, diff).unwrap());
+        assert_eq!((q.median, q.low, q.high), (1.0, 1.0, 1.0));
+        assert!(n.high - n.low >= 2.0, "{n:?}");
+        assert_eq!(paired(&noisy, &b, 1, diff), Some(n));
+        assert_eq!(paired(&[1.0], &[2.0], 1, diff), None);
+        // A ratio against a session that used no CPU is left out, not taken as infinite.
+        let r = paired(&[2.0, 3.0, 4.0], &[1.0, 0.0, 2.0], 1, pct_more).unwrap();
+        assert_eq!((r.rounds, r.median), (2, 100.0));
+    }
 }
