@@ -735,4 +735,14 @@ mod tests {
         let err = fleet::run(&fo, &relay_tls, Path::new("kvmi-relay"), Path::new("/nonexistent")).err().unwrap();
         assert!(err.contains("cannot run as a fleet"), "{err}");
     }
+
+    #[test]
+    fn stunnel_sits_out_bulk_both_ways_only() {
+        let stunnel = Contender { name: "stunnel".into(), kind: Kind::Stunnel, bulk: true, kvmi: false, tls: true };
+        let runs: Vec<Workload> = Workload::ALL.into_iter().filter(|&w| stunnel.runs(w)).collect();
+        assert!(runs.contains(&Workload::BulkOne) && !runs.contains(&Workload::BulkBoth), "{runs:?}");
+        for c in contenders(&opts(Vec::new())).unwrap().iter().filter(|c| c.bulk && c.kind != Kind::Stunnel) {
+            assert!(c.runs(Workload::BulkBoth), "{}", c.name);
+        }
+    }
 }
