@@ -87,6 +87,41 @@ fn service_exposure_is_at_most_1_5_and_the_ip_pinning_drop_in_lowers_it() {
     );
 }
 
+/// The busy-host drop-in (SCHED_FIFO 1, poll window off) verifies, and keeps the sandbox: the
+/// exposure stays within the unit's bound and RestrictRealtime= stays on (systemd sets the
+/// policy before the sandbox closes; the systemd guest checks the relay runs SCHED_FIFO).
+#[test]
+fn the_realtime_drop_in_verifies_and_keeps_the_sandbox() {
+    let dir = tmpdir();
+    units_in(dir.path());
+    let instance = "kvmi-relay@one-7.service";
+    std::fs::copy(dir.path().join(SERVICE), dir.path().join(instance)).unwrap();
+    let dropins = dir.path().join(format!("{instance}.d"));
+    std::fs::create_dir(&dropins).unwrap();
+    let example = repo().join("docs/examples/realtime.dropin.conf");
+    std::fs::copy(&example, dropins.join("realtime.conf")).unwrap();
+    let text = std::fs::read_to_string(&example).unwrap();
+    for line in ["CPUSchedulingPolicy=fifo", "Environment=KVMI_RELAY_POLL_WINDOW_US=0"] {
+        assert!(text.lines().any(|l| l == line), "the drop-in lost {line}:\n{text}");
+    }
+    let settings: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert!(
+        !settings.iter().any(|l| l.starts_with("RestrictRealtime=")),
+        "the drop-in must not open the sandbox:\n{text}"
+    );
+    let (ok, text) = analyze(&["verify", "--man=no", &format!("./{instance}")], dir.path());
+    assert!(ok && text.trim().is_empty(), "systemd-analyze verify with the drop-in:\n{text}");
+    let (ok, report) = analyze(&["security", "--offline=true", &format!("./{instance}")], dir.path());
+    assert!(ok, "{report}");
+    let exposure = exposure_tenths(&report);
+    assert!(
+        exposure <= EXPOSURE_MAX_TENTHS,
+        "exposure {}.{} > 1.5 with the drop-in:\n{report}",
+        exposure / 10,
+        exposure % 10
+    );
+}
+
 /// `KEY=value` lines of an EnvironmentFile= (comments and blank lines skipped).
 fn env_file(path: &Path) -> Vec<(String, String)> {
     std::fs::read_to_string(path)

@@ -77,7 +77,7 @@ case_transient_vsock() {
 
 # --- unit cases ------------------------------------------------------------------------------
 
-UNIT_CASES="unit-install unit-start-active unit-session unit-stop-no-socket-file unit-socket-restart-no-refused
+UNIT_CASES="unit-install unit-start-active unit-session unit-stop-no-socket-file unit-realtime-dropin unit-socket-restart-no-refused
 unit-stop-socket-removes-file unit-broken-config-status unit-pipe-budget-spent unit-stats-control-socket
 unit-hist-log-written unit-reload-reopens-hist-log unit-container-tenant-dir-0750"
 
@@ -149,6 +149,30 @@ EOF
     [ -e /run/kvmi/vm2/vmi-sock ] && bad "/run/kvmi/vm2/vmi-sock left behind after stop (relay-bound socket)"
     DETAIL="relay-bound socket removed; result=$(systemctl show -p Result --value kvmi-relay@vm2.service)"
     end kvmi-relay@vm2.service
+
+    begin unit-realtime-dropin
+    # The documented drop-in for a busy host: systemd starts the relay SCHED_FIFO 1 inside the
+    # unit's sandbox (RestrictRealtime=yes), with the poll window off, and it relays.
+    mkdir -p /etc/systemd/system/kvmi-relay@vm2.service.d
+    cp /usr/share/doc/kvmi-relay/examples/realtime.dropin.conf /etc/systemd/system/kvmi-relay@vm2.service.d/realtime.conf ||
+        bad "no realtime.dropin.conf among the installed examples"
+    systemctl daemon-reload
+    timeout 60 systemctl start kvmi-relay@vm2.service || bad "systemctl start with the drop-in failed"
+    pid=$(systemctl show -p MainPID --value kvmi-relay@vm2.service)
+    sched=$(chrt -p "$pid" 2>&1 | tr '\n' ' ')
+    case $sched in
+        *"policy: SCHED_FIFO"*"priority: 1"*) ;;
+        *) bad "the relay (pid $pid) does not run SCHED_FIFO 1: $sched" ;;
+    esac
+    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx 'KVMI_RELAY_POLL_WINDOW_US=0' ||
+        bad "KVMI_RELAY_POLL_WINDOW_US=0 not in the relay's environment"
+    timeout 60 $T peer pingpong --connect unix:/run/kvmi/vm2/vmi-sock --count 200 >/tmp/u-rt.out 2>&1
+    expect_ok /tmp/u-rt.out pingpong
+    DETAIL="$sched; $(cat /tmp/u-rt.out)"
+    end kvmi-relay@vm2.service
+    systemctl stop kvmi-relay@vm2.service
+    rm -rf /etc/systemd/system/kvmi-relay@vm2.service.d
+    systemctl daemon-reload
 
     begin unit-socket-restart-no-refused
     # judged on its own: earlier failures must not leave the start limit hit
