@@ -57,18 +57,20 @@ pub struct Contender {
     /// The link between its hops is mutual TLS 1.3 with verification on both sides: it runs in
     /// the chain only, where that link is TCP (kvmi-relay's `--tls-*`, socat's OPENSSL, stunnel).
     pub tls: bool,
+    /// Carries each direction's end on its own (a half-close): needed for bulk both ways, where
+    /// one direction ends while the other still moves. Not stunnel: it ended a connection with
+    /// 200 KB of one direction undelivered (EOF after 268235840 of 268435456 bytes) when the
+    /// other direction's end reached it first, and a contender that loses bytes has no
+    /// throughput to report (docs/BENCHMARKS.md, "Mutual TLS between the relays").
+    pub half_close: bool,
 }
 
 impl Contender {
-    /// Whether this contender runs workload `w`. stunnel sits out bulk both ways: it does not
-    /// always carry a half-close, and ended a connection with 200 KB of one direction
-    /// undelivered (EOF after 268235840 of 268435456 bytes) when the other direction's end
-    /// reached it first; a contender that loses bytes has no throughput to report, and the
-    /// run would stop on it (docs/BENCHMARKS.md, "Mutual TLS between the relays").
+    /// Whether this contender runs workload `w`.
     pub fn runs(&self, w: crate::work::Workload) -> bool {
         (!w.is_bulk() || self.bulk)
             && (!self.kvmi || w.is_kvmi())
-            && !(self.kind == Kind::Stunnel && w == crate::work::Workload::BulkBoth)
+            && (w != crate::work::Workload::BulkBoth || self.half_close)
     }
 
     /// Whether this contender runs in topology `t`.
